@@ -1,0 +1,25 @@
+// Picks the CPU kernel table for the running processor: AVX2+FMA when the CPU has them, else the portable build.
+#include "fastloss/softmax_kernels.h"
+
+namespace fastloss {
+namespace cpu {
+namespace DEFAULT {
+const SoftmaxKernels& kernel_table();
+}
+#ifdef FASTLOSS_HAVE_AVX2
+namespace AVX2 {
+const SoftmaxKernels& kernel_table();
+}
+#endif
+}  // namespace cpu
+
+const SoftmaxKernels& cpu_softmax_kernels() {
+#ifdef FASTLOSS_HAVE_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  if (avx2) return cpu::AVX2::kernel_table();
+#endif
+  return cpu::DEFAULT::kernel_table();
+}
+
+}  // namespace fastloss

@@ -1,0 +1,223 @@
+// Device building blocks for the CUDA row kernels: 16-byte vector loads, row-segment traversal and warp / block
+// all-reductions of the (m, d), (a, k) and plain-sum states of fastloss/math.h.
+//
+// Only device code and tiny constexpr helpers live here, so a future kernel file (cross-entropy) can include it
+// without pulling anything heavy.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "fastloss/math.h"
+
+namespace fastloss {
+namespace cuda {
+
+namespace fm = fastloss::math;
+
+// fp32 accumulation for float / half / bfloat16, fp64 for double.
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarpSize = 32;
+constexpr int kVecBytes = 16;
+
+// Elements of T in one 16-byte load: 4 float, 8 half / bfloat16, 2 double.
+template <typename T>
+constexpr int kVecOf = kVecBytes / static_cast<int>(sizeof(T));
+
+// N elements loaded or stored as one 16-byte transaction (the alignment makes nvcc emit ld/st.global.v4).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename acc, typename T, int N>
+__device__ __forceinline__ void unpack(const Pack<T, N>& p, acc* dst) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) dst[k] = static_cast<acc>(p.v[k]);
+}
+
+// Number of elements before the first 16-byte boundary at or after p, capped at n. Tensor data is always aligned
+// to its element size, so the boundary is a whole number of elements away.
+template <typename T>
+__device__ __forceinline__ int64_t aligned_head(const T* p, int64_t n) {
+  const int mis = static_cast<int>(reinterpret_cast<uintptr_t>(p) % kVecBytes);
+  const int64_t head = mis == 0 ? 0 : (kVecBytes - mis) / static_cast<int>(sizeof(T));
+  return head < n ? head : n;
+}
+
+// Whether p and q sit at the same offset from a 16-byte boundary, i.e. one head length aligns both. Rows of tensors
+// from the caching allocator always agree (same base alignment, same row stride); a view with an odd storage
+// offset may not, and then the row is read with scalar loads.
+template <typename T>
+__device__ __forceinline__ bool same_alignment(const T* p, const T* q) {
+  return reinterpret_cast<uintptr_t>(p) % kVecBytes == reinterpret_cast<uintptr_t>(q) % kVecBytes;
+}
+
+// ---------------------------------------------------------------- row segment traversal
+//
+// A segment a[0..n) is split into a scalar head of `head` elements (up to the first 16-byte boundary; head = n
+// turns the whole segment scalar), a body of whole vectors, and a scalar tail. Thread `tid` of `nthreads` visits
+// elements tid, tid + nthreads, ... in each part, so consecutive threads read consecutive vectors (coalesced).
+
+// Reduction visit: f(va, vb) gets register arrays acc[N] of a (and b, when kTwo; else va twice) with N = 1 for
+// head and tail elements, kUnroll * kVec for the body (kUnroll vectors loaded before any use, to keep several
+// 16-byte loads in flight per thread) and kVec for the body's remainder. Element order inside an array does not
+// matter to a reduction, so the kUnroll vectors need not be adjacent.
+template <int kUnroll, bool kTwo, typename T, typename F>
+__device__ __forceinline__ void segment_visit(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
+                                              int64_t head, int tid, int nthreads, F&& f) {
+  using acc = acc_t<T>;
+  constexpr int kVec = kVecOf<T>;
+  using P = Pack<T, kVec>;
+  auto scalar = [&](int64_t j) {
+    acc va[1] = {static_cast<acc>(a[j])};
+    if constexpr (kTwo) {
+      acc vb[1] = {static_cast<acc>(b[j])};
+      f(va, vb);
+    } else {
+      f(va, va);
+    }
+  };
+  for (int64_t j = tid; j < head; j += nthreads) scalar(j);
+
+  const int64_t nvec = (n - head) / kVec;
+  const P* pa = reinterpret_cast<const P*>(a + head);
+  const P* pb = reinterpret_cast<const P*>(b + head);
+  int64_t i = tid;
+  for (; i + static_cast<int64_t>(kUnroll - 1) * nthreads < nvec; i += static_cast<int64_t>(kUnroll) * nthreads) {
+    acc va[kUnroll * kVec];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) unpack(pa[i + static_cast<int64_t>(u) * nthreads], va + u * kVec);
+    if constexpr (kTwo) {
+      acc vb[kUnroll * kVec];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) unpack(pb[i + static_cast<int64_t>(u) * nthreads], vb + u * kVec);
+      f(va, vb);
+    } else {
+      f(va, va);
+    }
+  }
+  for (; i < nvec; i += nthreads) {
+    acc va[kVec];
+    unpack(pa[i], va);
+    if constexpr (kTwo) {
+      acc vb[kVec];
+      unpack(pb[i], vb);
+      f(va, vb);
+    } else {
+      f(va, va);
+    }
+  }
+
+  for (int64_t j = head + nvec * kVec + tid; j < n; j += nthreads) scalar(j);
+}
+
+// Elementwise visit: out[j] = f(a[j], b[j]) (b[j] reads as 0 unless kTwo), computed in acc. `head` must align
+// a, b (when kTwo) and out alike; pass head = n when they do not.
+template <bool kTwo, typename T, typename F>
+__device__ __forceinline__ void segment_map(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
+                                            int64_t n, int64_t head, int tid, int nthreads, F&& f) {
+  using acc = acc_t<T>;
+  constexpr int kVec = kVecOf<T>;
+  using P = Pack<T, kVec>;
+  auto scalar = [&](int64_t j) {
+    acc vb = acc(0);
+    if constexpr (kTwo) vb = static_cast<acc>(b[j]);
+    out[j] = static_cast<T>(f(static_cast<acc>(a[j]), vb));
+  };
+  for (int64_t j = tid; j < head; j += nthreads) scalar(j);
+
+  const int64_t nvec = (n - head) / kVec;
+  const P* pa = reinterpret_cast<const P*>(a + head);
+  const P* pb = reinterpret_cast<const P*>(b + head);
+  P* po = reinterpret_cast<P*>(out + head);
+  for (int64_t i = tid; i < nvec; i += nthreads) {
+    const P xa = pa[i];
+    P xb;
+    if constexpr (kTwo) xb = pb[i];
+    P r;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      acc vb = acc(0);
+      if constexpr (kTwo) vb = static_cast<acc>(xb.v[k]);
+      r.v[k] = static_cast<T>(f(static_cast<acc>(xa.v[k]), vb));
+    }
+    po[i] = r;
+  }
+
+  for (int64_t j = head + nvec * kVec + tid; j < n; j += nthreads) scalar(j);
+}
+
+// ---------------------------------------------------------------- all-reductions
+//
+// merge() is the associative, commutative combine of each state kind. Commutativity is exact in IEEE arithmetic
+// here (max, and a sum of two products), so in a butterfly every lane ends with bit-identical results: all
+// threads of a row agree on its lse.
+
+template <typename T>
+__device__ __forceinline__ fm::OnlineState<T> merge(fm::OnlineState<T> a, fm::OnlineState<T> b) {
+  return fm::online_merge(a, b);
+}
+template <typename T>
+__device__ __forceinline__ fm::ExpState<T> merge(fm::ExpState<T> a, fm::ExpState<T> b) {
+  return fm::exp_merge(a, b);
+}
+__device__ __forceinline__ float merge(float a, float b) { return a + b; }
+__device__ __forceinline__ double merge(double a, double b) { return a + b; }
+
+template <int kWidth>
+__device__ __forceinline__ float shfl_xor(float v, int off) {
+  return __shfl_xor_sync(kFullMask, v, off, kWidth);
+}
+template <int kWidth>
+__device__ __forceinline__ double shfl_xor(double v, int off) {
+  return __shfl_xor_sync(kFullMask, v, off, kWidth);
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ fm::OnlineState<T> shfl_xor(fm::OnlineState<T> s, int off) {
+  return {shfl_xor<kWidth>(s.m, off), shfl_xor<kWidth>(s.d, off)};
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ fm::ExpState<T> shfl_xor(fm::ExpState<T> s, int off) {
+  return {shfl_xor<kWidth>(s.a, off), shfl_xor<kWidth>(s.k, off)};
+}
+
+// All-reduce over aligned groups of kWidth lanes (a power of two <= 32). Every lane of the warp must call it.
+template <int kWidth, typename S>
+__device__ __forceinline__ S warp_allreduce(S s) {
+#pragma unroll
+  for (int off = kWidth / 2; off > 0; off /= 2) s = merge(s, shfl_xor<kWidth>(s, off));
+  return s;
+}
+
+// All-reduce over the block (blockDim.x a multiple of 32, at most 1024). Every thread gets the same value: each
+// folds the per-warp results in the same order, which saves a broadcast and its barrier. The leading barrier
+// lets the block call this again (next row of a grid-stride loop) without overwriting slots still being read.
+template <typename S>
+__device__ __forceinline__ S block_allreduce(S s) {
+  __shared__ S warp_part[kWarpSize];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int nwarps = blockDim.x / kWarpSize;
+  s = warp_allreduce<kWarpSize>(s);
+  __syncthreads();
+  if (lane == 0) warp_part[warp] = s;
+  __syncthreads();
+  S r = warp_part[0];
+  for (int w = 1; w < nwarps; ++w) r = merge(r, warp_part[w]);
+  return r;
+}
+
+// lse of a fully merged online state. Ops::max propagates NaN through every update and merge, so a NaN anywhere
+// in the row leaves m = NaN and the lse NaN; m = +inf therefore means "+inf and no NaN", where d is NaN (inf - inf)
+// and torch.logsumexp gives +inf. (The CPU kernels re-scan the row for this case; here the state already knows.)
+template <typename T>
+__device__ __forceinline__ T finish_online(fm::OnlineState<T> s) {
+  return s.m == fm::Limits<T>::inf ? s.m : fm::online_lse(s);
+}
+
+}  // namespace cuda
+}  // namespace fastloss

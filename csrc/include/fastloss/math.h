@@ -1,0 +1,338 @@
+// fastloss/math.h: the per-element math shared by the CPU and CUDA kernels.
+//
+// Everything here is a template over a value type V with an `Ops<V>` policy (scalar float and double below;
+// at::vec::Vectorized<float> in csrc/cpu/vec_ops.h). The CUDA kernels instantiate it with float, the CPU
+// kernels with Vectorized<float> for the body of a row and float for its tail, so the CPU tests exercise the very
+// formulas the GPU runs.
+//
+// Two reductions of a row x[0..V) to its log-sum-exp:
+//
+//  * online normaliser (Milakov & Gimelshein 2018): a pair (m, d) = (running max, sum of exp(x - m)).
+//    m starts at -FLT_MAX rather than -inf, so exp(x - m) is never exp(-inf - (-inf)) = NaN: a row of all -inf
+//    ends with d = 0 and lse = -inf. A row containing +inf ends with m = +inf and d = NaN; callers patch that
+//    single case (`online_lse` returns +inf unless the row also holds a NaN, as torch.logsumexp does).
+//
+//  * two-pass (Dukhan & Ablavatski 2020): exp(x) = p * 2^n with n = rint(x log2 e), p = e^t, t = x - n ln2
+//    (Cody-Waite split, |t| <= ln2/2). The accumulator (a, k) holds sum = a * 2^k; all rescales are exact
+//    powers of two built from exponent bits, and no max pass is needed. The split is exact only while
+//    |x| log2 e stays well inside float's integer range, so a row whose top exponent exceeds 2^22 in
+//    magnitude (|max x| > ~2.9e6, or +inf) reports `needs_fallback` and is recomputed with the online rule.
+//
+// Both merges are associative and commutative: per lane, per warp, per block, per vocab chunk alike.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FL_HD __host__ __device__ __forceinline__
+#define FL_DEVICE_CODE 1
+#else
+#define FL_HD inline
+#endif
+
+#if defined(__CUDACC__)
+#define FL_UNROLL _Pragma("unroll")
+#elif defined(__clang__)
+#define FL_UNROLL _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#define FL_UNROLL _Pragma("GCC unroll 16")
+#else
+#define FL_UNROLL
+#endif
+
+// CPU kernels are compiled once per instruction set (DEFAULT, AVX2) with ATen's CPU_CAPABILITY macro set; the
+// inline namespace keeps each copy's symbols apart so the linker never swaps an AVX2 body into the DEFAULT path.
+#if defined(CPU_CAPABILITY)
+#define FL_ISA_NAMESPACE CPU_CAPABILITY
+#else
+#define FL_ISA_NAMESPACE generic
+#endif
+
+namespace fastloss {
+namespace math {
+inline namespace FL_ISA_NAMESPACE {
+
+// Cody-Waite split of ln 2 (XNNPACK's constants): n * kLn2Hi is exact for |n| < 2^16, and the
+// fma-based split keeps t accurate well beyond that, up to |n| ~ 2^22.
+constexpr float kLog2e = 0x1.715476p+0f;
+constexpr float kLn2Hi = 0x1.62E400p-1f;
+constexpr float kLn2Lo = 0x1.7F7D1Cp-20f;
+constexpr float kLn2 = 0x1.62E430p-1f;
+constexpr double kLn2HiD = 0x1.62e42fefa3800p-1;
+constexpr double kLn2LoD = 0x1.ef35793c76730p-45;
+// Minimax polynomial for e^t on [-ln2/2, ln2/2] (degree 5, max relative error ~1.2e-7).
+constexpr float kExpC1 = 0x1.FFFFF6p-1f;
+constexpr float kExpC2 = 0x1.FFFDC6p-2f;
+constexpr float kExpC3 = 0x1.555A80p-3f;
+constexpr float kExpC4 = 0x1.573A1Ap-5f;
+constexpr float kExpC5 = 0x1.0F9F9Cp-7f;
+// Exponents below this contribute nothing relative to the leading term (2^-126 is the smallest normal float).
+constexpr float kMinExponent = -126.0f;
+// Above this |top exponent| the two-pass split loses exactness; see the file comment.
+constexpr float kTwoPassMaxExponent = 4194304.0f;  // 2^22
+
+template <class V>
+struct Ops;  // policy: arithmetic the generic code needs beyond + - *
+
+template <>
+struct Ops<float> {
+  using Mask = bool;
+  static FL_HD float splat(float c) { return c; }
+  static FL_HD float fma(float a, float b, float c) { return fmaf(a, b, c); }
+  static FL_HD float rint(float x) { return rintf(x); }
+  // max that keeps NaN: a NaN operand makes the result NaN (torch semantics for reductions).
+  static FL_HD float max(float a, float b) { return (a > b || a != a) ? a : b; }
+  static FL_HD float log(float x) { return logf(x); }
+  static FL_HD float exact_exp(float x) { return expf(x); }
+  static FL_HD bool lt(float a, float b) { return a < b; }
+  static FL_HD bool eq(float a, float b) { return a == b; }
+  static FL_HD float select(bool m, float a, float b) { return m ? a : b; }
+  // 2^k for an integer-valued k in [-126, 0]: exponent bits, no exp2 call.
+  static FL_HD float pow2_bits(float k) {
+#ifdef FL_DEVICE_CODE
+    return __int_as_float((static_cast<int>(k) + 127) << 23);
+#else
+    // Clamp first: callers select 0 for k < -126 anyway, and converting NaN or -inf to int is undefined in C++.
+    int32_t ki = (k >= -127.0f) ? static_cast<int32_t>(k) : -127;
+    uint32_t bits = static_cast<uint32_t>(ki + 127) << 23;
+    float r;
+    std::memcpy(&r, &bits, sizeof(r));
+    return r;
+#endif
+  }
+};
+
+template <>
+struct Ops<double> {
+  using Mask = bool;
+  static FL_HD double splat(double c) { return c; }
+  static FL_HD double fma(double a, double b, double c) { return ::fma(a, b, c); }
+  static FL_HD double rint(double x) { return ::rint(x); }
+  static FL_HD double max(double a, double b) { return (a > b || a != a) ? a : b; }
+  static FL_HD double log(double x) { return ::log(x); }
+  static FL_HD double exact_exp(double x) { return ::exp(x); }
+  static FL_HD bool lt(double a, double b) { return a < b; }
+  static FL_HD bool eq(double a, double b) { return a == b; }
+  static FL_HD double select(bool m, double a, double b) { return m ? a : b; }
+  static FL_HD double pow2_bits(double k) { return ::ldexp(1.0, static_cast<int>(k)); }
+};
+
+template <class T>
+struct Limits {
+  static constexpr T lowest = -FLT_MAX;
+  static constexpr T inf = INFINITY;
+};
+template <>
+struct Limits<double> {
+  static constexpr double lowest = -DBL_MAX;
+  static constexpr double inf = INFINITY;
+};
+
+// ---------------------------------------------------------------- exp building blocks
+
+// e^t for |t| <= ln2/2 (float: polynomial; double: libm, since the polynomial is float-accurate only).
+template <class V>
+FL_HD V exp_reduced(V t) {
+  using O = Ops<V>;
+  V p = O::fma(O::splat(kExpC5), t, O::splat(kExpC4));
+  p = O::fma(p, t, O::splat(kExpC3));
+  p = O::fma(p, t, O::splat(kExpC2));
+  p = O::fma(p, t, O::splat(kExpC1));
+  return O::fma(p, t, O::splat(1.0f));
+}
+template <>
+FL_HD double exp_reduced<double>(double t) { return ::exp(t); }
+
+// p * 2^k for p in [0.7, 1.5] (or any finite value) and an integer-valued k <= 0. Exponents below -126 give
+// exactly 0, selected rather than multiplied so that a garbage p (NaN from an out-of-range split) is dropped.
+template <class V>
+FL_HD V scale_pow2(V p, V k) {
+  using O = Ops<V>;
+  return O::select(O::lt(k, O::splat(kMinExponent)), O::splat(0.0f), p * O::pow2_bits(k));
+}
+template <>
+FL_HD double scale_pow2<double>(double p, double k) { return k < -1022.0 ? 0.0 : ::ldexp(p, static_cast<int>(k)); }
+
+// Split x into e^x = p * 2^n, n integer-valued, p = e^t. x = -inf gives (0, -FLT_MAX): the only way to reach the
+// accumulator's initial exponent. Finite x has n clamped to +-FLT_MAX/2 (x log2e overflows near FLT_MAX), where the
+// split is inexact and exp_needs_fallback sends the row to the online rule.
+template <class V>
+struct Split {
+  V p;
+  V n;
+};
+template <class V>
+FL_HD Split<V> split_exp(V x) {
+  using O = Ops<V>;
+  const V half_max = O::splat(0.5f * FLT_MAX);
+  V n = O::rint(x * O::splat(kLog2e));
+  n = O::select(O::lt(n, -half_max), -half_max, n);
+  n = O::select(O::lt(half_max, n), half_max, n);
+  V t = O::fma(n, O::splat(-kLn2Hi), x);
+  t = O::fma(n, O::splat(-kLn2Lo), t);
+  auto neg_inf = O::eq(x, O::splat(-Limits<float>::inf));
+  return {O::select(neg_inf, O::splat(0.0f), exp_reduced(t)), O::select(neg_inf, O::splat(-FLT_MAX), n)};
+}
+template <>
+FL_HD Split<double> split_exp<double>(double x) {
+  if (x == -INFINITY) return {0.0, -DBL_MAX};
+  double n = ::rint(x * 1.4426950408889634);
+  n = n < -0.5 * DBL_MAX ? -0.5 * DBL_MAX : (n > 0.5 * DBL_MAX ? 0.5 * DBL_MAX : n);
+  double t = ::fma(n, -kLn2HiD, x);  // fdlibm's Cody-Waite split of ln2 for double
+  return {::exp(::fma(n, -kLn2LoD, t)), n};
+}
+
+// e^x for x <= 0 (or -inf, or NaN): the argument of every exp in the online algorithm after subtracting the max.
+template <class V>
+FL_HD V exp_nonpos(V x) {
+  Split<V> s = split_exp(x);
+  return scale_pow2(s.p, s.n);
+}
+template <>
+FL_HD double exp_nonpos<double>(double x) { return ::exp(x); }
+
+// ---------------------------------------------------------------- online normaliser (m, d)
+
+template <class V>
+struct OnlineState {
+  V m;  // running max, starts at -FLT_MAX (never -inf, see file comment)
+  V d;  // sum of exp(x_i - m)
+};
+
+template <class T, class V = T>
+FL_HD OnlineState<V> online_init() {
+  return {Ops<V>::splat(Limits<T>::lowest), Ops<V>::splat(T(0))};
+}
+
+// Fold one element.
+template <class V>
+FL_HD OnlineState<V> online_update(OnlineState<V> s, V x) {
+  using O = Ops<V>;
+  V m = O::max(s.m, x);
+  return {m, O::fma(s.d, exp_nonpos(s.m - m), exp_nonpos(x - m))};
+}
+
+// Fold a block of N values at once: the block's max first, then a single rescale of d for the whole block
+// (1 + 1/N exponentials per element instead of 2).
+template <class V, int N>
+FL_HD OnlineState<V> online_update_block(OnlineState<V> s, const V (&x)[N]) {
+  using O = Ops<V>;
+  V m = s.m;
+FL_UNROLL
+  for (int i = 0; i < N; ++i) m = O::max(m, x[i]);
+  V sum = exp_nonpos(x[0] - m);
+FL_UNROLL
+  for (int i = 1; i < N; ++i) sum = sum + exp_nonpos(x[i] - m);
+  return {m, O::fma(s.d, exp_nonpos(s.m - m), sum)};
+}
+
+// Merge two partial states (associative, commutative).
+template <class V>
+FL_HD OnlineState<V> online_merge(OnlineState<V> a, OnlineState<V> b) {
+  using O = Ops<V>;
+  V m = O::max(a.m, b.m);
+  return {m, a.d * exp_nonpos(a.m - m) + b.d * exp_nonpos(b.m - m)};
+}
+
+// Final log-sum-exp of a scalar state. `m == +inf`: d is NaN by construction (inf - inf); torch.logsumexp gives
+// +inf there unless the row has a NaN, which only the caller can tell (it rescans the row in that rare case).
+template <class T>
+FL_HD T online_lse(OnlineState<T> s) {
+  return s.m + Ops<T>::log(s.d);
+}
+
+// ---------------------------------------------------------------- two-pass (mantissa, exponent)
+
+template <class V>
+struct ExpState {
+  V a;  // mantissa sum
+  V k;  // common exponent: the row's partial sum is a * 2^k
+};
+
+template <class T, class V = T>
+FL_HD ExpState<V> exp_init() {
+  return {Ops<V>::splat(T(0)), Ops<V>::splat(Limits<T>::lowest)};
+}
+
+// Fold one element, already split.
+template <class V>
+FL_HD ExpState<V> exp_update(ExpState<V> s, Split<V> e) {
+  using O = Ops<V>;
+  V k = O::max(s.k, e.n);
+  return {scale_pow2(s.a, s.k - k) + scale_pow2(e.p, e.n - k), k};
+}
+
+// Fold a block of N values: split each, then one common exponent for the block (exact power-of-two rescales).
+template <class V, int N>
+FL_HD ExpState<V> exp_update_block(ExpState<V> s, const V (&x)[N]) {
+  using O = Ops<V>;
+  Split<V> e[N];
+  V k = s.k;
+FL_UNROLL
+  for (int i = 0; i < N; ++i) {
+    e[i] = split_exp(x[i]);
+    k = O::max(k, e[i].n);
+  }
+  V a = scale_pow2(s.a, s.k - k);
+FL_UNROLL
+  for (int i = 0; i < N; ++i) a = a + scale_pow2(e[i].p, e[i].n - k);
+  return {a, k};
+}
+
+template <class V>
+FL_HD ExpState<V> exp_merge(ExpState<V> a, ExpState<V> b) {
+  using O = Ops<V>;
+  V k = O::max(a.k, b.k);
+  return {scale_pow2(a.a, a.k - k) + scale_pow2(b.a, b.k - k), k};
+}
+
+// True when the split could not be exact for this row: its top exponent is huge, +-inf-clamped or NaN. The
+// caller then recomputes the row with the online rule. k == lowest means every element was -inf (lse = -inf).
+template <class T>
+FL_HD bool exp_needs_fallback(ExpState<T> s) {
+  return s.k != Limits<T>::lowest && !(s.k <= T(kTwoPassMaxExponent) && s.k >= -T(kTwoPassMaxExponent));
+}
+template <>
+FL_HD bool exp_needs_fallback<double>(ExpState<double> s) {
+  // double's split stays exact while n = rint(x log2 e) is an exact integer with room to spare.
+  return s.k != -DBL_MAX && !(s.k <= 0x1p50 && s.k >= -0x1p50);
+}
+
+// The same normaliser as an online pair: m = k ln2 rounded to T, and the rounding error folded into d, so the
+// second pass (softmax_at / log_softmax_at) and the final lse are shared by both algorithms.
+template <class T>
+FL_HD OnlineState<T> exp_to_online(ExpState<T> s) {
+  T m = s.k * T(kLn2);
+  T r = Ops<T>::fma(s.k, T(kLn2Hi), -m);
+  r = Ops<T>::fma(s.k, T(kLn2Lo), r);  // k ln2 - m, |r| < 0.05 for every k that reaches here
+  return {m, s.a * Ops<T>::exact_exp(r)};
+}
+template <>
+FL_HD OnlineState<double> exp_to_online<double>(ExpState<double> s) {
+  double m = s.k * 0.6931471805599453;
+  double r = ::fma(s.k, kLn2LoD, ::fma(s.k, kLn2HiD, -m));
+  return {m, s.a * ::exp(r)};
+}
+
+// ---------------------------------------------------------------- second pass, from a finished (m, d)
+//
+// exp(x - m) / d rather than exp(x - lse): when |m| >> log d (logits near 1e30) the lse absorbs log d and
+// exp(x - lse) would give 1 for every tied maximum. The special rows come out as torch's: all -inf gives
+// 0/0 = NaN; a +inf gives d = NaN and so an all-NaN row.
+
+template <class V>
+FL_HD V softmax_at(V x, V m, V inv_d) {
+  return exp_nonpos(x - m) * inv_d;
+}
+
+template <class V>
+FL_HD V log_softmax_at(V x, V m, V log_d) {
+  return (x - m) - log_d;
+}
+
+}  // namespace FL_ISA_NAMESPACE
+}  // namespace math
+}  // namespace fastloss

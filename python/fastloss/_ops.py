@@ -1,0 +1,103 @@
+"""Fake (meta) kernels and autograd formulas for every ``torch.ops.fastloss`` op.
+
+The C++ side registers schemas and CPU/CUDA kernels; this module gives the ops what torch.compile and autograd
+need. Backward passes are themselves fastloss ops, so a compiled graph stays on fastloss kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_lib = torch.ops.fastloss
+
+
+def _wrap_dim(x: torch.Tensor, dim: int) -> int:
+    n = max(x.dim(), 1)
+    if not -n <= dim < n:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})")
+    return dim % n
+
+
+def _like_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Output layout of the row kernels: contiguous with `dim` last, then moved back (mirrors softmax_ops.cpp)."""
+    if x.dim() == 0:
+        return x.new_empty(())
+    d = _wrap_dim(x, dim)
+    moved = x.movedim(d, -1)
+    return torch.empty(moved.shape, dtype=x.dtype, device=x.device).movedim(-1, d)
+
+
+@torch.library.register_fake("fastloss::softmax")
+def _softmax_fake(x, dim, algorithm="auto"):
+    return _like_rows(x, dim)
+
+
+@torch.library.register_fake("fastloss::log_softmax")
+def _log_softmax_fake(x, dim, algorithm="auto"):
+    return _like_rows(x, dim)
+
+
+@torch.library.register_fake("fastloss::logsumexp")
+def _logsumexp_fake(x, dim, keepdim=False, algorithm="auto"):
+    if x.dim() == 0:
+        _wrap_dim(x, dim)
+        return x.new_empty(())
+    d = _wrap_dim(x, dim)
+    shape = list(x.shape)
+    if keepdim:
+        shape[d] = 1
+        moved = [s for i, s in enumerate(x.shape) if i != d]
+        out = x.new_empty(moved)
+        return out.unsqueeze(d)
+    del shape[d]
+    return x.new_empty(shape)
+
+
+@torch.library.register_fake("fastloss::softmax_backward")
+def _softmax_backward_fake(grad, output, dim):
+    return _like_rows(output, dim)
+
+
+@torch.library.register_fake("fastloss::log_softmax_backward")
+def _log_softmax_backward_fake(grad, output, dim):
+    return _like_rows(output, dim)
+
+
+@torch.library.register_fake("fastloss::logsumexp_backward")
+def _logsumexp_backward_fake(grad, x, result, dim, keepdim):
+    return _like_rows(x, dim)
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _save_output(ctx, inputs, output):
+    ctx.dim = inputs[1]
+    ctx.save_for_backward(output)
+
+
+def _softmax_bwd(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return _lib.softmax_backward(grad, out, ctx.dim), None, None
+
+
+def _log_softmax_bwd(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return _lib.log_softmax_backward(grad, out, ctx.dim), None, None
+
+
+def _logsumexp_setup(ctx, inputs, output):
+    x, dim = inputs[0], inputs[1]
+    ctx.dim = dim
+    ctx.keepdim = inputs[2] if len(inputs) > 2 else False
+    ctx.save_for_backward(x, output)
+
+
+def _logsumexp_bwd(ctx, grad):
+    x, out = ctx.saved_tensors
+    return _lib.logsumexp_backward(grad, x, out, ctx.dim, ctx.keepdim), None, None, None
+
+
+torch.library.register_autograd("fastloss::softmax", _softmax_bwd, setup_context=_save_output)
+torch.library.register_autograd("fastloss::log_softmax", _log_softmax_bwd, setup_context=_save_output)
+torch.library.register_autograd("fastloss::logsumexp", _logsumexp_bwd, setup_context=_logsumexp_setup)
