@@ -58,7 +58,7 @@ inline void store2(scalar_t* p, Vec a, Vec b) {
 }
 
 template <typename T>
-inline T lane(const Vec& v, int i) {
+inline T lane(const Vec& v, int i) {  // cold path: once per lane per chunk
   float tmp[Vec::size()];
   v.store(tmp);
   return tmp[i];
@@ -66,48 +66,70 @@ inline T lane(const Vec& v, int i) {
 
 // ---------------------------------------------------------------- reductions of a row segment to a state
 
-// Online (m, d) of x[0..n): SIMD lanes over blocks of 2*kStep, lanes merged, scalar tail.
+// SIMD lane states are flushed into a double accumulator every kChunk elements: a float lane summing more than
+// 2^24 terms of similar size stops growing (a row of 2^30 equal logits would lose half its log-sum-exp).
+constexpr int64_t kChunk = 8192;
+
+// Online (m, d) of x[0..n): SIMD lanes over blocks of 2*kStep, lanes merged per chunk, scalar tail.
 template <typename scalar_t>
 fm::OnlineState<acc_t<scalar_t>> online_state(const scalar_t* x, int64_t n) {
   using acc = acc_t<scalar_t>;
-  auto r = fm::online_init<acc>();
+  auto total = fm::online_init<double>();
   int64_t j = 0;
   if constexpr (kVectorized<scalar_t>) {
-    if (n >= 2 * kStep) {
+    while (j + 2 * kStep <= n) {
+      const int64_t end = std::min(n, j + kChunk);
       auto s = fm::online_init<float, Vec>();
-      for (; j + 2 * kStep <= n; j += 2 * kStep) {
+      for (; j + 2 * kStep <= end; j += 2 * kStep) {
         Vec v[4];
         load2(x + j, v[0], v[1]);
         load2(x + j + kStep, v[2], v[3]);
         s = fm::online_update_block(s, v);
       }
-      for (int l = 0; l < Vec::size(); ++l) r = fm::online_merge(r, {lane<float>(s.m, l), lane<float>(s.d, l)});
+      for (int l = 0; l < Vec::size(); ++l) total = fm::online_merge(total, {lane<double>(s.m, l), lane<double>(s.d, l)});
     }
   }
-  for (; j < n; ++j) r = fm::online_update(r, static_cast<acc>(x[j]));
-  return r;
+  auto tail = fm::online_init<acc>();
+  for (; j < n; ++j) tail = fm::online_update(tail, static_cast<acc>(x[j]));
+  total = fm::online_merge(total, {static_cast<double>(tail.m), static_cast<double>(tail.d)});
+  // Back to acc: m is an input value (or the -FLT_MAX start) and so exact; d rounds once.
+  if constexpr (std::is_same_v<acc, float>) {
+    if (total.m == -DBL_MAX) total.m = -FLT_MAX;
+  }
+  return {static_cast<acc>(total.m), static_cast<acc>(total.d)};
 }
 
-// Two-pass (mantissa, exponent) state of x[0..n).
+// Two-pass (mantissa, exponent) state of x[0..n), chunked like online_state. The exponents are integers well
+// inside float's exact range wherever the split is exact, so the double accumulator converts back losslessly.
 template <typename scalar_t>
 fm::ExpState<acc_t<scalar_t>> exp_state(const scalar_t* x, int64_t n) {
   using acc = acc_t<scalar_t>;
-  auto r = fm::exp_init<acc>();
+  auto total = fm::exp_init<double>();
   int64_t j = 0;
   if constexpr (kVectorized<scalar_t>) {
-    if (n >= 2 * kStep) {
+    while (j + 2 * kStep <= n) {
+      const int64_t end = std::min(n, j + kChunk);
       auto s = fm::exp_init<float, Vec>();
-      for (; j + 2 * kStep <= n; j += 2 * kStep) {
+      for (; j + 2 * kStep <= end; j += 2 * kStep) {
         Vec v[4];
         load2(x + j, v[0], v[1]);
         load2(x + j + kStep, v[2], v[3]);
         s = fm::exp_update_block(s, v);
       }
-      for (int l = 0; l < Vec::size(); ++l) r = fm::exp_merge(r, {lane<float>(s.a, l), lane<float>(s.k, l)});
+      for (int l = 0; l < Vec::size(); ++l) {
+        const float k = lane<float>(s.k, l);
+        total = fm::exp_merge(total, {lane<double>(s.a, l), k == -FLT_MAX ? -DBL_MAX : double(k)});
+      }
     }
   }
-  for (; j < n; ++j) r = fm::exp_update(r, fm::split_exp(static_cast<acc>(x[j])));
-  return r;
+  auto tail = fm::exp_init<acc>();
+  for (; j < n; ++j) tail = fm::exp_update(tail, fm::split_exp(static_cast<acc>(x[j])));
+  const double tail_k = (std::is_same_v<acc, float> && tail.k == acc(-FLT_MAX)) ? -DBL_MAX : double(tail.k);
+  total = fm::exp_merge(total, {static_cast<double>(tail.a), tail_k});
+  if constexpr (std::is_same_v<acc, float>) {
+    if (total.k == -DBL_MAX) total.k = -FLT_MAX;
+  }
+  return {static_cast<acc>(total.a), static_cast<acc>(total.k)};
 }
 
 // lse from a merged online state; the one case the state cannot express (a +inf in the row) looks at the row.

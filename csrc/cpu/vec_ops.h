@@ -17,16 +17,25 @@ struct Ops<at::vec::Vectorized<float>> {
   static Vec splat(float c) { return Vec(c); }
   static Vec fma(Vec a, Vec b, Vec c) { return at::vec::fmadd(a, b, c); }
   static Vec rint(Vec x) { return x.round(); }  // round half to even, like rintf
-  static Vec max(Vec a, Vec b) { return at::vec::maximum(a, b); }  // propagates NaN
+  // maxps without NaN fix-ups (3 instructions fewer): a NaN element still reaches every result through the sums,
+  // which the formulas in math.h only ever multiply, never select away (see scale_pow2 / pow2_or_zero).
+  static Vec max(Vec a, Vec b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return Vec(_mm256_max_ps(a, b));
+#else
+    return at::vec::maximum(a, b);
+#endif
+  }
   static Vec log(Vec x) { return x.log(); }
   static Mask lt(Vec a, Vec b) { return a < b; }
   static Mask eq(Vec a, Vec b) { return a == b; }
   static Vec select(Mask m, Vec a, Vec b) { return Vec::blendv(b, a, m); }
-  static Vec pow2_bits(Vec k) {
-    // Clamp to -127 first (NaN too): callers select 0 below -126, and the int conversion must stay defined.
-    Vec kc = Vec::blendv(Vec(-127.0f), k, k >= Vec(-127.0f));
-    IVec bits = (at::vec::convert_to_int_of_same_size(kc) + IVec(127)) << IVec(23);
-    return at::vec::cast<float>(bits);
+  static Vec shl23(Vec v) {
+#if defined(CPU_CAPABILITY_AVX2)
+    return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(v), 23)));
+#else
+    return at::vec::cast<float>(at::vec::cast<int32_t>(v) << IVec(23));
+#endif
   }
 };
 

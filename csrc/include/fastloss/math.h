@@ -71,6 +71,9 @@ constexpr float kExpC4 = 0x1.573A1Ap-5f;
 constexpr float kExpC5 = 0x1.0F9F9Cp-7f;
 // Exponents below this contribute nothing relative to the leading term (2^-126 is the smallest normal float).
 constexpr float kMinExponent = -126.0f;
+// 1.5 * 2^23 + 127: for |y| < 2^22, v = y + kMagic rounds y to the nearest integer n (ties to even) and leaves
+// n + 127 in v's low mantissa bits, so v - kMagic is rint(y) and shl23(v) is the float 2^n, for n in [-126, 127].
+constexpr float kMagic = 0x1.8000FEp23f;
 // Above this |top exponent| the two-pass split loses exactness; see the file comment.
 constexpr float kTwoPassMaxExponent = 4194304.0f;  // 2^22
 
@@ -90,14 +93,15 @@ struct Ops<float> {
   static FL_HD bool lt(float a, float b) { return a < b; }
   static FL_HD bool eq(float a, float b) { return a == b; }
   static FL_HD float select(bool m, float a, float b) { return m ? a : b; }
-  // 2^k for an integer-valued k in [-126, 0]: exponent bits, no exp2 call.
-  static FL_HD float pow2_bits(float k) {
+  // Reinterpret x's bits as an integer, shift them left by 23 (into the exponent field), reinterpret back.
+  // Applied to v = kMagic + n (n a small integer), this yields 2^n: see pow2_or_zero.
+  static FL_HD float shl23(float v) {
 #ifdef FL_DEVICE_CODE
-    return __int_as_float((static_cast<int>(k) + 127) << 23);
+    return __int_as_float(static_cast<int>(static_cast<unsigned>(__float_as_int(v)) << 23));
 #else
-    // Clamp first: callers select 0 for k < -126 anyway, and converting NaN or -inf to int is undefined in C++.
-    int32_t ki = (k >= -127.0f) ? static_cast<int32_t>(k) : -127;
-    uint32_t bits = static_cast<uint32_t>(ki + 127) << 23;
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(v));
+    bits <<= 23;
     float r;
     std::memcpy(&r, &bits, sizeof(r));
     return r;
@@ -117,7 +121,6 @@ struct Ops<double> {
   static FL_HD bool lt(double a, double b) { return a < b; }
   static FL_HD bool eq(double a, double b) { return a == b; }
   static FL_HD double select(bool m, double a, double b) { return m ? a : b; }
-  static FL_HD double pow2_bits(double k) { return ::ldexp(1.0, static_cast<int>(k)); }
 };
 
 template <class T>
@@ -146,19 +149,30 @@ FL_HD V exp_reduced(V t) {
 template <>
 FL_HD double exp_reduced<double>(double t) { return ::exp(t); }
 
-// p * 2^k for p in [0.7, 1.5] (or any finite value) and an integer-valued k <= 0. Exponents below -126 give
-// exactly 0, selected rather than multiplied so that a garbage p (NaN from an out-of-range split) is dropped.
+// 2^k for an integer-valued k <= 0, exactly 0 below 2^-126 (and for k = -inf or -FLT_MAX). NaN k gives some
+// finite value: callers multiply it into a NaN anyway.
+template <class V>
+FL_HD V pow2_or_zero(V k) {
+  using O = Ops<V>;
+  return O::select(O::lt(k, O::splat(kMinExponent)), O::splat(0.0f), O::shl23(k + O::splat(kMagic)));
+}
+template <>
+FL_HD double pow2_or_zero<double>(double k) { return k < -1022.0 ? 0.0 : ::ldexp(1.0, static_cast<int>(k)); }
+
+// p * 2^k, exactly 0 below 2^-126 -- selected, not multiplied, so that a garbage p (an element far below the row's
+// max whose split was inexact) is dropped rather than turned into NaN. Accumulators instead use
+// a * pow2_or_zero(k), so a NaN already in the sum survives every rescale.
 template <class V>
 FL_HD V scale_pow2(V p, V k) {
   using O = Ops<V>;
-  return O::select(O::lt(k, O::splat(kMinExponent)), O::splat(0.0f), p * O::pow2_bits(k));
+  return O::select(O::lt(k, O::splat(kMinExponent)), O::splat(0.0f), p * O::shl23(k + O::splat(kMagic)));
 }
 template <>
 FL_HD double scale_pow2<double>(double p, double k) { return k < -1022.0 ? 0.0 : ::ldexp(p, static_cast<int>(k)); }
 
 // Split x into e^x = p * 2^n, n integer-valued, p = e^t. x = -inf gives (0, -FLT_MAX): the only way to reach the
-// accumulator's initial exponent. Finite x has n clamped to +-FLT_MAX/2 (x log2e overflows near FLT_MAX), where the
-// split is inexact and exp_needs_fallback sends the row to the online rule.
+// accumulator's initial exponent. Finite x below -FLT_MAX/2 in log2 units gets n = -FLT_MAX/2; beyond |n| = 2^22
+// the split is inexact and exp_needs_fallback sends the row to the online rule (a NaN x leaves p = NaN).
 template <class V>
 struct Split {
   V p;
@@ -167,10 +181,8 @@ struct Split {
 template <class V>
 FL_HD Split<V> split_exp(V x) {
   using O = Ops<V>;
-  const V half_max = O::splat(0.5f * FLT_MAX);
-  V n = O::rint(x * O::splat(kLog2e));
-  n = O::select(O::lt(n, -half_max), -half_max, n);
-  n = O::select(O::lt(half_max, n), half_max, n);
+  V n = O::fma(x, O::splat(kLog2e), O::splat(kMagic)) - O::splat(kMagic);
+  n = O::max(n, O::splat(-0.5f * FLT_MAX));
   V t = O::fma(n, O::splat(-kLn2Hi), x);
   t = O::fma(n, O::splat(-kLn2Lo), t);
   auto neg_inf = O::eq(x, O::splat(-Limits<float>::inf));
@@ -185,11 +197,16 @@ FL_HD Split<double> split_exp<double>(double x) {
   return {::exp(::fma(n, -kLn2LoD, t)), n};
 }
 
-// e^x for x <= 0 (or -inf, or NaN): the argument of every exp in the online algorithm after subtracting the max.
+// e^x for x <= 0 (or -inf, or NaN): every exp of the online algorithm, after subtracting the running max.
+// 12 flops on a SIMD lane: magic-number rounding, Cody-Waite, degree-5 polynomial, exponent-bit scaling.
 template <class V>
 FL_HD V exp_nonpos(V x) {
-  Split<V> s = split_exp(x);
-  return scale_pow2(s.p, s.n);
+  using O = Ops<V>;
+  V v = O::fma(x, O::splat(kLog2e), O::splat(kMagic));
+  V n = v - O::splat(kMagic);
+  V t = O::fma(n, O::splat(-kLn2Hi), x);
+  t = O::fma(n, O::splat(-kLn2Lo), t);
+  return O::select(O::lt(n, O::splat(kMinExponent)), O::splat(0.0f), exp_reduced(t) * O::shl23(v));
 }
 template <>
 FL_HD double exp_nonpos<double>(double x) { return ::exp(x); }
@@ -262,7 +279,7 @@ template <class V>
 FL_HD ExpState<V> exp_update(ExpState<V> s, Split<V> e) {
   using O = Ops<V>;
   V k = O::max(s.k, e.n);
-  return {scale_pow2(s.a, s.k - k) + scale_pow2(e.p, e.n - k), k};
+  return {s.a * pow2_or_zero(s.k - k) + scale_pow2(e.p, e.n - k), k};
 }
 
 // Fold a block of N values: split each, then one common exponent for the block (exact power-of-two rescales).
@@ -276,7 +293,7 @@ FL_UNROLL
     e[i] = split_exp(x[i]);
     k = O::max(k, e[i].n);
   }
-  V a = scale_pow2(s.a, s.k - k);
+  V a = s.a * pow2_or_zero(s.k - k);
 FL_UNROLL
   for (int i = 0; i < N; ++i) a = a + scale_pow2(e[i].p, e[i].n - k);
   return {a, k};
@@ -286,7 +303,7 @@ template <class V>
 FL_HD ExpState<V> exp_merge(ExpState<V> a, ExpState<V> b) {
   using O = Ops<V>;
   V k = O::max(a.k, b.k);
-  return {scale_pow2(a.a, a.k - k) + scale_pow2(b.a, b.k - k), k};
+  return {a.a * pow2_or_zero(a.k - k) + b.a * pow2_or_zero(b.k - k), k};
 }
 
 // True when the split could not be exact for this row: its top exponent is huge, +-inf-clamped or NaN. The
