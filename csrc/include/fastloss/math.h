@@ -28,13 +28,14 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FL_HD __host__ __device__ __forceinline__
-#define FL_DEVICE_CODE 1
 #else
 #define FL_HD inline
 #endif
 
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #define FL_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__)
+#define FL_UNROLL  // nvcc's host pass: cudafe++ rejects GCC's unroll pragma, gcc warns on nvcc's
 #elif defined(__clang__)
 #define FL_UNROLL _Pragma("clang loop unroll(full)")
 #elif defined(__GNUC__)
@@ -77,8 +78,11 @@ constexpr float kMagic = 0x1.8000FEp23f;
 // Above this |top exponent| the two-pass split loses exactness; see the file comment.
 constexpr float kTwoPassMaxExponent = 4194304.0f;  // 2^22
 
+// Policy: the arithmetic the generic code needs beyond + - *. Contract for max(a, b): NaN when b is NaN (x86's maxps
+// semantics; when only a is NaN either answer is fine). The formulas always pass the new value second, and carry a
+// NaN through sums that are only ever multiplied, so NaN inputs reach every result.
 template <class V>
-struct Ops;  // policy: arithmetic the generic code needs beyond + - *
+struct Ops;
 
 template <>
 struct Ops<float> {
@@ -90,13 +94,14 @@ struct Ops<float> {
   static FL_HD float max(float a, float b) { return (a > b || a != a) ? a : b; }
   static FL_HD float log(float x) { return logf(x); }
   static FL_HD float exact_exp(float x) { return expf(x); }
+  static FL_HD float tanh(float x) { return tanhf(x); }
   static FL_HD bool lt(float a, float b) { return a < b; }
   static FL_HD bool eq(float a, float b) { return a == b; }
   static FL_HD float select(bool m, float a, float b) { return m ? a : b; }
   // Reinterpret x's bits as an integer, shift them left by 23 (into the exponent field), reinterpret back.
   // Applied to v = kMagic + n (n a small integer), this yields 2^n: see pow2_or_zero.
   static FL_HD float shl23(float v) {
-#ifdef FL_DEVICE_CODE
+#ifdef __CUDA_ARCH__
     return __int_as_float(static_cast<int>(static_cast<unsigned>(__float_as_int(v)) << 23));
 #else
     uint32_t bits;
@@ -118,6 +123,7 @@ struct Ops<double> {
   static FL_HD double max(double a, double b) { return (a > b || a != a) ? a : b; }
   static FL_HD double log(double x) { return ::log(x); }
   static FL_HD double exact_exp(double x) { return ::exp(x); }
+  static FL_HD double tanh(double x) { return ::tanh(x); }
   static FL_HD bool lt(double a, double b) { return a < b; }
   static FL_HD bool eq(double a, double b) { return a == b; }
   static FL_HD double select(bool m, double a, double b) { return m ? a : b; }
@@ -182,7 +188,7 @@ template <class V>
 FL_HD Split<V> split_exp(V x) {
   using O = Ops<V>;
   V n = O::fma(x, O::splat(kLog2e), O::splat(kMagic)) - O::splat(kMagic);
-  n = O::max(n, O::splat(-0.5f * FLT_MAX));
+  n = O::max(O::splat(-0.5f * FLT_MAX), n);  // NaN n must survive: maxps returns its second operand on NaN
   V t = O::fma(n, O::splat(-kLn2Hi), x);
   t = O::fma(n, O::splat(-kLn2Lo), t);
   auto neg_inf = O::eq(x, O::splat(-Limits<float>::inf));

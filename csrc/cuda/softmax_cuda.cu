@@ -1,0 +1,654 @@
+// CUDA row kernels for softmax / log_softmax / logsumexp and their backwards (the table of softmax_kernels.h).
+//
+// Every problem is a contiguous [rows, V] matrix. The kernel is picked from the row length:
+//
+//  * warp path (V <= 1024, double: V <= 512): a row lives in the registers of a group of kLanes = min(32,
+//    next_pow2(V)) lanes, kItems = next_pow2(V) / kLanes elements each; rows shorter than 32 share a warp. The
+//    row is read once, reduced with shuffles, and (softmax) written from registers. Coalesced scalar loads.
+//  * block path (longer rows): one block per row (grid-stride over rows), 16-byte vector loads with a scalar head
+//    up to the first 16-byte boundary and a scalar tail, a shuffle + shared-memory all-reduce; softmax re-reads
+//    the row for its second pass (mostly from L2 for moderate V).
+//  * split path (V >= 256K and fewer rows than fill the GPU): each row is cut into chunks of >= 16K elements, one
+//    block per (row, chunk) writes its partial state to a workspace, a merge kernel combines them with the same
+//    associative rules and finishes the row, and for softmax a third kernel writes exp(x - m) / d over (row,
+//    chunk).
+//
+// The formulas are those of fastloss/math.h (the CPU kernels run the very same functions), accumulated in fp32
+// for float / half / bfloat16 input and fp64 for double. Both algorithms finish a row as an online pair (m, d)
+// (two-pass through exp_to_online, or the online rule where its split is inexact), from which come the lse
+// (finish_online, row_reduce.cuh) and the second pass (softmax_at / log_softmax_at), as in
+// csrc/cpu/softmax_cpu_kernels.h. All launches go to the current stream, nothing synchronises the host, and
+// indices are int64_t.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "fastloss/math.h"
+#include "fastloss/softmax_kernels.h"
+#include "row_reduce.cuh"
+
+namespace fastloss {
+namespace cuda {
+namespace {
+
+enum class Mode : int { Lse = 0, Softmax = 1, LogSoftmax = 2 };
+
+// ---------------------------------------------------------------- launch configuration
+
+constexpr int kWarpThreads = 128;      // warp path: 4 warps per block
+// Stated so that ptxas budgets registers from the real limit (255): with only the thread count it settled on 64
+// for some shapes (double, 8 items per lane) and spilled.
+constexpr int kWarpMinBlocks = 2;
+constexpr int kBlockMinThreads = 128;  // block path: 128..512 threads, by row length
+constexpr int kBlockMaxThreads = 512;  // (512 keeps 128 registers per thread available: no spills)
+constexpr int kSplitThreads = 512;     // split path, all three kernels
+constexpr int kEltThreads = 256;       // logsumexp backward (elementwise)
+constexpr int kUnroll = 2;             // 16-byte vectors in flight per thread in the reduction loops
+
+constexpr int64_t kSplitMinV = 256 * 1024;  // split rows only from this length...
+constexpr int64_t kSplitMinChunk = 16 * 1024;  // ...into chunks of at least this many elements
+constexpr int64_t kSplitChunkAlign = 1024;  // chunk lengths are multiples of this (keeps chunk starts congruent)
+constexpr int kSplitBlocksPerSm = 4;        // 4 x 512 threads = a full sm_80 / sm_90 SM
+constexpr int64_t kMaxGrid = 2147483647;    // gridDim.x limit; larger problems loop (grid-stride)
+
+// Longest row of the warp path: 32 elements per lane (16 for double, to stay clear of register spills).
+template <typename scalar_t>
+constexpr int64_t kWarpMaxV = std::is_same_v<scalar_t, double> ? 512 : 1024;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline unsigned grid_size(int64_t blocks) { return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kMaxGrid)); }
+
+// Streaming multiprocessors of the current device, cached per device (an attribute query, no synchronisation).
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  const int dev = c10::cuda::current_device();
+  if (dev >= 0 && dev < kMaxDevices) {
+    if (int n = cache[dev].load(std::memory_order_relaxed)) return n;
+  }
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  n = std::max(n, 1);
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// Block path threads: enough that each thread has about two unrolled iterations of the reduction loop.
+template <typename scalar_t>
+int block_threads(int64_t V) {
+  const int64_t per_iter = static_cast<int64_t>(kVecOf<scalar_t>) * kUnroll;
+  int t = kBlockMinThreads;
+  while (t < kBlockMaxThreads && static_cast<int64_t>(t) * per_iter * 2 < V) t *= 2;
+  return t;
+}
+
+// How to cut rows for the split path; chunks == 1 means "use the block path".
+struct SplitPlan {
+  int64_t chunks = 1;
+  int64_t chunk_len = 0;
+};
+
+SplitPlan plan_split(int64_t rows, int64_t V) {
+  SplitPlan p;
+  p.chunk_len = V;
+  if (V < kSplitMinV) return p;
+  const int64_t sms = sm_count();
+  // With one block per row, rows >= 2 * SMs already give every SM half its block slots or more.
+  if (rows >= 2 * sms) return p;
+  int64_t chunks = ceil_div(sms * kSplitBlocksPerSm, rows);
+  chunks = std::min(chunks, V / kSplitMinChunk);
+  if (chunks < 2) return p;
+  const int64_t len = ceil_div(ceil_div(V, chunks), kSplitChunkAlign) * kSplitChunkAlign;
+  p.chunks = ceil_div(V, len);  // every chunk non-empty: (chunks - 1) * len < V
+  p.chunk_len = len;
+  return p;
+}
+
+// Calls f(integral_constant<kLanes>, integral_constant<kItems>) for the warp-path shape of a row of length V
+// (V <= kWarpMaxV). Rows of <= 8 elements use groups of 8 lanes (4 rows per warp).
+template <typename scalar_t, typename F>
+void with_warp_shape(int64_t V, F&& f) {
+  using std::integral_constant;
+  if (V <= 8) return f(integral_constant<int, 8>{}, integral_constant<int, 1>{});
+  if (V <= 16) return f(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+  if (V <= 32) return f(integral_constant<int, 32>{}, integral_constant<int, 1>{});
+  if (V <= 64) return f(integral_constant<int, 32>{}, integral_constant<int, 2>{});
+  if (V <= 128) return f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
+  if (V <= 256) return f(integral_constant<int, 32>{}, integral_constant<int, 8>{});
+  if (V <= 512) return f(integral_constant<int, 32>{}, integral_constant<int, 16>{});
+  if constexpr (kWarpMaxV<scalar_t> >= 1024) return f(integral_constant<int, 32>{}, integral_constant<int, 32>{});
+  TORCH_INTERNAL_ASSERT(false, "fastloss: row length ", V, " is too long for the warp path");
+}
+
+// ---------------------------------------------------------------- per-thread / per-block row pieces
+
+// Per-thread partial online state of a[0..n).
+template <typename T>
+__device__ __forceinline__ fm::OnlineState<acc_t<T>> thread_online(const T* a, int64_t n, int64_t head) {
+  auto s = fm::online_init<acc_t<T>>();
+  segment_visit<kUnroll, false>(a, a, n, head, threadIdx.x, blockDim.x,
+                                [&](const auto& v, const auto&) { s = fm::online_update_block(s, v); });
+  return s;
+}
+
+// Per-thread partial two-pass state of a[0..n).
+template <typename T>
+__device__ __forceinline__ fm::ExpState<acc_t<T>> thread_exp(const T* a, int64_t n, int64_t head) {
+  auto s = fm::exp_init<acc_t<T>>();
+  segment_visit<kUnroll, false>(a, a, n, head, threadIdx.x, blockDim.x,
+                                [&](const auto& v, const auto&) { s = fm::exp_update_block(s, v); });
+  return s;
+}
+
+// The normaliser (m, d) of the row x[0..n), computed by the whole block (every thread returns it). Both
+// algorithms end in an online pair (two-pass through exp_to_online), so the second pass and the lse are shared.
+// Two-pass rows whose top exponent is out of the split's exact range (huge |x|, inf, NaN) are recomputed with the
+// online rule, as on the CPU; the test is on the block-wide state, so the branch is uniform.
+template <typename T>
+__device__ fm::OnlineState<acc_t<T>> block_row_state(const T* x, int64_t n, Algorithm alg) {
+  const int64_t head = aligned_head(x, n);
+  if (alg == Algorithm::TwoPass) {
+    const auto s = block_allreduce(thread_exp(x, n, head));
+    if (!fm::exp_needs_fallback(s)) return fm::exp_to_online(s);
+  }
+  return block_allreduce(thread_online(x, n, head));
+}
+
+// out[0..n) = softmax_at / log_softmax_at from the row's finished (m, d), as the CPU kernels. This gives torch's
+// NaN rows for all -inf (0 / 0) and for a +inf (d = NaN).
+template <typename T>
+__device__ __forceinline__ void block_write_softmax(const T* x, T* out, int64_t n, fm::OnlineState<acc_t<T>> st,
+                                                    bool log) {
+  using acc = acc_t<T>;
+  const int64_t head = same_alignment(x, out) ? aligned_head(x, n) : n;
+  const acc m = st.m;
+  if (log) {
+    const acc log_d = fm::Ops<acc>::log(st.d);
+    segment_map<false>(x, x, out, n, head, threadIdx.x, blockDim.x,
+                       [=](acc v, acc) { return fm::log_softmax_at(v, m, log_d); });
+  } else {
+    const acc inv_d = acc(1) / st.d;
+    segment_map<false>(x, x, out, n, head, threadIdx.x, blockDim.x,
+                       [=](acc v, acc) { return fm::softmax_at(v, m, inv_d); });
+  }
+}
+
+// Head for a backward segment: vector loads only when grad, out and grad_input share their 16-byte offset.
+template <typename T>
+__device__ __forceinline__ int64_t backward_head(const T* g, const T* y, const T* gi, int64_t n) {
+  return same_alignment(g, y) && same_alignment(g, gi) ? aligned_head(g, n) : n;
+}
+
+// Per-thread partial of the backward's row sum: sum(g * y) (softmax) or sum(g) (log_softmax).
+template <typename T>
+__device__ __forceinline__ acc_t<T> thread_backward_sum(const T* g, const T* y, int64_t n, int64_t head, bool log) {
+  using acc = acc_t<T>;
+  acc s = acc(0);
+  if (log) {
+    segment_visit<kUnroll, false>(g, g, n, head, threadIdx.x, blockDim.x, [&](const auto& gv, const auto&) {
+      for (acc v : gv) s += v;
+    });
+  } else {
+    segment_visit<kUnroll, true>(g, y, n, head, threadIdx.x, blockDim.x, [&](const auto& gv, const auto& yv) {
+      constexpr int N = std::extent_v<std::remove_reference_t<decltype(gv)>>;
+#pragma unroll
+      for (int i = 0; i < N; ++i) s += gv[i] * yv[i];
+    });
+  }
+  return s;
+}
+
+// grad_input = y * (g - s) (softmax) or g - exp(y) * s (log_softmax) over a segment, s the full row's sum.
+template <typename T>
+__device__ __forceinline__ void block_write_backward(const T* g, const T* y, T* gi, int64_t n, int64_t head,
+                                                     acc_t<T> s, bool log) {
+  using acc = acc_t<T>;
+  if (log) {
+    segment_map<true>(g, y, gi, n, head, threadIdx.x, blockDim.x,
+                      [=](acc gv, acc yv) { return gv - fm::exp_nonpos(yv) * s; });
+  } else {
+    segment_map<true>(g, y, gi, n, head, threadIdx.x, blockDim.x, [=](acc gv, acc yv) { return yv * (gv - s); });
+  }
+}
+
+// Normaliser (m, d) of a row held in registers by a group of kLanes lanes (padding = -inf, neutral for both
+// states). The groups sharing a warp may disagree on the two-pass fallback, and the online recomputation
+// shuffles, so it runs for the whole warp whenever any group needs it (rare: |x| > ~2.9e6, inf or NaN).
+template <int kLanes, typename acc, int N>
+__device__ __forceinline__ fm::OnlineState<acc> warp_row_state(const acc (&v)[N], Algorithm alg) {
+  if (alg == Algorithm::TwoPass) {
+    const auto s = warp_allreduce<kLanes>(fm::exp_update_block(fm::exp_init<acc>(), v));
+    const bool fallback = fm::exp_needs_fallback(s);
+    if (!__any_sync(kFullMask, fallback)) return fm::exp_to_online(s);
+    const auto online = warp_allreduce<kLanes>(fm::online_update_block(fm::online_init<acc>(), v));
+    return fallback ? online : fm::exp_to_online(s);
+  }
+  return warp_allreduce<kLanes>(fm::online_update_block(fm::online_init<acc>(), v));
+}
+
+// ---------------------------------------------------------------- kernels: warp path
+
+// Forward, one row per group of kLanes lanes. The loop bound is uniform over the block (groups past the last row
+// run on padding and store nothing), so every shuffle sees the whole warp.
+template <typename scalar_t, int kLanes, int kItems>
+__global__ void __launch_bounds__(kWarpThreads, kWarpMinBlocks)
+    warp_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t rows, int64_t V,
+                        Mode mode, Algorithm alg) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kRowsPerBlock = kWarpThreads / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int group = threadIdx.x / kLanes;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; first < rows;
+       first += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t row = first + group;
+    const bool valid = row < rows;
+    const int64_t base = (valid ? row : 0) * V;
+    acc v[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * kLanes + lane;
+      v[i] = (valid && col < V) ? static_cast<acc>(x[base + col]) : -fm::Limits<acc>::inf;
+    }
+    const auto st = warp_row_state<kLanes>(v, alg);
+    if (mode == Mode::Lse) {
+      if (valid && lane == 0) out[row] = static_cast<scalar_t>(finish_online(st));
+    } else if (mode == Mode::LogSoftmax) {
+      const acc log_d = fm::Ops<acc>::log(st.d);
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int col = i * kLanes + lane;
+        if (valid && col < V) out[base + col] = static_cast<scalar_t>(fm::log_softmax_at(v[i], st.m, log_d));
+      }
+    } else {
+      const acc inv_d = acc(1) / st.d;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int col = i * kLanes + lane;
+        if (valid && col < V) out[base + col] = static_cast<scalar_t>(fm::softmax_at(v[i], st.m, inv_d));
+      }
+    }
+  }
+}
+
+// Backward, one row per group of kLanes lanes: grad and out in registers, one shuffle sum.
+template <typename scalar_t, int kLanes, int kItems>
+__global__ void __launch_bounds__(kWarpThreads, kWarpMinBlocks)
+    warp_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                         scalar_t* __restrict__ gin, int64_t rows, int64_t V, bool log) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kRowsPerBlock = kWarpThreads / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int group = threadIdx.x / kLanes;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; first < rows;
+       first += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t row = first + group;
+    const bool valid = row < rows;
+    const int64_t base = (valid ? row : 0) * V;
+    acc gv[kItems], yv[kItems];
+    acc s = acc(0);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * kLanes + lane;
+      const bool in = valid && col < V;
+      gv[i] = in ? static_cast<acc>(g[base + col]) : acc(0);
+      yv[i] = in ? static_cast<acc>(y[base + col]) : acc(0);
+      s += log ? gv[i] : gv[i] * yv[i];
+    }
+    s = warp_allreduce<kLanes>(s);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * kLanes + lane;
+      if (valid && col < V) {
+        gin[base + col] = static_cast<scalar_t>(log ? gv[i] - fm::exp_nonpos(yv[i]) * s : yv[i] * (gv[i] - s));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- kernels: block path
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockMaxThreads)
+    block_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t rows, int64_t V,
+                         Mode mode, Algorithm alg) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const scalar_t* xr = x + r * V;
+    const auto st = block_row_state(xr, V, alg);
+    if (mode == Mode::Lse) {
+      if (threadIdx.x == 0) out[r] = static_cast<scalar_t>(finish_online(st));
+    } else {
+      block_write_softmax(xr, out + r * V, V, st, mode == Mode::LogSoftmax);
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockMaxThreads)
+    block_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                          scalar_t* __restrict__ gin, int64_t rows, int64_t V, bool log) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const scalar_t* gr = g + r * V;
+    const scalar_t* yr = y + r * V;
+    scalar_t* ir = gin + r * V;
+    const int64_t head = backward_head(gr, yr, ir, V);
+    const auto s = block_allreduce(thread_backward_sum(gr, yr, V, head, log));
+    block_write_backward(gr, yr, ir, V, head, s, log);
+  }
+}
+
+// ---------------------------------------------------------------- kernels: split path
+//
+// Block b of the (row, chunk) kernels handles row b / chunks, elements [c * chunk_len, min((c + 1) * chunk_len,
+// V)) with c = b % chunks. rows * chunks is small here (about 4 blocks per SM), the loops are for safety only.
+
+// Partial state of each (row, chunk): ws[2b], ws[2b + 1] = (m, d) for online, (a, k) for two-pass.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSplitThreads)
+    split_state_kernel(const scalar_t* __restrict__ x, acc_t<scalar_t>* __restrict__ ws, int64_t rows, int64_t V,
+                       int64_t chunks, int64_t chunk_len, Algorithm alg) {
+  for (int64_t b = blockIdx.x; b < rows * chunks; b += gridDim.x) {
+    const int64_t r = b / chunks, begin = (b - r * chunks) * chunk_len;
+    const int64_t n = std::min(chunk_len, V - begin);
+    const scalar_t* seg = x + r * V + begin;
+    const int64_t head = aligned_head(seg, n);
+    if (alg == Algorithm::TwoPass) {
+      const auto s = block_allreduce(thread_exp(seg, n, head));
+      if (threadIdx.x == 0) {
+        ws[2 * b] = s.a;
+        ws[2 * b + 1] = s.k;
+      }
+    } else {
+      const auto s = block_allreduce(thread_online(seg, n, head));
+      if (threadIdx.x == 0) {
+        ws[2 * b] = s.m;
+        ws[2 * b + 1] = s.d;
+      }
+    }
+  }
+}
+
+// Merges the chunk states of each row and finishes it: out[r] = lse (logsumexp, when out is non-null) and / or
+// row[2r], row[2r + 1] = the row's (m, d) (softmax, when row is non-null). A two-pass row that needs the fallback
+// is recomputed with the online rule by this one block (rare, and slower: one block reads the whole row).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSplitThreads)
+    split_merge_kernel(const scalar_t* __restrict__ x, const acc_t<scalar_t>* __restrict__ ws,
+                       scalar_t* __restrict__ out, acc_t<scalar_t>* __restrict__ row, int64_t rows, int64_t V,
+                       int64_t chunks, Algorithm alg) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const acc* wr = ws + 2 * r * chunks;
+    fm::OnlineState<acc> st;
+    if (alg == Algorithm::TwoPass) {
+      auto s = fm::exp_init<acc>();
+      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) s = fm::exp_merge(s, {wr[2 * c], wr[2 * c + 1]});
+      s = block_allreduce(s);
+      st = fm::exp_needs_fallback(s) ? block_row_state(x + r * V, V, Algorithm::Online) : fm::exp_to_online(s);
+    } else {
+      auto s = fm::online_init<acc>();
+      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) s = fm::online_merge(s, {wr[2 * c], wr[2 * c + 1]});
+      st = block_allreduce(s);
+    }
+    if (threadIdx.x == 0) {
+      if (out != nullptr) out[r] = static_cast<scalar_t>(finish_online(st));
+      if (row != nullptr) {
+        row[2 * r] = st.m;
+        row[2 * r + 1] = st.d;
+      }
+    }
+  }
+}
+
+// Softmax second pass over (row, chunk), from the row's merged (m, d).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSplitThreads)
+    split_softmax_kernel(const scalar_t* __restrict__ x, const acc_t<scalar_t>* __restrict__ row,
+                         scalar_t* __restrict__ out, int64_t rows, int64_t V, int64_t chunks, int64_t chunk_len,
+                         bool log) {
+  for (int64_t b = blockIdx.x; b < rows * chunks; b += gridDim.x) {
+    const int64_t r = b / chunks, begin = (b - r * chunks) * chunk_len;
+    const int64_t n = std::min(chunk_len, V - begin);
+    const int64_t off = r * V + begin;
+    block_write_softmax(x + off, out + off, n, {row[2 * r], row[2 * r + 1]}, log);
+  }
+}
+
+// Backward partial sums of each (row, chunk): ws[b].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSplitThreads)
+    split_backward_sum_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                              acc_t<scalar_t>* __restrict__ ws, int64_t rows, int64_t V, int64_t chunks,
+                              int64_t chunk_len, bool log) {
+  for (int64_t b = blockIdx.x; b < rows * chunks; b += gridDim.x) {
+    const int64_t r = b / chunks, begin = (b - r * chunks) * chunk_len;
+    const int64_t n = std::min(chunk_len, V - begin);
+    const int64_t off = r * V + begin;
+    const int64_t head = same_alignment(g + off, y + off) ? aligned_head(g + off, n) : n;
+    const auto s = block_allreduce(thread_backward_sum(g + off, y + off, n, head, log));
+    if (threadIdx.x == 0) ws[b] = s;
+  }
+}
+
+// Backward write over (row, chunk): every block re-sums its row's chunk partials (few, and in one fixed order,
+// so all chunks of a row use the bit-identical sum).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSplitThreads)
+    split_backward_apply_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                                const acc_t<scalar_t>* __restrict__ ws, scalar_t* __restrict__ gin, int64_t rows,
+                                int64_t V, int64_t chunks, int64_t chunk_len, bool log) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t b = blockIdx.x; b < rows * chunks; b += gridDim.x) {
+    const int64_t r = b / chunks, begin = (b - r * chunks) * chunk_len;
+    const int64_t n = std::min(chunk_len, V - begin);
+    const int64_t off = r * V + begin;
+    acc s = acc(0);
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) s += ws[r * chunks + c];
+    s = block_allreduce(s);
+    block_write_backward(g + off, y + off, gin + off, n, backward_head(g + off, y + off, gin + off, n), s, log);
+  }
+}
+
+// ---------------------------------------------------------------- kernel: logsumexp backward (elementwise)
+
+// gin[r, j] = grad[r] * exp(x[r, j] - lse[r]) over the flat [rows * V] buffer, so no row length is special.
+// With vec_ok (x and gin 16-byte aligned) each thread handles one 16-byte vector at a time: one 64-bit division
+// finds its first (row, column), later elements step the column and wrap into the next row (several times
+// when V < kVec).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kEltThreads)
+    logsumexp_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                              const scalar_t* __restrict__ lse, scalar_t* __restrict__ gin, int64_t rows, int64_t V,
+                              bool vec_ok) {
+  using acc = acc_t<scalar_t>;
+  constexpr int kVec = kVecOf<scalar_t>;
+  using P = Pack<scalar_t, kVec>;
+  const int64_t n = rows * V;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t done = 0;
+  if (vec_ok) {
+    const int64_t nvec = n / kVec;
+    const P* px = reinterpret_cast<const P*>(x);
+    P* pi = reinterpret_cast<P*>(gin);
+    for (int64_t i = tid; i < nvec; i += stride) {
+      int64_t r = i * kVec / V;
+      int64_t c = i * kVec - r * V;
+      acc gr = static_cast<acc>(grad[r]), lr = static_cast<acc>(lse[r]);
+      const P xv = px[i];
+      P o;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        o.v[k] = static_cast<scalar_t>(gr * fm::exp_nonpos(static_cast<acc>(xv.v[k]) - lr));
+        // Next element in the next row? (Never past the last row: element k + 1 of a full vector exists.)
+        if (++c == V && k + 1 < kVec) {
+          c = 0;
+          ++r;
+          gr = static_cast<acc>(grad[r]);
+          lr = static_cast<acc>(lse[r]);
+        }
+      }
+      pi[i] = o;
+    }
+    done = nvec * kVec;
+  }
+  for (int64_t j = done + tid; j < n; j += stride) {
+    const int64_t r = j / V;
+    gin[j] = static_cast<scalar_t>(static_cast<acc>(grad[r]) *
+                                   fm::exp_nonpos(static_cast<acc>(x[j]) - static_cast<acc>(lse[r])));
+  }
+}
+
+// ---------------------------------------------------------------- host side
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& x, const at::Tensor& out, Mode mode, Algorithm alg) {
+  using acc = acc_t<scalar_t>;
+  const int64_t rows = x.size(0), V = x.size(1);
+  if (rows == 0 || V == 0) return;
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  scalar_t* po = out.mutable_data_ptr<scalar_t>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (V <= kWarpMaxV<scalar_t>) {
+    with_warp_shape<scalar_t>(V, [&](auto lanes, auto items) {
+      constexpr int kLanes = decltype(lanes)::value, kItems = decltype(items)::value;
+      const unsigned blocks = grid_size(ceil_div(rows, kWarpThreads / kLanes));
+      warp_forward_kernel<scalar_t, kLanes, kItems><<<blocks, kWarpThreads, 0, stream>>>(px, po, rows, V, mode, alg);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+
+  const SplitPlan plan = plan_split(rows, V);
+  if (plan.chunks == 1) {
+    block_forward_kernel<scalar_t><<<grid_size(rows), block_threads<scalar_t>(V), 0, stream>>>(px, po, rows, V, mode,
+                                                                                            alg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  // Workspace from the caching allocator (stream-ordered, no synchronisation): a state per (row, chunk), then
+  // each row's merged (m, d) for the softmax pass.
+  const int64_t parts = rows * plan.chunks;
+  at::Tensor ws = at::empty({2 * parts + 2 * rows}, x.options().dtype(c10::CppTypeToScalarType<acc>::value));
+  acc* pws = ws.mutable_data_ptr<acc>();
+  acc* prow = pws + 2 * parts;
+  split_state_kernel<scalar_t><<<grid_size(parts), kSplitThreads, 0, stream>>>(px, pws, rows, V, plan.chunks,
+                                                                               plan.chunk_len, alg);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool lse_only = mode == Mode::Lse;
+  split_merge_kernel<scalar_t><<<grid_size(rows), kSplitThreads, 0, stream>>>(
+      px, pws, lse_only ? po : nullptr, lse_only ? nullptr : prow, rows, V, plan.chunks, alg);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (lse_only) return;
+  split_softmax_kernel<scalar_t><<<grid_size(parts), kSplitThreads, 0, stream>>>(
+      px, prow, po, rows, V, plan.chunks, plan.chunk_len, mode == Mode::LogSoftmax);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& gin, bool log) {
+  using acc = acc_t<scalar_t>;
+  const int64_t rows = out.size(0), V = out.size(1);
+  if (rows == 0 || V == 0) return;
+  const scalar_t* pg = grad.const_data_ptr<scalar_t>();
+  const scalar_t* py = out.const_data_ptr<scalar_t>();
+  scalar_t* pi = gin.mutable_data_ptr<scalar_t>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (V <= kWarpMaxV<scalar_t>) {
+    with_warp_shape<scalar_t>(V, [&](auto lanes, auto items) {
+      constexpr int kLanes = decltype(lanes)::value, kItems = decltype(items)::value;
+      const unsigned blocks = grid_size(ceil_div(rows, kWarpThreads / kLanes));
+      warp_backward_kernel<scalar_t, kLanes, kItems><<<blocks, kWarpThreads, 0, stream>>>(pg, py, pi, rows, V, log);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+
+  const SplitPlan plan = plan_split(rows, V);
+  if (plan.chunks == 1) {
+    block_backward_kernel<scalar_t><<<grid_size(rows), block_threads<scalar_t>(V), 0, stream>>>(pg, py, pi, rows, V,
+                                                                                             log);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  const int64_t parts = rows * plan.chunks;
+  at::Tensor ws = at::empty({parts}, out.options().dtype(c10::CppTypeToScalarType<acc>::value));
+  acc* pws = ws.mutable_data_ptr<acc>();
+  split_backward_sum_kernel<scalar_t><<<grid_size(parts), kSplitThreads, 0, stream>>>(
+      pg, py, pws, rows, V, plan.chunks, plan.chunk_len, log);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  split_backward_apply_kernel<scalar_t><<<grid_size(parts), kSplitThreads, 0, stream>>>(
+      pg, py, pws, pi, rows, V, plan.chunks, plan.chunk_len, log);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void logsumexp_backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lse,
+                             const at::Tensor& gin) {
+  const int64_t rows = x.size(0), V = x.size(1);
+  if (rows == 0 || V == 0) return;
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  scalar_t* pi = gin.mutable_data_ptr<scalar_t>();
+  const bool vec_ok = reinterpret_cast<uintptr_t>(px) % kVecBytes == 0 && reinterpret_cast<uintptr_t>(pi) % kVecBytes == 0;
+  const int64_t work = vec_ok ? ceil_div(rows * V, kVecOf<scalar_t>) : rows * V;
+  // Enough blocks to fill the GPU several times over; beyond that threads loop (grid-stride).
+  const int64_t blocks = std::min<int64_t>(ceil_div(work, kEltThreads), static_cast<int64_t>(sm_count()) * 32);
+  logsumexp_backward_kernel<scalar_t><<<grid_size(blocks), kEltThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      grad.const_data_ptr<scalar_t>(), px, lse.const_data_ptr<scalar_t>(), pi, rows, V, vec_ok);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------- the kernel table
+
+void logsumexp_kernel(const at::Tensor& x, const at::Tensor& out, Algorithm alg) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastloss_logsumexp_cuda",
+                                  [&] { forward_impl<scalar_t>(x, out, Mode::Lse, alg); });
+}
+
+void softmax_kernel(const at::Tensor& x, const at::Tensor& out, bool log, Algorithm alg) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastloss_softmax_cuda", [&] {
+    forward_impl<scalar_t>(x, out, log ? Mode::LogSoftmax : Mode::Softmax, alg);
+  });
+}
+
+void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& gin, bool log) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fastloss_softmax_backward_cuda",
+                                  [&] { backward_impl<scalar_t>(grad, out, gin, log); });
+}
+
+void logsumexp_backward_kernel_host(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lse,
+                                    const at::Tensor& gin) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastloss_logsumexp_backward_cuda",
+                                  [&] { logsumexp_backward_impl<scalar_t>(grad, x, lse, gin); });
+}
+
+// PLACEHOLDER, to be replaced by GPU measurements (fastloss-bench --suite softmax on the target GPUs): this
+// build has never run on a GPU. Online is the safe default: it never needs the fallback re-read, and its block
+// update costs 1 + 1/N exponentials per element, about what the two-pass split costs in polynomial work.
+Algorithm choose_algorithm(int64_t rows, int64_t V, at::ScalarType dtype) { return Algorithm::Online; }
+
+}  // namespace
+}  // namespace cuda
+
+const SoftmaxKernels& cuda_softmax_kernels() {
+  static const SoftmaxKernels table{&cuda::logsumexp_kernel, &cuda::softmax_kernel, &cuda::softmax_backward_kernel,
+                                    &cuda::logsumexp_backward_kernel_host, &cuda::choose_algorithm};
+  return table;
+}
+
+}  // namespace fastloss
