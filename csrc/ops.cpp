@@ -13,3 +13,29 @@ TORCH_LIBRARY(fastloss, m) {
   // Which algorithm "auto" picks for a [rows, V] problem of this dtype on this device ("online" / "two_pass").
   m.def("resolve_algorithm(Tensor self, int dim, str algorithm) -> str");
 }
+
+TORCH_LIBRARY_FRAGMENT(fastloss, m) {
+  // Cross-entropy from logits [N, C] (class dimension last). Per-row float32 losses (0 for ignored rows) and
+  // log-sum-exps; reductions and their denominators are applied by the caller (python/fastloss/functional.py).
+  m.def(
+      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
+      "float z_loss, float? softcap, str algorithm=\"auto\") -> (Tensor loss, Tensor lse)");
+  m.def(
+      "cross_entropy_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float? softcap) -> Tensor");
+  // Forward that also writes dloss_r/dlogits * grad_scale[r] over the logits (Liger's trick: no second N x C
+  // buffer). The logits are destroyed.
+  m.def(
+      "cross_entropy_fwd_inplace_grad(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale, "
+      "int ignore_index, float label_smoothing, float z_loss, float? softcap, str algorithm=\"auto\") "
+      "-> (Tensor loss, Tensor lse)");
+  // Probability (soft) targets [N, C].
+  m.def(
+      "cross_entropy_prob_fwd(Tensor logits, Tensor target, Tensor? weight, float label_smoothing, float z_loss, "
+      "float? softcap, str algorithm=\"auto\") -> (Tensor loss, Tensor lse, Tensor sum_wy)");
+  m.def(
+      "cross_entropy_prob_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor sum_wy, float label_smoothing, float z_loss, float? softcap) -> Tensor");
+  // self[r, :] *= scale[r] (scale [N] or a single value), skipping rows whose scale is exactly 1.
+  m.def("scale_rows_(Tensor(a!) self, Tensor scale) -> ()");
+}

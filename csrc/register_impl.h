@@ -3,12 +3,13 @@
 
 #include <torch/library.h>
 
+#include "cross_entropy_ops.h"
 #include "softmax_ops.h"
 
 namespace fastloss {
 
 template <const SoftmaxKernels& (*K)()>
-struct DeviceOps {
+struct SoftmaxDeviceOps {
   static at::Tensor softmax(const at::Tensor& x, int64_t dim, c10::string_view alg) {
     return softmax_op(x, dim, alg, /*log=*/false, K());
   }
@@ -40,6 +41,45 @@ struct DeviceOps {
     m.impl("log_softmax_backward", &log_softmax_backward);
     m.impl("logsumexp_backward", &logsumexp_backward);
     m.impl("resolve_algorithm", &resolve_algorithm);
+  }
+};
+
+template <const SoftmaxKernels& (*K)(), const CrossEntropyKernels& (*KC)()>
+struct CrossEntropyDeviceOps {
+  using OptT = std::optional<at::Tensor>;
+  static std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& t, const OptT& w, int64_t ii,
+                                                double ls, double z, std::optional<double> cap,
+                                                c10::string_view alg) {
+    return cross_entropy_fwd_op(x, t, w, ii, ls, z, cap, alg, K(), KC());
+  }
+  static at::Tensor bwd(const at::Tensor& g, const OptT& gz, const at::Tensor& x, const at::Tensor& t, const OptT& w,
+                        const at::Tensor& lse, int64_t ii, double ls, double z, std::optional<double> cap) {
+    return cross_entropy_bwd_op(g, gz, x, t, w, lse, ii, ls, z, cap, KC());
+  }
+  static std::tuple<at::Tensor, at::Tensor> fwd_inplace(const at::Tensor& x, const at::Tensor& t, const OptT& w,
+                                                        const at::Tensor& gs, int64_t ii, double ls, double z,
+                                                        std::optional<double> cap, c10::string_view alg) {
+    return cross_entropy_fwd_inplace_grad_op(x, t, w, gs, ii, ls, z, cap, alg, K(), KC());
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> prob_fwd(const at::Tensor& x, const at::Tensor& t,
+                                                                 const OptT& w, double ls, double z,
+                                                                 std::optional<double> cap, c10::string_view alg) {
+    return cross_entropy_prob_fwd_op(x, t, w, ls, z, cap, alg, K(), KC());
+  }
+  static at::Tensor prob_bwd(const at::Tensor& g, const OptT& gz, const at::Tensor& x, const at::Tensor& t,
+                             const OptT& w, const at::Tensor& lse, const at::Tensor& sy, double ls, double z,
+                             std::optional<double> cap) {
+    return cross_entropy_prob_bwd_op(g, gz, x, t, w, lse, sy, ls, z, cap, KC());
+  }
+  static void scale_rows(const at::Tensor& x, const at::Tensor& s) { scale_rows_op(x, s, KC()); }
+
+  static void register_all(torch::Library& m) {
+    m.impl("cross_entropy_fwd", &fwd);
+    m.impl("cross_entropy_bwd", &bwd);
+    m.impl("cross_entropy_fwd_inplace_grad", &fwd_inplace);
+    m.impl("cross_entropy_prob_fwd", &prob_fwd);
+    m.impl("cross_entropy_prob_bwd", &prob_bwd);
+    m.impl("scale_rows_", &scale_rows);
   }
 };
 

@@ -1,4 +1,7 @@
-// CPU implementations of the fastloss schemas: the generic op layer over the CPU row kernels.
+// CPU implementations of the fastloss schemas: the generic op layers over the CPU row kernels.
 #include "register_impl.h"
 
-TORCH_LIBRARY_IMPL(fastloss, CPU, m) { fastloss::DeviceOps<&fastloss::cpu_softmax_kernels>::register_all(m); }
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  fastloss::SoftmaxDeviceOps<&fastloss::cpu_softmax_kernels>::register_all(m);
+  fastloss::CrossEntropyDeviceOps<&fastloss::cpu_softmax_kernels, &fastloss::cpu_cross_entropy_kernels>::register_all(m);
+}

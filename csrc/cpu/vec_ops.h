@@ -27,6 +27,7 @@ struct Ops<at::vec::Vectorized<float>> {
 #endif
   }
   static Vec log(Vec x) { return x.log(); }
+  static Vec tanh(Vec x) { return x.tanh(); }
   static Mask lt(Vec a, Vec b) { return a < b; }
   static Mask eq(Vec a, Vec b) { return a == b; }
   static Vec select(Mask m, Vec a, Vec b) { return Vec::blendv(b, a, m); }

@@ -1,4 +1,6 @@
-// CUDA implementations of the fastloss schemas: the generic op layer over the row kernels of softmax_cuda.cu.
+// CUDA implementations of the fastloss schemas: the generic op layers over the row kernels of csrc/cuda/*.cu.
 #include "register_impl.h"
 
-TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { fastloss::DeviceOps<&fastloss::cuda_softmax_kernels>::register_all(m); }
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  fastloss::SoftmaxDeviceOps<&fastloss::cuda_softmax_kernels>::register_all(m);
+}

@@ -28,11 +28,21 @@ def _load_library() -> str:
 _library_path = _load_library()
 
 from . import _ops  # noqa: E402,F401  (registers fake kernels and autograd)
-from .functional import log_softmax, logsumexp, softmax  # noqa: E402
+from .functional import CrossEntropyOutput, cross_entropy, log_softmax, logsumexp, softmax  # noqa: E402
+from . import nn  # noqa: E402,F401
 
 cuda_built: bool = hasattr(torch.ops.fastloss, "softmax") and torch._C._dispatch_has_kernel_for_dispatch_key(
     "fastloss::softmax", "CUDA"
 )
 """True when the library was compiled with its CUDA kernels."""
 
-__all__ = ["softmax", "log_softmax", "logsumexp", "cuda_built", "__version__"]
+__all__ = [
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "cross_entropy",
+    "CrossEntropyOutput",
+    "nn",
+    "cuda_built",
+    "__version__",
+]

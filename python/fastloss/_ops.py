@@ -101,3 +101,71 @@ def _logsumexp_bwd(ctx, grad):
 torch.library.register_autograd("fastloss::softmax", _softmax_bwd, setup_context=_save_output)
 torch.library.register_autograd("fastloss::log_softmax", _log_softmax_bwd, setup_context=_save_output)
 torch.library.register_autograd("fastloss::logsumexp", _logsumexp_bwd, setup_context=_logsumexp_setup)
+
+
+# ---------------------------------------------------------------- cross-entropy
+
+
+def _rows(logits):
+    """Per-row values are float64 whatever the logits (mirrors row_dtype in cross_entropy_ops.cpp)."""
+    return logits.new_empty((logits.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake("fastloss::cross_entropy_fwd")
+def _ce_fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm="auto"):
+    return _rows(logits), _rows(logits)
+
+
+@torch.library.register_fake("fastloss::cross_entropy_bwd")
+def _ce_bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.register_fake("fastloss::cross_entropy_fwd_inplace_grad")
+def _ce_fwd_inplace_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+                         algorithm="auto"):
+    return _rows(logits), _rows(logits)
+
+
+@torch.library.register_fake("fastloss::cross_entropy_prob_fwd")
+def _ce_prob_fwd_fake(logits, target, weight, label_smoothing, z_loss, softcap, algorithm="auto"):
+    return _rows(logits), _rows(logits), _rows(logits)
+
+
+@torch.library.register_fake("fastloss::cross_entropy_prob_bwd")
+def _ce_prob_bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, sum_wy, label_smoothing, z_loss, softcap):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.register_fake("fastloss::scale_rows_")
+def _scale_rows_fake(x, scale):
+    return None
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap = inputs[:7]
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap)
+    ctx.save_for_backward(logits, target, weight, output[1])
+
+
+def _ce_bwd(ctx, grad_loss, grad_lse):
+    logits, target, weight, lse = ctx.saved_tensors
+    grad = _lib.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, lse, *ctx.args)
+    return grad, None, None, None, None, None, None, None
+
+
+def _ce_prob_setup(ctx, inputs, output):
+    logits, target, weight, label_smoothing, z_loss, softcap = inputs[:6]
+    ctx.args = (label_smoothing, z_loss, softcap)
+    ctx.save_for_backward(logits, target, weight, output[1], output[2])
+
+
+def _ce_prob_bwd(ctx, grad_loss, grad_lse, _grad_sum_wy):
+    logits, target, weight, lse, sum_wy = ctx.saved_tensors
+    grad = _lib.cross_entropy_prob_bwd(grad_loss, grad_lse, logits, target, weight, lse, sum_wy, *ctx.args)
+    # The target's gradient (soft labels that require grad) is not provided, as in Liger and Cut Cross-Entropy.
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastloss::cross_entropy_fwd", _ce_bwd, setup_context=_ce_setup)
+torch.library.register_autograd("fastloss::cross_entropy_prob_fwd", _ce_prob_bwd, setup_context=_ce_prob_setup)

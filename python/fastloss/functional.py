@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -53,3 +53,166 @@ def resolve_algorithm(input: torch.Tensor, dim: int = -1, algorithm: str = "auto
     """The algorithm ("online" or "two_pass") that ``algorithm`` resolves to for this input."""
     _check(input, "resolve_algorithm", algorithm)
     return torch.ops.fastloss.resolve_algorithm(input, dim, algorithm)
+
+
+# ---------------------------------------------------------------- cross-entropy
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+class CrossEntropyOutput(NamedTuple):
+    """What :func:`cross_entropy` returns when ``return_z_loss`` or ``return_lse`` is set."""
+
+    loss: torch.Tensor
+    z_loss: Optional[torch.Tensor]  # the z-loss term alone, reduced like the loss (for logging)
+    lse: Optional[torch.Tensor]  # per-token log-sum-exp of the (softcapped) logits, float32; 0 for ignored tokens
+
+
+def _flatten_for_ce(input: torch.Tensor, target: torch.Tensor, soft: bool):
+    """(C), (N, C) and (N, C, d1, ..., dK) to [rows, C] logits and [rows] (or [rows, C]) targets."""
+    if input.dim() == 0:
+        raise ValueError("fastloss.cross_entropy: `input` must have at least one dimension (the classes)")
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if soft:
+        if target.shape != input.shape:
+            raise ValueError(f"fastloss.cross_entropy: probability `target` must have `input`'s shape "
+                             f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    else:
+        want = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+        if tuple(target.shape) != want:
+            raise ValueError(f"fastloss.cross_entropy: class-index `target` must have shape {want} for `input` of "
+                             f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    if input.dim() == 1:
+        x2d = input.unsqueeze(0)
+        t = target.unsqueeze(0)
+        out_shape = ()
+    elif input.dim() == 2:
+        x2d, t, out_shape = input, target, (input.shape[0],)
+    else:
+        x2d = input.movedim(1, -1).reshape(-1, C)
+        t = target.movedim(1, -1).reshape(-1, C) if soft else target.reshape(-1)
+        out_shape = (input.shape[0],) + tuple(input.shape[2:])
+    return x2d, t, out_shape
+
+
+def _reduce(rows: torch.Tensor, reduction: str, out_shape, denom: Optional[torch.Tensor]) -> torch.Tensor:
+    if reduction == "none":
+        return rows.view(out_shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / denom
+
+
+class _CrossEntropyInplace(torch.autograd.Function):
+    """Forward writes d loss / d logits into the logits' own buffer; backward only rescales it (and skips even
+    that when the incoming gradient is exactly 1), so no second N x C tensor ever exists."""
+
+    @staticmethod
+    def forward(ctx, x2d, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, reduction, denom,
+                out_shape):
+        buf = x2d.detach()
+        scale = (1.0 / denom).reshape(1) if reduction == "mean" else torch.ones(1, device=x2d.device)
+        rows, lse = torch.ops.fastloss.cross_entropy_fwd_inplace_grad(
+            buf, t, weight, scale, ignore_index, label_smoothing, z_loss, softcap, algorithm)
+        ctx.save_for_backward(buf)
+        ctx.reduction = reduction
+        ctx.mark_non_differentiable(lse)
+        return _reduce(rows, reduction, out_shape, denom), lse
+
+    @staticmethod
+    def backward(ctx, grad, _grad_lse):
+        (buf,) = ctx.saved_tensors
+        torch.ops.fastloss.scale_rows_(buf, grad.reshape(-1))
+        return buf, None, None, None, None, None, None, None, None, None, None
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    return_z_loss: bool = False,
+    inplace_backward: bool = False,
+    algorithm: str = "auto",
+):
+    """Drop-in ``torch.nn.functional.cross_entropy`` computed by fastloss's fused kernels.
+
+    Same semantics as torch for every shared argument: input (C), (N, C) or (N, C, d1, ..., dK); class-index
+    (int64) or class-probability targets; ``weight``; ``ignore_index`` (any value, class-index targets only);
+    ``reduction`` "none" / "mean" / "sum" ("mean" divides by the summed weight of the non-ignored targets, so all
+    targets ignored gives nan, as torch); ``label_smoothing`` (combined with ``weight`` as torch does).
+
+    LLM extras:
+      z_loss: adds ``z_loss * lse**2`` per (non-ignored) token, reduced like the loss (not class-weighted).
+      softcap: applies ``softcap * tanh(logits / softcap)`` before the loss, with its gradient; -inf logits (masked
+        vocabulary entries) stay -inf.
+      return_lse / return_z_loss: return a :class:`CrossEntropyOutput` (loss, z_loss term, per-token lse).
+      inplace_backward: the forward writes the gradient into ``input``'s buffer (which is destroyed): no second
+        N x C tensor. Class-index targets only; eager mode; the returned lse / z_loss are then not differentiable.
+      algorithm: "auto" | "online" | "two_pass" for the log-sum-exp (see :func:`softmax`).
+
+    The loss has ``input``'s dtype; internally everything accumulates in float32 (float64 for float64 input).
+    """
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("fastloss.cross_entropy: `input` and `target` must be tensors")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fastloss.cross_entropy: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"fastloss.cross_entropy: `algorithm` must be one of {_ALGORITHMS}, got {algorithm!r}")
+    soft = target.is_floating_point()
+    if soft and ignore_index >= 0:
+        raise ValueError("fastloss.cross_entropy: ignore_index is not supported for probability targets")
+    if softcap is not None:
+        softcap = float(softcap)
+    x2d, t, out_shape = _flatten_for_ce(input, target, soft)
+    ls, z = float(label_smoothing), float(z_loss)
+    ops = torch.ops.fastloss
+
+    if soft:
+        if inplace_backward:
+            raise ValueError("fastloss.cross_entropy: inplace_backward supports class-index targets only")
+        rows, lse, _ = ops.cross_entropy_prob_fwd(x2d, t, weight, ls, z, softcap, algorithm)
+        valid = None
+        denom = float(x2d.shape[0]) if reduction == "mean" else None  # torch: mean over samples
+    else:
+        valid = t != ignore_index
+        if reduction == "mean":
+            if weight is not None:
+                w = weight.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+                denom = (w[t.masked_fill(~valid, 0)] * valid).sum()
+            else:
+                denom = valid.sum().to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+        else:
+            denom = None
+        if inplace_backward and x2d.requires_grad and torch.is_grad_enabled():
+            x2d = x2d if x2d.is_contiguous() else x2d.contiguous()
+            loss, lse = _CrossEntropyInplace.apply(x2d, t, weight, ignore_index, ls, z, softcap, algorithm,
+                                                   reduction, denom, out_shape)
+            return _finish(loss.to(input.dtype), lse, valid, z, reduction, out_shape, denom, return_lse,
+                           return_z_loss)
+        rows, lse = ops.cross_entropy_fwd(x2d, t, weight, ignore_index, ls, z, softcap, algorithm)
+    loss = _reduce(rows, reduction, out_shape, denom).to(input.dtype)
+    return _finish(loss, lse, valid, z, reduction, out_shape, denom, return_lse, return_z_loss)
+
+
+def _finish(loss, lse, valid, z, reduction, out_shape, denom, return_lse, return_z_loss):
+    if not (return_lse or return_z_loss):
+        return loss
+    z_term = None
+    if return_z_loss:
+        zr = z * lse * lse
+        if valid is not None:
+            zr = zr * valid
+        z_term = _reduce(zr, reduction, out_shape, denom)
+    if z_term is not None:
+        z_term = z_term.to(loss.dtype)
+    lse_out = None
+    if return_lse:  # float32 (float64 for float64 input); computed in float64
+        lse_out = lse.view(out_shape).to(torch.float64 if loss.dtype == torch.float64 else torch.float32)
+    return CrossEntropyOutput(loss, z_term, lse_out)

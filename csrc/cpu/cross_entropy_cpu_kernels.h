@@ -1,0 +1,371 @@
+// CPU row kernels for cross-entropy from logits (the table of fastloss/cross_entropy_kernels.h).
+//
+// One pass per row computes the normaliser of the (optionally softcapped) logits together with whatever sums the
+// loss needs (sum_c w_c x_c for label smoothing; sum_c w_c y'_c and sum_c w_c y'_c x_c for probability targets);
+// the target logit is a single load. The gradient pass re-reads the row (from cache for LLM vocabularies: a row of
+// 128K bf16 logits is 256 KB) and writes it once; the in-place variant writes it over the logits in the forward.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "fastloss/cross_entropy_kernels.h"
+#include "fastloss/loss_math.h"
+#include "row_ops.h"
+
+namespace fastloss {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+struct Softcap {
+  double cap, inv;
+  // float lanes (and float / bf16 / fp16 rows) use the float constants, float64 rows the double ones
+  template <class V>
+  V operator()(V v) const {
+    if constexpr (std::is_same_v<V, double>) return fm::softcap_apply(v, cap, inv);
+    else return fm::softcap_apply(v, float(cap), float(inv));
+  }
+  template <class V>
+  V grad(V capped) const {
+    if constexpr (std::is_same_v<V, double>) return fm::softcap_grad(capped, inv);
+    else return fm::softcap_grad(capped, float(inv));
+  }
+};
+
+// Calls f(tx) with the per-element transform: Identity, or the softcap.
+template <typename F>
+void with_transform(const CrossEntropyParams& p, const F& f) {
+  if (p.has_softcap) f(Softcap{p.softcap, 1.0 / p.softcap});
+  else f(Identity{});
+}
+
+template <class Tx, class V>
+inline V transform_grad(const Tx& tx, V capped) {
+  if constexpr (std::is_same_v<Tx, Softcap>) return tx.grad(capped);
+  else return splat_like<V>(1.0f);
+}
+
+// sum_c w_c (x'_c - shift) (w_c = 1 when unweighted), fused into the reduction pass. The shift (the row's first
+// logit) keeps float lanes from cancelling catastrophically when all logits sit far from 0 (-1e4, say).
+template <typename acc>
+struct SmoothSum {
+  const acc* w;
+  acc shift;
+  Vec s{0.0f};
+  double total = 0;
+  void vec(int64_t j, const Vec (&v)[4]) {
+    const Vec sh(static_cast<float>(shift));
+    if (w) {
+      Vec wv[4];
+      load4(w + j, wv);
+      for (int i = 0; i < 4; ++i) s = at::vec::fmadd(v[i] - sh, wv[i], s);
+    } else {
+      s = s + (((v[0] - sh) + (v[1] - sh)) + ((v[2] - sh) + (v[3] - sh)));
+    }
+  }
+  void scalar(int64_t j, acc v) { total += (w ? double(w[j]) : 1.0) * (double(v) - double(shift)); }
+  void flush() {
+    total += hsum(s);
+    s = Vec(0.0f);
+  }
+  void reset() {
+    s = Vec(0.0f);
+    total = 0;
+  }
+};
+
+// sum_c w_c y'_c and sum_c w_c y'_c (x'_c - shift) with y' = keep * y + add (label smoothing of probability
+// targets); the shift as in SmoothSum.
+template <typename scalar_t>
+struct ProbSums {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* y;
+  const acc* w;
+  double keep, add;
+  acc shift;
+  Vec sy{0.0f}, syx{0.0f};
+  double total_y = 0, total_yx = 0;
+  void vec(int64_t j, const Vec (&v)[4]) {
+    Vec yv[4];
+    load4(y + j, yv);
+    Vec wv[4];
+    if (w) load4(w + j, wv);
+    for (int i = 0; i < 4; ++i) {
+      Vec t = at::vec::fmadd(yv[i], Vec(float(keep)), Vec(float(add)));
+      if (w) t = t * wv[i];
+      sy = sy + t;
+      syx = at::vec::fmadd(t, v[i] - Vec(static_cast<float>(shift)), syx);
+    }
+  }
+  void scalar(int64_t j, acc v) {
+    double t = keep * double(y[j]) + add;
+    if (w) t *= w[j];
+    total_y += t;
+    total_yx += t * (double(v) - double(shift));
+  }
+  void flush() {
+    total_y += hsum(sy);
+    total_yx += hsum(syx);
+    sy = Vec(0.0f);
+    syx = Vec(0.0f);
+  }
+  void reset() {
+    sy = syx = Vec(0.0f);
+    total_y = total_yx = 0;
+  }
+};
+
+// The first transformed logit when finite (else 0): the shift of the fused sums.
+template <typename scalar_t, class Tx>
+acc_t<scalar_t> row_shift(const scalar_t* x, int64_t C, const Tx& tx) {
+  using acc = acc_t<scalar_t>;
+  const acc v = C > 0 ? tx(static_cast<acc>(x[0])) : acc(0);
+  return std::isfinite(static_cast<double>(v)) ? v : acc(0);
+}
+
+// A float64 lse as (m, 1/d) for softmax_at: m = lse rounded to acc, 1/d = exp(m - lse). Then x - m is exact for
+// logits near the max (Sterbenz), so p keeps full precision even when |lse| ~ 1e4 and one float ulp of lse is
+// 1e-3: exp(x - float(lse)) would carry that error into every gradient entry.
+template <typename acc>
+inline fm::OnlineState<acc> normaliser_from_lse(double lse) {
+  const acc m = static_cast<acc>(lse);
+  if (!std::isfinite(lse)) return {m, acc(1)};
+  return {m, static_cast<acc>(std::exp(double(m) - lse))};
+}
+
+// grad[c] = (a p_c - b w_c) * dx'/dx, then the target entry recomputed as (a p_t - b w_t - c_t) * dx'/dx in acc.
+// out may alias x (in-place variant): x_t_capped was read before the pass.
+template <typename scalar_t, class Tx>
+void write_index_grad(const scalar_t* x, scalar_t* out, int64_t C, const Tx& tx, acc_t<scalar_t> m,
+                      acc_t<scalar_t> inv_d, fm::CeRow<acc_t<scalar_t>> k, const acc_t<scalar_t>* w, int64_t t,
+                      acc_t<scalar_t> x_t_capped) {
+  using acc = acc_t<scalar_t>;
+  auto f = [&](auto v, auto wv) {
+    using T = decltype(v);
+    T xp = tx(v);
+    T g = splat_like<T>(k.a) * fm::softmax_at(xp, splat_like<T>(m), splat_like<T>(inv_d)) - splat_like<T>(k.b) * wv;
+    return g * transform_grad(tx, xp);
+  };
+  int64_t j = 0;
+  if constexpr (kVectorized<scalar_t>) {
+    for (; j + kStep <= C; j += kStep) {
+      Vec a0, a1;
+      load2(x + j, a0, a1);
+      Vec w0(1.0f), w1(1.0f);
+      if (w) {
+        w0 = Vec::loadu(w + j);
+        w1 = Vec::loadu(w + j + Vec::size());
+      }
+      store2(out + j, f(a0, w0), f(a1, w1));
+    }
+  }
+  for (; j < C; ++j) out[j] = static_cast<scalar_t>(f(static_cast<acc>(x[j]), w ? w[j] : acc(1)));
+  if (t >= 0) {
+    const acc p_t = fm::softmax_at(x_t_capped, m, inv_d);
+    const acc w_t = w ? acc(w[t]) : acc(1);
+    out[t] = static_cast<scalar_t>((k.a * p_t - k.b * w_t - k.c_t) * transform_grad(tx, x_t_capped));
+  }
+}
+
+template <typename scalar_t>
+void zero_row(scalar_t* out, int64_t C) {
+  std::fill(out, out + C, scalar_t(0));
+}
+
+inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& loss,
+                             const at::Tensor& lse, const at::Tensor& grad_scale, const at::Tensor& grad_logits) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  const int64_t* tgt = in.target.const_data_ptr<int64_t>();
+  const double W = in.weight_sum.defined() ? in.weight_sum.item<double>() : double(C);
+  const bool fused = grad_logits.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_fwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc* w = in.weight.defined() ? in.weight.const_data_ptr<acc>() : nullptr;
+    const double* gs = fused ? grad_scale.const_data_ptr<double>() : nullptr;
+    double* ploss = loss.mutable_data_ptr<double>();
+    double* plse = lse.mutable_data_ptr<double>();
+    const scalar_t* px = in.logits.const_data_ptr<scalar_t>();
+    scalar_t* pg = fused ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc eps = acc(p.label_smoothing), invC = acc(1.0 / double(C)), z = acc(p.z_loss);
+    with_transform(p, [&](auto tx) {
+      at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const scalar_t* xr = px + r * C;
+          const int64_t t = tgt[r];
+          if (t == p.ignore_index) {
+            ploss[r] = 0.0;
+            plse[r] = 0.0;
+            if (fused) zero_row(pg + r * C, C);
+            continue;
+          }
+          double sum_w_dx = 0;
+          acc shift = 0;
+          fm::OnlineState<acc> st;
+          if (eps != acc(0)) {
+            shift = row_shift(xr, C, tx);
+            SmoothSum<acc> sums{w, shift};
+            st = row_state(xr, C, p.algorithm, tx, sums);
+            sum_w_dx = sums.total;
+          } else {
+            st = row_state(xr, C, p.algorithm, tx);
+          }
+          const double l = finish_lse(st, xr, C);
+          const acc x_t = tx(static_cast<acc>(xr[t]));
+          const acc w_t = w ? w[t] : acc(1);
+          ploss[r] = fm::ce_index_loss<double>(l, x_t, w_t, sum_w_dx, shift, W, p.label_smoothing, 1.0 / double(C),
+                                               p.z_loss);
+          plse[r] = l;
+          if (fused) {
+            auto k = fm::ce_index_coefs(acc(gs[r]), acc(0), acc(l), w_t, acc(W), eps, invC, z);
+            write_index_grad(xr, pg + r * C, C, tx, st.m, acc(1) / st.d, k, w, t, x_t);
+          }
+        }
+      });
+    });
+  });
+}
+
+inline void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                              const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& grad_logits) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  const int64_t* tgt = in.target.const_data_ptr<int64_t>();
+  const double W = in.weight_sum.defined() ? in.weight_sum.item<double>() : double(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_bwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc* w = in.weight.defined() ? in.weight.const_data_ptr<acc>() : nullptr;
+    const double* gl = grad_loss.const_data_ptr<double>();
+    const double* gz = grad_lse.defined() ? grad_lse.const_data_ptr<double>() : nullptr;
+    const double* plse = lse.const_data_ptr<double>();
+    const scalar_t* px = in.logits.const_data_ptr<scalar_t>();
+    scalar_t* pg = grad_logits.mutable_data_ptr<scalar_t>();
+    const acc eps = acc(p.label_smoothing), invC = acc(1.0 / double(C)), z = acc(p.z_loss);
+    with_transform(p, [&](auto tx) {
+      at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const int64_t t = tgt[r];
+          if (t == p.ignore_index) {
+            zero_row(pg + r * C, C);
+            continue;
+          }
+          const scalar_t* xr = px + r * C;
+          const acc w_t = w ? w[t] : acc(1);
+          auto k = fm::ce_index_coefs(acc(gl[r]), gz ? acc(gz[r]) : acc(0), acc(plse[r]), w_t, acc(W), eps, invC, z);
+          const auto nd = normaliser_from_lse<acc>(plse[r]);
+          write_index_grad(xr, pg + r * C, C, tx, nd.m, nd.d, k, w, t, tx(static_cast<acc>(xr[t])));
+        }
+      });
+    });
+  });
+}
+
+inline void ce_prob_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& loss,
+                            const at::Tensor& lse, const at::Tensor& sum_wy) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  const double keep = 1.0 - p.label_smoothing, add = p.label_smoothing / double(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_prob_fwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc* w = in.weight.defined() ? in.weight.const_data_ptr<acc>() : nullptr;
+    double* ploss = loss.mutable_data_ptr<double>();
+    double* plse = lse.mutable_data_ptr<double>();
+    double* psy = sum_wy.mutable_data_ptr<double>();
+    const scalar_t* px = in.logits.const_data_ptr<scalar_t>();
+    const scalar_t* py = in.target.const_data_ptr<scalar_t>();
+    with_transform(p, [&](auto tx) {
+      at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const scalar_t* xr = px + r * C;
+          const acc shift = row_shift(xr, C, tx);
+          ProbSums<scalar_t> sums{py + r * C, w, keep, add, shift};
+          auto st = row_state(xr, C, p.algorithm, tx, sums);
+          const double l = finish_lse(st, xr, C);
+          ploss[r] = fm::ce_prob_loss<double>(l, sums.total_y, sums.total_yx, shift, p.z_loss);
+          plse[r] = l;
+          psy[r] = sums.total_y;
+        }
+      });
+    });
+  });
+}
+
+inline void ce_prob_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                             const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& sum_wy,
+                             const at::Tensor& grad_logits) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  const double keep = 1.0 - p.label_smoothing, add = p.label_smoothing / double(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_prob_bwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc* w = in.weight.defined() ? in.weight.const_data_ptr<acc>() : nullptr;
+    const double* gl = grad_loss.const_data_ptr<double>();
+    const double* gz = grad_lse.defined() ? grad_lse.const_data_ptr<double>() : nullptr;
+    const double* plse = lse.const_data_ptr<double>();
+    const double* psy = sum_wy.const_data_ptr<double>();
+    const scalar_t* px = in.logits.const_data_ptr<scalar_t>();
+    const scalar_t* py = in.target.const_data_ptr<scalar_t>();
+    scalar_t* pg = grad_logits.mutable_data_ptr<scalar_t>();
+    with_transform(p, [&](auto tx) {
+      at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const acc g = acc(gl[r]);
+          const acc a = acc(gl[r] * (psy[r] + 2.0 * p.z_loss * plse[r]) + (gz ? gz[r] : 0.0));
+          const auto nd = normaliser_from_lse<acc>(plse[r]);
+          const scalar_t* xr = px + r * C;
+          const scalar_t* yr = py + r * C;
+          scalar_t* out = pg + r * C;
+          // grad_c = (a p_c - g w_c y'_c) dx'/dx
+          auto f = [&](auto v, auto y, auto wv) {
+            using T = decltype(v);
+            T xp = tx(v);
+            T yp = y * splat_like<T>(keep) + splat_like<T>(add);
+            T gv = splat_like<T>(a) * fm::softmax_at(xp, splat_like<T>(nd.m), splat_like<T>(nd.d)) -
+                   splat_like<T>(g) * wv * yp;
+            return gv * transform_grad(tx, xp);
+          };
+          int64_t j = 0;
+          if constexpr (kVectorized<scalar_t>) {
+            for (; j + kStep <= C; j += kStep) {
+              Vec x0, x1, y0, y1, w0(1.0f), w1(1.0f);
+              load2(xr + j, x0, x1);
+              load2(yr + j, y0, y1);
+              if (w) {
+                w0 = Vec::loadu(w + j);
+                w1 = Vec::loadu(w + j + Vec::size());
+              }
+              store2(out + j, f(x0, y0, w0), f(x1, y1, w1));
+            }
+          }
+          for (; j < C; ++j)
+            out[j] = static_cast<scalar_t>(f(acc(xr[j]), acc(yr[j]), w ? w[j] : acc(1)));
+        }
+      });
+    });
+  });
+}
+
+inline void scale_rows_kernel(const at::Tensor& x, const at::Tensor& scale) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const bool per_row = scale.numel() == N && scale.dim() == 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastloss_scale_rows_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const double* ps = scale.const_data_ptr<double>();
+    scalar_t* px = x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const acc s = acc(ps[per_row ? r : 0]);
+        if (ps[per_row ? r : 0] == 1.0) continue;
+        scalar_t* xr = px + r * C;
+        map_row(xr, xr, xr, C, [&](auto v, auto) { return v * splat_like<decltype(v)>(s); });
+      }
+    });
+  });
+}
+
+const CrossEntropyKernels& ce_kernel_table() {
+  static const CrossEntropyKernels table{&ce_index_forward, &ce_index_backward, &ce_prob_forward, &ce_prob_backward,
+                                         &scale_rows_kernel};
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace fastloss

@@ -1,0 +1,55 @@
+// The contract between the cross-entropy op layer (csrc/cross_entropy_ops.cpp) and the per-device row kernels.
+//
+// Every kernel sees contiguous [N, C] logits (class dimension last), a contiguous target ([N] int64 class
+// indices, or [N, C] probabilities of the logits' dtype), and optional float32 class weights [C] with their sum
+// as a 0-d float32 tensor (kept on the device: no host synchronisation). Per-row outputs are float32 [N]. The
+// formulas are those of fastloss/loss_math.h. Reductions over rows happen above, in ATen.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "fastloss/softmax_kernels.h"
+
+namespace fastloss {
+
+struct CrossEntropyParams {
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  bool has_softcap = false;
+  double softcap = 0.0;
+  Algorithm algorithm = Algorithm::Online;
+};
+
+struct CrossEntropyInputs {
+  at::Tensor logits;      // [N, C]
+  at::Tensor target;      // [N] int64, or [N, C] probabilities
+  at::Tensor weight;      // [C] float32, or undefined
+  at::Tensor weight_sum;  // 0-d float32 sum of weight, or undefined
+};
+
+struct CrossEntropyKernels {
+  // Class-index targets: loss[N] (0 for ignored rows), lse[N]. When grad_logits is defined (it may alias logits:
+  // the in-place variant), also writes dloss_r/dlogits * grad_scale[r] in the same pass over each row.
+  void (*index_forward)(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& loss,
+                        const at::Tensor& lse, const at::Tensor& grad_scale, const at::Tensor& grad_logits);
+  // grad_logits = grad_loss[r] * dloss_r/dlogits + grad_lse[r] * softmax (grad_lse may be undefined).
+  void (*index_backward)(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                         const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& grad_logits);
+  // Probability targets: loss[N], lse[N], and sum_wy[N] = sum_c w_c y'_c (kept for the backward).
+  void (*prob_forward)(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& loss,
+                       const at::Tensor& lse, const at::Tensor& sum_wy);
+  void (*prob_backward)(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                        const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& sum_wy,
+                        const at::Tensor& grad_logits);
+  // x[r, :] *= scale[r] in place (scale: [N] float32, or 0-d for all rows); rows whose scale is exactly 1 are
+  // left untouched, so the usual loss.backward() (incoming gradient 1) costs no pass over the logits.
+  void (*scale_rows)(const at::Tensor& x, const at::Tensor& scale);
+};
+
+const CrossEntropyKernels& cpu_cross_entropy_kernels();
+#ifdef FASTLOSS_WITH_CUDA
+const CrossEntropyKernels& cuda_cross_entropy_kernels();
+#endif
+
+}  // namespace fastloss

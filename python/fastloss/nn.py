@@ -1,0 +1,46 @@
+"""Modules mirroring torch.nn for fastloss's losses."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import functional as F
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """``torch.nn.CrossEntropyLoss`` backed by :func:`fastloss.cross_entropy`, plus its LLM extras."""
+
+    def __init__(
+        self,
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        return_lse: bool = False,
+        return_z_loss: bool = False,
+        inplace_backward: bool = False,
+        algorithm: str = "auto",
+    ):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.return_lse = return_lse
+        self.return_z_loss = return_z_loss
+        self.inplace_backward = inplace_backward
+        self.algorithm = algorithm
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        return F.cross_entropy(
+            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, return_lse=self.return_lse, return_z_loss=self.return_z_loss,
+            inplace_backward=self.inplace_backward, algorithm=self.algorithm,
+        )
