@@ -76,8 +76,10 @@ inline T lane(const Vec& v, int i) {  // cold path: once per lane per chunk
 }
 
 inline double hsum(const Vec& v) {
+  float tmp[Vec::size()];
+  v.store(tmp);
   double s = 0;
-  for (int l = 0; l < Vec::size(); ++l) s += lane<double>(v, l);
+  for (int l = 0; l < Vec::size(); ++l) s += tmp[l];
   return s;
 }
 
@@ -106,6 +108,28 @@ struct NoExtra {
 };
 
 // ---------------------------------------------------------------- reduction of a row to its normaliser
+
+// The lanes of a SIMD state folded into one scalar state: the lanes' max, then one vector rescale and a horizontal
+// sum (the same merge rule, without a scalar exp per lane).
+inline float lane_max(const Vec& v) {
+  float tmp[Vec::size()];
+  v.store(tmp);
+  float m = tmp[0];
+  for (int l = 1; l < Vec::size(); ++l) m = fm::Ops<float>::max(m, tmp[l]);
+  return m;
+}
+
+inline fm::OnlineState<float> fold_lanes(const fm::OnlineState<Vec>& s) {
+  const float m = lane_max(s.m);
+  const Vec d = s.d * fm::exp_nonpos(s.m - Vec(m));
+  return {m, static_cast<float>(hsum(d))};
+}
+
+inline fm::ExpState<float> fold_lanes(const fm::ExpState<Vec>& s) {
+  const float k = lane_max(s.k);
+  const Vec a = s.a * fm::pow2_or_zero(s.k - Vec(k));
+  return {static_cast<float>(hsum(a)), k};
+}
 
 template <bool kTwoPass, typename T>
 using StateT = std::conditional_t<kTwoPass, fm::ExpState<T>, fm::OnlineState<T>>;
@@ -136,10 +160,9 @@ StateT<kTwoPass, acc_t<scalar_t>> reduce_row(const scalar_t* x, int64_t n, const
         else s = fm::online_update_block(s, v);
       }
       extra.flush();
-      for (int l = 0; l < Vec::size(); ++l) {
-        if constexpr (kTwoPass) total = fm::exp_merge(total, {lane<double>(s.a, l), widen(lane<float>(s.k, l))});
-        else total = fm::online_merge(total, {widen(lane<float>(s.m, l)), lane<double>(s.d, l)});
-      }
+      const auto f = fold_lanes(s);
+      if constexpr (kTwoPass) total = fm::exp_merge(total, {double(f.a), widen(f.k)});
+      else total = fm::online_merge(total, {widen(f.m), double(f.d)});
     }
   }
   StateT<kTwoPass, acc> tail;
