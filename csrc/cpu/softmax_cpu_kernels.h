@@ -48,6 +48,118 @@ acc_t<scalar_t> row_lse_parallel(const scalar_t* x, int64_t n, Algorithm alg) {
 
 // ---------------------------------------------------------------- the kernel table
 
+// Softmax with one exponential per element. The reduction pass stores each element's exponential relative to its
+// lane's running reference (the running max for online, the running exponent for two-pass, both from
+// fastloss/math.h) and remembers that reference per block; the second pass only rescales by
+// exp(ref - M) / D (online) or 2^(ref - K) / A (two-pass, exact), one vector factor per block. Exponentials live in
+// a float scratch row (the output itself for float). Returns false when the two-pass split is inexact for the row
+// (the caller redoes it with the online rule).
+template <bool kTwoPass, typename scalar_t>
+bool softmax_row_stored(const scalar_t* x, scalar_t* out, int64_t V, std::vector<float>& scratch) {
+  constexpr int L = Vec::size();
+  const int64_t nblocks = V / kBlock, vend = nblocks * kBlock, ntail = V - vend;
+  const size_t need = size_t(std::is_same_v<scalar_t, float> ? 0 : V) + size_t(nblocks * L + ntail);
+  if (scratch.size() < need) scratch.resize(need);
+  float* e = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out) : scratch.data();
+  float* refs = scratch.data() + (std::is_same_v<scalar_t, float> ? 0 : V);
+  float* tail_refs = refs + nblocks * L;
+
+  StateT<kTwoPass, double> total;
+  if constexpr (kTwoPass) total = fm::exp_init<double>();
+  else total = fm::online_init<double>();
+  auto widen = [](float v) { return v == -FLT_MAX ? -DBL_MAX : double(v); };
+  auto merge = [&](const StateT<kTwoPass, float>& f) {
+    if constexpr (kTwoPass) total = fm::exp_merge(total, {double(f.a), widen(f.k)});
+    else total = fm::online_merge(total, {widen(f.m), double(f.d)});
+  };
+  int64_t j = 0;
+  while (j < vend) {
+    const int64_t end = std::min(vend, j + kChunk);
+    StateT<kTwoPass, Vec> s;
+    if constexpr (kTwoPass) s = fm::exp_init<float, Vec>();
+    else s = fm::online_init<float, Vec>();
+    for (; j < end; j += kBlock) {
+      Vec v[4];
+      load4(x + j, v);
+      if constexpr (kTwoPass) {
+        fm::Split<Vec> sp[4];
+        Vec k = s.k;
+        for (int i = 0; i < 4; ++i) {
+          sp[i] = fm::split_exp(v[i]);
+          k = fm::Ops<Vec>::max(k, sp[i].n);
+        }
+        Vec sum(0.0f);
+        for (int i = 0; i < 4; ++i) {
+          const Vec ei = fm::scale_pow2(sp[i].p, sp[i].n - k);
+          ei.store(e + j + i * L);
+          sum = sum + ei;
+        }
+        s.a = s.a * fm::pow2_or_zero(s.k - k) + sum;
+        s.k = k;
+        k.store(refs + (j / kBlock) * L);
+      } else {
+        Vec m = s.m;
+        for (int i = 0; i < 4; ++i) m = fm::Ops<Vec>::max(m, v[i]);
+        Vec sum(0.0f);
+        for (int i = 0; i < 4; ++i) {
+          const Vec ei = fm::exp_nonpos(v[i] - m);
+          ei.store(e + j + i * L);
+          sum = sum + ei;
+        }
+        s.d = at::vec::fmadd(s.d, fm::exp_nonpos(s.m - m), sum);
+        s.m = m;
+        m.store(refs + (j / kBlock) * L);
+      }
+    }
+    merge(fold_lanes(s));
+  }
+  if (ntail) {
+    StateT<kTwoPass, float> t;
+    if constexpr (kTwoPass) t = fm::exp_init<float>();
+    else t = fm::online_init<float>();
+    for (int64_t i = 0; i < ntail; ++i) {
+      const float v = static_cast<float>(x[vend + i]);
+      if constexpr (kTwoPass) {
+        const auto sp = fm::split_exp(v);
+        const float k = fm::Ops<float>::max(t.k, sp.n);
+        e[vend + i] = fm::scale_pow2(sp.p, sp.n - k);
+        t = {t.a * fm::pow2_or_zero(t.k - k) + e[vend + i], k};
+        tail_refs[i] = k;
+      } else {
+        const float m = fm::Ops<float>::max(t.m, v);
+        e[vend + i] = fm::exp_nonpos(v - m);
+        t = {m, t.d * fm::exp_nonpos(t.m - m) + e[vend + i]};
+        tail_refs[i] = m;
+      }
+    }
+    merge(t);
+  }
+  // The final reference and 1 / sum. Exponents and maxima are exact in float; -DBL_MAX maps back to -FLT_MAX.
+  float ref;
+  float inv;
+  if constexpr (kTwoPass) {
+    ref = total.k == -DBL_MAX ? -FLT_MAX : float(total.k);
+    if (fm::exp_needs_fallback(fm::ExpState<float>{float(total.a), ref})) return false;
+    inv = float(1.0 / total.a);
+  } else {
+    ref = total.m == -DBL_MAX ? -FLT_MAX : float(total.m);
+    inv = float(1.0 / total.d);
+  }
+  auto factor = [&](auto r) {
+    using T = decltype(r);
+    if constexpr (kTwoPass) return fm::pow2_or_zero(r - splat_like<T>(ref)) * splat_like<T>(inv);
+    else return fm::exp_nonpos(r - splat_like<T>(ref)) * splat_like<T>(inv);
+  };
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const Vec f = factor(Vec::loadu(refs + b * L));
+    float* eb = e + b * kBlock;
+    store2(out + b * kBlock, Vec::loadu(eb) * f, Vec::loadu(eb + L) * f);
+    store2(out + b * kBlock + kStep, Vec::loadu(eb + 2 * L) * f, Vec::loadu(eb + 3 * L) * f);
+  }
+  for (int64_t i = 0; i < ntail; ++i) out[vend + i] = static_cast<scalar_t>(e[vend + i] * factor(tail_refs[i]));
+  return true;
+}
+
 inline bool few_long_rows(int64_t rows, int64_t V) {
   return rows < at::get_num_threads() && V >= 65536;
 }
@@ -75,6 +187,14 @@ inline void softmax_kernel(const at::Tensor& x, const at::Tensor& out, bool log,
     at::parallel_for(0, rows, row_grain(V), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const scalar_t* xr = px + r * V;
+        if constexpr (kVectorized<scalar_t>) {
+          if (!log) {
+            thread_local std::vector<float> scratch;
+            if (alg == Algorithm::TwoPass && softmax_row_stored<true>(xr, po + r * V, V, scratch)) continue;
+            softmax_row_stored<false>(xr, po + r * V, V, scratch);
+            continue;
+          }
+        }
         const auto st = row_state(xr, V, alg);
         if (log) {
           const auto log_d = std::log(st.d);
