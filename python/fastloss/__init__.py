@@ -28,7 +28,14 @@ def _load_library() -> str:
 _library_path = _load_library()
 
 from . import _ops  # noqa: E402,F401  (registers fake kernels and autograd)
-from .functional import CrossEntropyOutput, cross_entropy, log_softmax, logsumexp, softmax  # noqa: E402
+from .functional import (  # noqa: E402
+    CrossEntropyOutput,
+    cross_entropy,
+    linear_cross_entropy,
+    log_softmax,
+    logsumexp,
+    softmax,
+)
 from . import nn  # noqa: E402,F401
 
 cuda_built: bool = hasattr(torch.ops.fastloss, "softmax") and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -41,6 +48,7 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "cross_entropy",
+    "linear_cross_entropy",
     "CrossEntropyOutput",
     "nn",
     "cuda_built",

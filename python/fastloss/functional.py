@@ -216,3 +216,110 @@ def _finish(loss, lse, valid, z, reduction, out_shape, denom, return_lse, return
     if return_lse:  # float32 (float64 for float64 input); computed in float64
         lse_out = lse.view(out_shape).to(torch.float64 if loss.dtype == torch.float64 else torch.float32)
     return CrossEntropyOutput(loss, z_term, lse_out)
+
+
+# ---------------------------------------------------------------- linear cross-entropy
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size="auto",
+    return_lse: bool = False,
+    return_z_loss: bool = False,
+    algorithm: str = "auto",
+    options=None,
+):
+    """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the N x V logits.
+
+    The signature of torch 2.13's ``F.linear_cross_entropy`` (``options`` is accepted and ignored: fastloss always
+    chunks), plus fastloss's extras (``z_loss``, ``softcap``, ``return_lse``, ``return_z_loss``, ``algorithm``; see
+    :func:`cross_entropy`). input (..., D) or (D,); linear_weight (V, D); linear_bias (V,); target class indices of
+    shape input.shape[:-1], or class probabilities (..., V).
+
+    chunk_size: tokens per chunk, or "auto": as many as fit a logits budget of 64 MiB on CPU / 256 MiB on CUDA
+    (``fastloss._linear_ce.CHUNK_BUDGET_BYTES``). Extra memory is one chunk of logits plus the gradients
+    themselves (d W accumulated in float32). When gradients are needed they are computed during the forward and
+    scaled in the backward, so the returned lse / z-loss are for logging (not differentiable).
+    """
+    from ._linear_ce import LinearCrossEntropyFunction, reduce_rows, resolve_chunk_rows
+
+    for name, val in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(val, torch.Tensor):
+            raise TypeError(f"fastloss.linear_cross_entropy: `{name}` must be a tensor, got {type(val).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fastloss.linear_cross_entropy: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"fastloss.linear_cross_entropy: `algorithm` must be one of {_ALGORITHMS}, got "
+                         f"{algorithm!r}")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"fastloss.linear_cross_entropy: `linear_weight` must have shape (V, D), got "
+                         f"{tuple(linear_weight.shape)}")
+    V, D = linear_weight.shape
+    if input.dim() == 0 or input.shape[-1] != D:
+        raise ValueError(f"fastloss.linear_cross_entropy: `input` must have shape (..., {D}) to match "
+                         f"`linear_weight` {tuple(linear_weight.shape)}, got {tuple(input.shape)}")
+    if linear_bias is not None and tuple(linear_bias.shape) != (V,):
+        raise ValueError(f"fastloss.linear_cross_entropy: `linear_bias` must have shape ({V},), got "
+                         f"{tuple(linear_bias.shape)}")
+    if input.dtype != linear_weight.dtype:
+        raise ValueError(f"fastloss.linear_cross_entropy: `input` ({input.dtype}) and `linear_weight` "
+                         f"({linear_weight.dtype}) must have the same dtype")
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    lead = tuple(input.shape[:-1])
+    soft = target.is_floating_point()
+    if soft:
+        if tuple(target.shape) != lead + (V,):
+            raise ValueError(f"fastloss.linear_cross_entropy: probability `target` must have shape {lead + (V,)}, "
+                             f"got {tuple(target.shape)}")
+        if ignore_index >= 0:
+            raise ValueError("fastloss.linear_cross_entropy: ignore_index is not supported for probability targets")
+        t = target.reshape(-1, V)
+    else:
+        if tuple(target.shape) != lead:
+            raise ValueError(f"fastloss.linear_cross_entropy: class-index `target` must have shape {lead}, got "
+                             f"{tuple(target.shape)}")
+        t = target.reshape(-1)
+    h = input.reshape(-1, D)
+    N = h.shape[0]
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    valid = None if soft else t != ignore_index
+    if reduction == "mean":
+        if soft:
+            denom = torch.tensor(float(N), dtype=acc, device=h.device)
+        elif weight is not None:
+            denom = (weight.to(acc)[t.masked_fill(~valid, 0)] * valid).sum()
+        else:
+            denom = valid.sum().to(acc)
+    else:
+        denom = None
+    want = (input.requires_grad, linear_weight.requires_grad,
+            linear_bias is not None and linear_bias.requires_grad)
+    if not torch.is_grad_enabled():
+        want = (False, False, False)
+    chunk_rows = resolve_chunk_rows(chunk_size, N, V, input.dtype, h.device)
+    if softcap is not None:
+        softcap = float(softcap)
+    loss, lse = LinearCrossEntropyFunction.apply(
+        h.contiguous(), linear_weight.contiguous(), linear_bias, t, weight, ignore_index, float(label_smoothing),
+        float(z_loss), softcap, algorithm, reduction, chunk_rows, denom, lead, want)
+    loss = loss.to(input.dtype)
+    if not (return_lse or return_z_loss):
+        return loss
+    z_term = None
+    if return_z_loss:
+        zr = z_loss * lse * lse
+        if valid is not None:
+            zr = zr * valid
+        z_term = reduce_rows(zr, reduction, lead, denom).to(input.dtype)
+    lse_out = lse.view(lead).to(acc) if return_lse else None
+    return CrossEntropyOutput(loss, z_term, lse_out)

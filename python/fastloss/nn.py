@@ -44,3 +44,38 @@ class CrossEntropyLoss(torch.nn.Module):
             z_loss=self.z_loss, softcap=self.softcap, return_lse=self.return_lse, return_z_loss=self.return_z_loss,
             inplace_backward=self.inplace_backward, algorithm=self.algorithm,
         )
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Loss of ``input @ linear_weight.T (+ bias)`` against ``target`` with :func:`fastloss.linear_cross_entropy`:
+    the N x V logits are never materialised. Holds no parameters: pass the LM head's weight (and bias) in."""
+
+    def __init__(
+        self,
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        chunk_size="auto",
+        algorithm: str = "auto",
+    ):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.algorithm = algorithm
+
+    def forward(self, input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+                linear_bias: Optional[torch.Tensor] = None):
+        return F.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size, algorithm=self.algorithm,
+        )

@@ -1,0 +1,160 @@
+"""Chunked linear cross-entropy: the loss of ``input @ W.T (+ b)`` without ever materialising the N x V logits.
+
+Tokens are walked in chunks sized from a memory budget. For each chunk the logits are computed with the library
+GEMM (cuBLAS / ATen CPU), the fused cross-entropy kernel turns them, in place, into d loss / d logits, and two more
+GEMMs turn those into the chunk's rows of d input and its contribution to d W (accumulated in float32). So when
+gradients are needed the whole backward happens inside the forward (as in Liger Kernel and torch's chunked path),
+and the backward only scales the stored gradients by the incoming gradient -- three GEMMs in all, the same as the
+unchunked computation, and one chunk of logits alive at a time. ``reduction="none"`` cannot know its per-token
+incoming gradient in advance, so it recomputes the chunks in the backward (four GEMMs).
+
+No host synchronisation: chunk boundaries come from shapes, reduction denominators stay on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Default logits bytes per chunk. CPU: small, since CPU memory is what the CPU benchmark budgets; CUDA: large
+# enough that each GEMM fills the GPU.
+CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+
+
+def resolve_chunk_rows(chunk_size, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    if chunk_size == "auto":
+        budget = CHUNK_BUDGET_BYTES.get(device.type, 64 << 20)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        rows = budget // max(1, vocab * itemsize)
+    else:
+        rows = int(chunk_size)
+        if rows <= 0:
+            raise ValueError(f"fastloss.linear_cross_entropy: `chunk_size` must be a positive int or 'auto', got "
+                             f"{chunk_size!r}")
+    return max(1, min(rows, max(n_rows, 1)))
+
+
+def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    # ATen's CPU GEMM is slow and inexact-ish in bf16 / fp16: CPU chunks run in float32 (more accurate than the
+    # reference). CUDA keeps the input dtype (tensor cores), accumulating d W in float32.
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with float32 accumulation and no rounding of the partial product to a's dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:  # CUDA bf16 / fp16: cuBLAS with a float32 output
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+
+
+def run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, chunk_rows,
+               scale: Optional[torch.Tensor], want_h: bool, want_w: bool, want_b: bool):
+    """One pass over token chunks. With ``scale`` (per-row or single incoming-gradient factors) also returns the
+    gradients of h, W and b (None where not wanted)."""
+    ops = torch.ops.fastloss
+    N = h.shape[0]
+    V = W.shape[0]
+    dev = h.device
+    cdt = _compute_dtype(h.dtype, dev)
+    acc = _acc_dtype(h.dtype)
+    Wc = W.to(cdt)
+    bc = b.to(cdt) if b is not None else None
+    soft = t.is_floating_point()
+    loss_rows = torch.empty(N, dtype=torch.float64, device=dev)
+    lse_rows = torch.empty(N, dtype=torch.float64, device=dev)
+    grad = scale is not None
+    gh = torch.empty(h.shape, dtype=cdt, device=dev) if grad and want_h else None
+    gW = torch.zeros((V, W.shape[1]), dtype=acc, device=dev) if grad and want_w else None
+    gb = torch.zeros(V, dtype=acc, device=dev) if grad and want_b and b is not None else None
+    per_row = grad and scale.numel() == N and N != 1
+    for s in range(0, N, chunk_rows):
+        e = min(N, s + chunk_rows)
+        hc = h[s:e].to(cdt)
+        logits = torch.nn.functional.linear(hc, Wc, bc)
+        tc = t[s:e]
+        sc = (scale[s:e] if per_row else scale) if grad else None
+        if soft:
+            rows, lse, sum_wy = ops.cross_entropy_prob_fwd(logits, tc, weight, label_smoothing, z_loss, softcap,
+                                                           algorithm)
+            g = None
+            if grad:
+                g = ops.cross_entropy_prob_bwd(sc.expand(e - s) if not per_row else sc, None, logits, tc, weight, lse,
+                                               sum_wy, label_smoothing, z_loss, softcap)
+        elif grad:
+            rows, lse = ops.cross_entropy_fwd_inplace_grad(logits, tc, weight, sc, ignore_index, label_smoothing,
+                                                           z_loss, softcap, algorithm)
+            g = logits  # now d loss / d logits, scaled
+        else:
+            rows, lse = ops.cross_entropy_fwd(logits, tc, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                              algorithm)
+            g = None
+        loss_rows[s:e] = rows
+        lse_rows[s:e] = lse
+        if g is not None:
+            if gh is not None:
+                torch.mm(g, Wc, out=gh[s:e])
+            if gW is not None:
+                _addmm_acc(gW, g.t(), hc)
+            if gb is not None:
+                gb += g.sum(0, dtype=acc)
+        # Drop this chunk's logits before the next chunk's are allocated: two alive at once would double the peak.
+        del g, logits
+    out = lambda x, like: None if x is None else x.to(like.dtype)  # noqa: E731
+    return loss_rows, lse_rows, out(gh, h), out(gW, W), (out(gb, b) if b is not None else None)
+
+
+def reduce_rows(rows, reduction, out_shape, denom):
+    if reduction == "none":
+        return rows.view(out_shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / denom
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, reduction,
+                chunk_rows, denom, out_shape, want):
+        want_h, want_w, want_b = want
+        args = (weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, chunk_rows)
+        precompute = reduction != "none" and any(want)
+        scale = None
+        if precompute:
+            acc = _acc_dtype(h.dtype)
+            scale = (1.0 / denom).to(acc).reshape(1) if reduction == "mean" else torch.ones(1, dtype=acc,
+                                                                                              device=h.device)
+        rows, lse, gh, gW, gb = run_chunks(h, W, b, t, *args, scale=scale, want_h=want_h, want_w=want_w,
+                                           want_b=want_b)
+        ctx.reduction = reduction
+        ctx.args = args
+        ctx.want = want
+        ctx.precompute = precompute
+        if precompute:
+            ctx.save_for_backward(gh, gW, gb)
+        elif any(want):
+            ctx.save_for_backward(h, W, b, t)
+        ctx.mark_non_differentiable(lse)
+        return reduce_rows(rows, reduction, out_shape, denom), lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        if ctx.precompute:
+            gh, gW, gb = ctx.saved_tensors
+            g = grad_loss.reshape(())
+            grads = [None if x is None else x.mul_(g.to(x.dtype)) for x in (gh, gW, gb)]
+        else:
+            h, W, b, t = ctx.saved_tensors
+            want_h, want_w, want_b = ctx.want
+            scale = grad_loss.reshape(-1).to(_acc_dtype(h.dtype))
+            _, _, gh, gW, gb = run_chunks(h, W, b, t, *ctx.args, scale=scale, want_h=want_h, want_w=want_w,
+                                          want_b=want_b)
+            grads = [gh, gW, gb]
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None)
