@@ -1,0 +1,139 @@
+"""Problem shapes and the named presets.
+
+A :class:`Problem` is one benchmark point: ``n`` rows (tokens) of ``v`` entries (vocabulary) in one dtype on one
+device, plus suite-specific extras (``hidden`` for linear cross-entropy, ``softcap`` for Gemma-2 style capped
+logits). Suites that do not use an extra ignore it, so one preset can feed every suite.
+
+Presets depend on the device because the same name has to mean something runnable on a 2-core CPU and something
+representative on an H100: the LLM presets use N=8192 tokens on CUDA but fewer on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"bf16"`` / ``"bfloat16"`` / ``"torch.bfloat16"`` -> ``torch.bfloat16`` (argparse ``type=``)."""
+    key = name.strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(set(DTYPES))}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling used in reports and JSON)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark point. Frozen and hashable so it can key caches (copy bandwidth, references)."""
+
+    n: int
+    v: int
+    dtype: torch.dtype
+    device: str
+    extras: tuple[tuple[str, Any], ...] = field(default=())
+
+    @property
+    def extra(self) -> Mapping[str, Any]:
+        return dict(self.extras)
+
+    @property
+    def elem_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def numel(self) -> int:
+        return self.n * self.v
+
+    def label(self) -> str:
+        ex = "".join(f" {k}={v}" for k, v in self.extras)
+        return f"N={self.n} V={self.v} {dtype_name(self.dtype)} {self.device}{ex}"
+
+
+def make_problem(n: int, v: int, dtype: torch.dtype, device: str, **extras: Any) -> Problem:
+    return Problem(n=n, v=v, dtype=dtype, device=device, extras=tuple(sorted(extras.items())))
+
+
+# ---------------------------------------------------------------- presets
+
+
+def _default(device: str) -> list[Problem]:
+    # A vocabulary-sized row (fastloss's target regime) and a short-row shape, both small enough for CI laptops.
+    if device == "cuda":
+        return [make_problem(4096, 32768, torch.float32, device), make_problem(4096, 32768, torch.bfloat16, device)]
+    return [make_problem(1024, 32768, torch.float32, device), make_problem(1024, 4096, torch.float32, device)]
+
+
+def _cpu_goal(device: str) -> list[Problem]:
+    # The project's CPU goal: logsumexp >= torch.compile'd torch.logsumexp, softmax >= eager and compiled softmax.
+    return [make_problem(4096, 32768, torch.float32, device)]
+
+
+def _model(v: int, hidden: int, **extras: Any) -> Callable[[str], list[Problem]]:
+    """LLM vocabularies: N=8192 tokens on CUDA (bf16 logits, the usual training dtype, and fp32 ones, which HF
+    upcasts to); fewer fp32 rows on CPU so a run stays in minutes."""
+
+    def build(device: str) -> list[Problem]:
+        if device == "cuda":
+            return [make_problem(8192, v, dt, device, hidden=hidden, **extras)
+                    for dt in (torch.bfloat16, torch.float32)]
+        return [make_problem(256, v, torch.float32, device, hidden=hidden, **extras)]
+
+    return build
+
+
+def _gpu_sweep(device: str) -> list[Problem]:
+    # N*V ~ 2^28 elements: 512 MiB of bf16 / 1 GiB of fp32, far past any L2, across row lengths from tiny to 256k.
+    out = []
+    for dt in (torch.bfloat16, torch.float32):
+        for v in (128, 512, 2048, 8192, 32768, 131072, 262144):
+            out.append(make_problem(max(1, 2**28 // v), v, dt, device))
+    return out
+
+
+PRESETS: dict[str, tuple[str, Callable[[str], list[Problem]]]] = {
+    "default": ("small shapes; about a minute on a 2-core CPU", _default),
+    "cpu-goal": ("N=4096 V=32768 fp32: the project's CPU performance goal", _cpu_goal),
+    "llama3": ("Llama 3 vocabulary V=128256 (hidden 4096), N=8192 on CUDA", _model(128256, 4096)),
+    "gemma2": ("Gemma 2 vocabulary V=256000 (hidden 3584, logit softcap 30 for CE), N=8192 on CUDA",
+               _model(256000, 3584, softcap=30.0)),
+    "gpt2": ("GPT-2 vocabulary V=50257 (hidden 768), N=8192 on CUDA", _model(50257, 768)),
+    "gpu-sweep": ("V in 128..262144 with N*V ~ 2^28, bf16 and fp32 (CUDA)", _gpu_sweep),
+}
+
+PRESET_DEVICE: dict[str, str] = {"cpu-goal": "cpu", "gpu-sweep": "cuda"}
+"""Presets that only make sense on one device pick it when ``--device`` is not given."""
+
+
+def preset_problems(name: str, device: str) -> list[Problem]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {list(PRESETS)}")
+    return PRESETS[name][1](device)
+
+
+def explicit_problems(
+    ns: list[int], vs: list[int], dtypes: list[torch.dtype], device: str, extras: Mapping[str, Any]
+) -> list[Problem]:
+    """The cartesian product of ``--n``, ``--v`` and ``--dtype`` lists."""
+    return [make_problem(n, v, dt, device, **extras) for dt in dtypes for v in vs for n in ns]
+
