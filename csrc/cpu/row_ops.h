@@ -151,6 +151,20 @@ StateT<kTwoPass, acc_t<scalar_t>> reduce_row(const scalar_t* x, int64_t n, const
       StateT<kTwoPass, Vec> s;
       if constexpr (kTwoPass) s = fm::exp_init<float, Vec>();
       else s = fm::online_init<float, Vec>();
+      // Pairs of blocks first: one rescale of the running state per 8 vectors (9 exponentials per 8 vectors for
+      // online instead of 10), measured ~5% faster on the AVX2 CI machine; then at most one single block.
+      for (; j + 2 * kBlock <= end; j += 2 * kBlock) {
+        Vec a[4], b[4];
+        load4(x + j, a);
+        load4(x + j + kBlock, b);
+        for (auto& e : a) e = tx(e);
+        for (auto& e : b) e = tx(e);
+        extra.vec(j, a);
+        extra.vec(j + kBlock, b);
+        const Vec v[8] = {a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]};
+        if constexpr (kTwoPass) s = fm::exp_update_block(s, v);
+        else s = fm::online_update_block(s, v);
+      }
       for (; j + kBlock <= end; j += kBlock) {
         Vec v[4];
         load4(x + j, v);
