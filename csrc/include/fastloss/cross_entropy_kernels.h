@@ -1,9 +1,10 @@
 // The contract between the cross-entropy op layer (csrc/cross_entropy_ops.cpp) and the per-device row kernels.
 //
 // Every kernel sees contiguous [N, C] logits (class dimension last), a contiguous target ([N] int64 class
-// indices, or [N, C] probabilities of the logits' dtype), and optional float32 class weights [C] with their sum
-// as a 0-d float32 tensor (kept on the device: no host synchronisation). Per-row outputs are float32 [N]. The
-// formulas are those of fastloss/loss_math.h. Reductions over rows happen above, in ATen.
+// indices, or [N, C] probabilities of the logits' dtype), and optional class weights [C] (float32; float64 for
+// float64 logits) with their sum as a 0-d tensor kept on the device (no host synchronisation). Every per-row
+// array (loss, lse, sum_wy, incoming gradients, scales) is float64 [N]. The formulas are those of
+// fastloss/loss_math.h. Reductions over rows happen above, in ATen.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,13 +25,14 @@ struct CrossEntropyParams {
 struct CrossEntropyInputs {
   at::Tensor logits;      // [N, C]
   at::Tensor target;      // [N] int64, or [N, C] probabilities
-  at::Tensor weight;      // [C] float32, or undefined
-  at::Tensor weight_sum;  // 0-d float32 sum of weight, or undefined
+  at::Tensor weight;      // [C] float32 (float64 for float64 logits), or undefined
+  at::Tensor weight_sum;  // 0-d sum of weight, same dtype, or undefined
 };
 
 struct CrossEntropyKernels {
   // Class-index targets: loss[N] (0 for ignored rows), lse[N]. When grad_logits is defined (it may alias logits:
   // the in-place variant), also writes dloss_r/dlogits * grad_scale[r] in the same pass over each row.
+  // (Per-row tensors below: float64 [N].)
   void (*index_forward)(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& loss,
                         const at::Tensor& lse, const at::Tensor& grad_scale, const at::Tensor& grad_logits);
   // grad_logits = grad_loss[r] * dloss_r/dlogits + grad_lse[r] * softmax (grad_lse may be undefined).
@@ -42,7 +44,7 @@ struct CrossEntropyKernels {
   void (*prob_backward)(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
                         const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& sum_wy,
                         const at::Tensor& grad_logits);
-  // x[r, :] *= scale[r] in place (scale: [N] float32, or 0-d for all rows); rows whose scale is exactly 1 are
+  // x[r, :] *= scale[r] in place (scale: [N] float64, or a single value for all rows); rows whose scale is exactly 1 are
   // left untouched, so the usual loss.backward() (incoming gradient 1) costs no pass over the logits.
   void (*scale_rows)(const at::Tensor& x, const at::Tensor& scale);
 };

@@ -1,0 +1,908 @@
+// CUDA row kernels for cross-entropy from logits (the table of fastloss/cross_entropy_kernels.h).
+//
+// The CPU kernels (csrc/cpu/cross_entropy_cpu_kernels.h) are the reference: the same formulas from fastloss/math.h
+// and fastloss/loss_math.h, the same per-row double outputs (loss, lse, sum_wy), the same shift of the fused sums,
+// the same p = exp(x - m) / d from the saved float64 lse in the backward.
+//
+// Layout: a block of kThreads threads is cut into groups of G = 2^gshift threads (8 <= G <= kThreads, picked from
+// the row length so that each thread gets about two body iterations), one row per group; the groups walk the
+// rows grid-stride. G = kThreads is the classic block-per-row kernel of LLM vocabularies; G <= 32 puts 1 to 4 rows
+// in a warp for short rows and reduces with shuffles only. Each thread reads its share of the row with 16-byte
+// vector loads (a scalar head up to the first 16-byte boundary, a scalar tail), kLoads vectors in flight.
+//
+//  * ce_index_kernel<Mode> (index_forward without / with the gradient, index_backward): one pass reduces the row
+//    to its normaliser (m, d) -- online, or two-pass with the online fallback -- together with sum_c w_c (x'_c -
+//    shift) when label smoothing is on; lane 0 of the group evaluates the double loss; then (gradient requested)
+//    the group writes the row, re-reading the logits (from L2 when the rows in flight fit in it). The backward skips
+//    the reduction and takes (m, 1/d) from the saved lse. The target entry is written last, by lane 0, from the x_t it
+//    read before anything was overwritten (the in-place variant aliases grad and logits). The three modes are
+//    separate kernels, so that the plain forward and backward do not pay the in-place kernel's register pressure.
+//  * ce_prob_forward_kernel / ce_prob_backward_kernel: the same with a second [N, C] stream (the probabilities).
+//  * scale_rows_kernel: x[r, :] *= scale[r]; rows (or the whole launch, for one shared scale) whose scale is
+//    exactly 1 return at once.
+//
+// Every kernel is a template over the logits' dtype and the transform (identity or softcap); smoothing, weights,
+// z-loss and the algorithm are uniform runtime branches. All launches go to the current stream; nothing
+// synchronises the host (the class-weight sum is read through its pointer on the device); indices are int64_t.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "fastloss/cross_entropy_kernels.h"
+#include "fastloss/loss_math.h"
+#include "fastloss/math.h"
+#include "row_reduce.cuh"
+
+namespace fastloss {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------- launch configuration
+
+constexpr int kThreads = 256;    // every kernel: 256 threads...
+constexpr int kMinBlocks = 4;    // ...4 blocks (1024 threads) per SM: at most 64 registers per thread (see below)
+constexpr int kMinGroupShift = 3;  // rows get at least 8 threads
+constexpr int kMaxWarps = kThreads / kWarpSize;
+constexpr int kIndexLoads = 2;  // 16-byte loads in flight per thread: one stream (logits), 32 bytes
+constexpr int kProbLoads = 1;   // two streams (logits and probabilities): 2 x 16 bytes
+constexpr int64_t kMaxGrid = 2147483647;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline unsigned grid_size(int64_t blocks) { return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kMaxGrid)); }
+
+// log2 of the threads per row: the smallest group (>= 8) whose threads each get two body iterations or more.
+template <typename scalar_t>
+int group_shift(int64_t C, int loads) {
+  const int64_t per_thread = static_cast<int64_t>(kVecOf<scalar_t>) * loads * 2;
+  int s = kMinGroupShift;
+  while ((1 << s) < kThreads && (int64_t{1} << s) * per_thread < C) ++s;
+  return s;
+}
+
+inline unsigned row_blocks(int64_t N, int gshift) { return grid_size(ceil_div(N, kThreads >> gshift)); }
+
+enum class Mode : int { Forward = 0, ForwardGrad = 1, Backward = 2 };
+
+// ---------------------------------------------------------------- per-element transforms
+
+struct Identity {
+  template <class V>
+  __device__ __forceinline__ V operator()(V v) const { return v; }
+};
+
+template <typename acc>
+struct Softcap {
+  acc cap, inv;
+  __device__ __forceinline__ acc operator()(acc v) const { return fm::softcap_apply(v, cap, inv); }
+  __device__ __forceinline__ acc grad(acc capped) const { return fm::softcap_grad(capped, inv); }
+};
+
+// Blocks per SM the register budget must allow (ptxas caps registers at 65536 / (kThreads * blocks)): 4 (64
+// registers) for the plain kernels; 3 (80) with the softcap, whose tanh per element needs a few more registers
+// and makes the kernel more compute-heavy anyway, and for the in-place forward (kBoth: a reduction and a row write
+// in one kernel), which sits right at 64; float64 rows run libm's double exp / log / tanh per element:
+// register-hungry and off the LLM path, so they get the whole register file (one block) rather than spill.
+template <typename T, class Tx, bool kBoth = false>
+constexpr int kMinBlocksOf =
+    std::is_same_v<T, double> ? 1 : (std::is_same_v<Tx, Identity> && !kBoth ? kMinBlocks : 3);
+
+// g * dx'/dx (the identity's factor is 1: no multiply).
+template <typename acc>
+__device__ __forceinline__ acc times_grad(const Identity&, acc g, acc) { return g; }
+template <typename acc>
+__device__ __forceinline__ acc times_grad(const Softcap<acc>& tx, acc g, acc capped) { return g * tx.grad(capped); }
+
+// ---------------------------------------------------------------- row-level helpers (as the CPU's row_ops.h)
+
+// The shift of the fused sums: the row's first transformed logit when finite, else 0.
+template <typename T, class Tx>
+__device__ __forceinline__ acc_t<T> row_shift(const T* x, const Tx& tx) {
+  const acc_t<T> v = tx(static_cast<acc_t<T>>(x[0]));
+  return isfinite(v) ? v : acc_t<T>(0);
+}
+
+// lse = m + log d in double. m = +inf: the state's max keeps NaN (Ops::max), so the row holds a +inf and no NaN,
+// and torch.logsumexp gives +inf (d is NaN there).
+template <typename acc>
+__device__ __forceinline__ double finish_lse(fm::OnlineState<acc> s) {
+  if (s.m == fm::Limits<acc>::inf) return std::numeric_limits<double>::infinity();
+  return static_cast<double>(s.m) + ::log(static_cast<double>(s.d));
+}
+
+// A float64 lse as (m, 1/d) for softmax_at: m = lse rounded to acc, 1/d = exp(m - lse) (see the CPU).
+template <typename acc>
+__device__ __forceinline__ fm::OnlineState<acc> normaliser_from_lse(double lse) {
+  const acc m = static_cast<acc>(lse);
+  if (!isfinite(lse)) return {m, acc(1)};
+  return {m, static_cast<acc>(::exp(static_cast<double>(m) - lse))};
+}
+
+// ---------------------------------------------------------------- per-thread row traversal
+//
+// Thread `tid` of the `nt` threads of a group visits a[0..n): a scalar head of `head` elements (up to the first
+// 16-byte boundary; head = n turns the whole row scalar), a body of 16-byte vectors, the body's remainder vector by
+// vector, a scalar tail. In the body each thread first issues kLoads vector loads per stream (vectors i, i + nt,
+// ..., so that a warp reads consecutive 16-byte words), keeps them packed while in flight, then unpacks and hands
+// them to the callback kChunk vectors (kChunk * kVec elements, 8 or fewer) at a time. The callback gets acc
+// arrays of M elements (M = 1, kVec, or kChunk * kVec); element e sits at column c0 + col_off<kVec>(e, cs).
+
+template <int K>
+__device__ __forceinline__ int64_t col_off(int e, int64_t cs) {
+  return static_cast<int64_t>(e / K) * cs + e % K;
+}
+
+// Vectors per callback: 8 elements of 2-byte types, 8 floats, 8 doubles (capped by the loads in flight).
+template <typename T, int kLoads>
+constexpr int kChunkOf = std::min(kLoads, std::max(1, 8 / kVecOf<T>));
+
+// f(va, vb, c0, cs): va the elements of a, vb those of b (when kTwo; otherwise va again). f may modify va; with
+// kStore, the values f leaves in va are then stored to out (which may alias a: every element is read before it is
+// written, by the same thread). `head` must align a, b (kTwo) and out (kStore) alike.
+template <int kLoads, bool kTwo, bool kStore, typename T, typename F>
+__device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t n, int64_t head, int tid, int nt,
+                                         F&& f) {
+  using acc = acc_t<T>;
+  constexpr int K = kVecOf<T>;
+  constexpr int kChunk = kChunkOf<T, kLoads>;
+  static_assert(kLoads % kChunk == 0);
+  using P = Pack<T, K>;
+  auto scalar = [&](int64_t j) {
+    acc va[1] = {static_cast<acc>(a[j])};
+    acc vb[1] = {kTwo ? static_cast<acc>(b[j]) : acc(0)};
+    f(va, vb, j, int64_t{0});
+    if constexpr (kStore) out[j] = static_cast<T>(va[0]);
+  };
+  auto store = [&](int64_t i, const acc* v) {
+    P r;
+#pragma unroll
+    for (int k = 0; k < K; ++k) r.v[k] = static_cast<T>(v[k]);
+    reinterpret_cast<P*>(out + head)[i] = r;
+  };
+#pragma unroll 1
+  for (int64_t j = tid; j < head; j += nt) scalar(j);
+  const int64_t nvec = (n - head) / K;
+  const P* pa = reinterpret_cast<const P*>(a + head);
+  const P* pb = reinterpret_cast<const P*>(b + head);
+  const int64_t cs = static_cast<int64_t>(nt) * K;
+  int64_t i = tid;
+#pragma unroll 1
+  for (; i + static_cast<int64_t>(kLoads - 1) * nt < nvec; i += static_cast<int64_t>(kLoads) * nt) {
+    P xa[kLoads], xb[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) xa[u] = pa[i + static_cast<int64_t>(u) * nt];
+    if constexpr (kTwo) {
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) xb[u] = pb[i + static_cast<int64_t>(u) * nt];
+    }
+#pragma unroll
+    for (int c = 0; c < kLoads; c += kChunk) {
+      acc va[kChunk * K], vb[kChunk * K];
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) {
+        unpack(xa[c + u], va + u * K);
+        if constexpr (kTwo) unpack(xb[c + u], vb + u * K);
+      }
+      const int64_t ic = i + static_cast<int64_t>(c) * nt;
+      if constexpr (kTwo) f(va, vb, head + ic * K, cs);
+      else f(va, va, head + ic * K, cs);
+      if constexpr (kStore) {
+#pragma unroll
+        for (int u = 0; u < kChunk; ++u) store(ic + static_cast<int64_t>(u) * nt, va + u * K);
+      }
+    }
+  }
+#pragma unroll 1
+  for (; i < nvec; i += nt) {
+    acc va[K], vb[K];
+    unpack(pa[i], va);
+    if constexpr (kTwo) {
+      unpack(pb[i], vb);
+      f(va, vb, head + i * K, cs);
+    } else {
+      f(va, va, head + i * K, cs);
+    }
+    if constexpr (kStore) store(i, va);
+  }
+#pragma unroll 1
+  for (int64_t j = head + nvec * K + tid; j < n; j += nt) scalar(j);
+}
+
+// out[0..n) = value (ignored rows: many, in prompt-masked fine-tuning), with 16-byte stores.
+template <typename T>
+__device__ __forceinline__ void fill_row(T* out, int64_t n, T value, int tid, int nt) {
+  constexpr int K = kVecOf<T>;
+  using P = Pack<T, K>;
+  const int64_t head = aligned_head(out, n);
+#pragma unroll 1
+  for (int64_t j = tid; j < head; j += nt) out[j] = value;
+  const int64_t nvec = (n - head) / K;
+  P pv;
+#pragma unroll
+  for (int k = 0; k < K; ++k) pv.v[k] = value;
+  P* po = reinterpret_cast<P*>(out + head);
+#pragma unroll 1
+  for (int64_t i = tid; i < nvec; i += nt) po[i] = pv;
+#pragma unroll 1
+  for (int64_t j = head + nvec * K + tid; j < n; j += nt) out[j] = value;
+}
+
+template <typename V>
+constexpr int extent_of = std::extent_v<std::remove_reference_t<V>>;
+
+// ---------------------------------------------------------------- group all-reductions
+
+// A row's partial reduction: the normaliser state and kSums (1 or 2) fused double sums (b unused when kSums = 1).
+template <typename S, int kSums>
+struct Partial {
+  S s;
+  double a;
+  double b;
+};
+
+template <typename T>
+__device__ __forceinline__ fm::OnlineState<T> combine(fm::OnlineState<T> x, fm::OnlineState<T> y) {
+  return fm::online_merge(x, y);
+}
+template <typename T>
+__device__ __forceinline__ fm::ExpState<T> combine(fm::ExpState<T> x, fm::ExpState<T> y) {
+  return fm::exp_merge(x, y);
+}
+template <typename S, int kSums>
+__device__ __forceinline__ Partial<S, kSums> combine(const Partial<S, kSums>& x, const Partial<S, kSums>& y) {
+  return {combine(x.s, y.s), x.a + y.a, kSums > 1 ? x.b + y.b : 0.0};
+}
+
+// Shuffles: kXor = true exchanges with lane ^ arg, false reads lane `arg`.
+template <bool kXor, typename T>
+__device__ __forceinline__ T shfl(T v, int arg) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+  if constexpr (kXor) return __shfl_xor_sync(kFullMask, v, arg);
+  else return __shfl_sync(kFullMask, v, arg);
+}
+template <bool kXor, typename T>
+__device__ __forceinline__ fm::OnlineState<T> shfl(fm::OnlineState<T> s, int arg) {
+  return {shfl<kXor>(s.m, arg), shfl<kXor>(s.d, arg)};
+}
+template <bool kXor, typename T>
+__device__ __forceinline__ fm::ExpState<T> shfl(fm::ExpState<T> s, int arg) {
+  return {shfl<kXor>(s.a, arg), shfl<kXor>(s.k, arg)};
+}
+template <bool kXor, typename S, int kSums>
+__device__ __forceinline__ Partial<S, kSums> shfl(const Partial<S, kSums>& p, int arg) {
+  return {shfl<kXor>(p.s, arg), shfl<kXor>(p.a, arg), kSums > 1 ? shfl<kXor>(p.b, arg) : 0.0};
+}
+
+// All-reduce over the group of `gsize` threads (a power of two, 8..kThreads) holding this thread; every thread of
+// the group gets bit-identical values (broadcast from the group's first lane, or the same fold of the per-warp
+// parts in the same order), so uniform decisions (the two-pass fallback) stay uniform. Every thread of the block
+// must call it (groups of more than a warp use two block barriers, the first protecting the slots of the previous
+// call).
+template <typename S>
+__device__ __forceinline__ S group_allreduce(S s, int gsize) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off /= 2) {
+    if (off < gsize) s = combine(s, shfl<true>(s, off));
+  }
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  if (gsize <= kWarpSize) return shfl<false>(s, lane & ~(gsize - 1));
+  __shared__ S part[kMaxWarps];
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  __syncthreads();
+  if (lane == 0) part[warp] = s;
+  __syncthreads();
+  const int first = (static_cast<int>(threadIdx.x) & ~(gsize - 1)) / kWarpSize;
+  const int nwarps = gsize / kWarpSize;
+  S r = part[first];
+  for (int w = 1; w < nwarps; ++w) r = combine(r, part[first + w]);
+  return r;
+}
+
+// True on every thread when `pred` holds for any thread of the warp (groups <= 32) or block (larger groups): for
+// branches that contain group reductions.
+__device__ __forceinline__ bool group_any(bool pred, int gsize) {
+  if (gsize <= kWarpSize) return __any_sync(kFullMask, pred);
+  return __syncthreads_or(pred) != 0;
+}
+
+// Orders every thread's earlier reads and writes of the row before the group's later accesses.
+__device__ __forceinline__ void group_sync(int gsize) {
+  if (gsize <= kWarpSize) __syncwarp();
+  else __syncthreads();
+}
+
+// ---------------------------------------------------------------- per-thread reduction passes
+
+template <bool kTwoPass, typename acc>
+using StateT = std::conditional_t<kTwoPass, fm::ExpState<acc>, fm::OnlineState<acc>>;
+
+template <bool kTwoPass, int kSums, typename acc>
+__device__ __forceinline__ Partial<StateT<kTwoPass, acc>, kSums> partial_init() {
+  if constexpr (kTwoPass) return {fm::exp_init<acc>(), 0.0, 0.0};
+  else return {fm::online_init<acc>(), 0.0, 0.0};
+}
+
+// Folds an array into the state. Two-pass folds sub-blocks of 4: each element's split (p, n) must wait for the
+// block's common exponent, and 8 of them at once cost 16 registers (one more exact rescale per 4 elements instead).
+template <bool kTwoPass, typename S, typename acc, int M>
+__device__ __forceinline__ S state_update(S s, const acc (&v)[M]) {
+  if constexpr (kTwoPass) {
+    if constexpr (M > 4 && M % 4 == 0) {
+#pragma unroll
+      for (int h = 0; h < M; h += 4) {
+        const acc sub[4] = {v[h], v[h + 1], v[h + 2], v[h + 3]};
+        s = fm::exp_update_block(s, sub);
+      }
+      return s;
+    } else {
+      return fm::exp_update_block(s, v);
+    }
+  } else {
+    return fm::online_update_block(s, v);
+  }
+}
+
+// Class-index rows: the state of tx(x) and, when `smooth`, a = sum_c w_c (x'_c - shift) (w = 1 when null): float
+// within one array, double across (as the CPU's float lanes flushed into double).
+template <bool kTwoPass, int kLoads, typename T, class Tx>
+__device__ __forceinline__ Partial<StateT<kTwoPass, acc_t<T>>, 1> index_pass(const T* x, int64_t n, int tid, int nt,
+                                                                          const Tx& tx, bool smooth,
+                                                                          const acc_t<T>* w, acc_t<T> shift) {
+  using acc = acc_t<T>;
+  constexpr int K = kVecOf<T>;
+  auto r = partial_init<kTwoPass, 1, acc>();
+  auto f = [&](auto& v, const auto&, int64_t c0, int64_t cs) {
+    constexpr int M = extent_of<decltype(v)>;
+#pragma unroll
+    for (int e = 0; e < M; ++e) v[e] = tx(v[e]);
+    r.s = state_update<kTwoPass>(r.s, v);
+    if (smooth) {
+      acc part = acc(0);
+      if (w != nullptr) {
+#pragma unroll
+        for (int e = 0; e < M; ++e) part = fm::Ops<acc>::fma(v[e] - shift, __ldg(w + c0 + col_off<K>(e, cs)), part);
+      } else {
+#pragma unroll
+        for (int e = 0; e < M; ++e) part += v[e] - shift;
+      }
+      r.a += static_cast<double>(part);
+    }
+  };
+  row_pass<kLoads, false, false>(x, x, static_cast<T*>(nullptr), n, aligned_head(x, n), tid, nt, f);
+  return r;
+}
+
+// Probability rows: the state of tx(x), a = sum_c w_c y'_c and b = sum_c w_c y'_c (x'_c - shift) with
+// y' = keep * y + add (when `sums`; the online fallback pass recomputes the state only).
+template <bool kTwoPass, int kLoads, typename T, class Tx>
+__device__ __forceinline__ Partial<StateT<kTwoPass, acc_t<T>>, 2> prob_pass(const T* x, const T* y, int64_t n,
+                                                                         int64_t head, int tid, int nt, const Tx& tx,
+                                                                         bool sums, const acc_t<T>* w, acc_t<T> keep,
+                                                                         acc_t<T> add, acc_t<T> shift) {
+  using acc = acc_t<T>;
+  constexpr int K = kVecOf<T>;
+  auto r = partial_init<kTwoPass, 2, acc>();
+  auto f = [&](auto& v, const auto& yv, int64_t c0, int64_t cs) {
+    constexpr int M = extent_of<decltype(v)>;
+#pragma unroll
+    for (int e = 0; e < M; ++e) v[e] = tx(v[e]);
+    if (sums) {  // first, so that the probabilities are dead before the state's update
+      acc sy = acc(0), syx = acc(0);
+#pragma unroll
+      for (int e = 0; e < M; ++e) {
+        acc t = fm::Ops<acc>::fma(yv[e], keep, add);
+        if (w != nullptr) t *= __ldg(w + c0 + col_off<K>(e, cs));
+        sy += t;
+        syx = fm::Ops<acc>::fma(t, v[e] - shift, syx);
+      }
+      r.a += static_cast<double>(sy);
+      r.b += static_cast<double>(syx);
+    }
+    r.s = state_update<kTwoPass>(r.s, v);
+  };
+  row_pass<kLoads, true, false>(x, y, static_cast<T*>(nullptr), n, head, tid, nt, f);
+  return r;
+}
+
+// ---------------------------------------------------------------- kernel: class-index targets
+
+template <typename T>
+struct IndexArgs {
+  using acc = acc_t<T>;
+  const T* x;
+  T* grad;  // ForwardGrad (may alias x) and Backward; null for Forward
+  const int64_t* target;
+  const acc* w;      // class weights, or null
+  const acc* w_sum;  // their sum (0-d, on the device), or null: W = C
+  double* loss;      // Forward, ForwardGrad
+  double* lse;
+  const double* grad_scale;  // ForwardGrad
+  const double* grad_loss;   // Backward
+  const double* grad_lse;    // Backward, or null
+  const double* lse_in;      // Backward
+  int64_t N, C, ignore_index;
+  double eps, z, inv_C;    // label smoothing, z-loss, 1 / C: the loss in double...
+  acc eps_a, z_a, inv_C_a;  // ...the gradient's coefficients in acc (kernel parameters, not registers)
+  Algorithm alg;
+  int gshift;
+};
+
+// W = sum_c w_c, read on the device (C when unweighted).
+template <typename T>
+__device__ __forceinline__ double class_weight_sum(const IndexArgs<T>& a) {
+  return a.w_sum != nullptr ? static_cast<double>(*a.w_sum) : static_cast<double>(a.C);
+}
+
+// Forward: loss[r], lse[r]. ForwardGrad: also grad[r, :] = grad_scale[r] * dloss_r / dx (grad may be x itself).
+// Backward: grad[r, :] = grad_loss[r] * dloss_r / dx + grad_lse[r] * softmax, from the saved lse.
+// Ignored rows: loss = lse = 0 and a zero gradient row. A target outside [0, C) that is not ignore_index fails
+// CUDA_KERNEL_ASSERT (like nll_loss); were device asserts compiled out, the row is never read and reports NaN.
+template <typename T, class Tx, Mode kMode>
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::ForwardGrad>)
+    ce_index_kernel(const IndexArgs<T> a, const Tx tx) {
+  using acc = acc_t<T>;
+  const int gsize = 1 << a.gshift;
+  const int lane = static_cast<int>(threadIdx.x) & (gsize - 1);
+  const int rows_per_block = kThreads >> a.gshift;
+  const int64_t C = a.C;
+  constexpr bool reduce = kMode != Mode::Backward;
+  constexpr bool write = kMode != Mode::Forward;
+  const bool smooth = a.eps != 0.0;
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+  const int group = static_cast<int>(threadIdx.x) >> a.gshift;
+  // The exit test is uniform over the block (row - group is the block's first row), as the reductions need.
+#pragma unroll 1
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + group; row - group < a.N;
+       row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const bool valid = row < a.N;
+    const int64_t t = valid ? a.target[row] : a.ignore_index;
+    const bool ignored = t == a.ignore_index;
+    if (valid && !ignored && lane == 0) {
+      CUDA_KERNEL_ASSERT(t >= 0 && t < C);
+    }
+    const bool active = valid && !ignored && t >= 0 && t < C;
+    const int64_t n = active ? C : 0;
+    const T* xr = a.x + (active ? row : 0) * C;
+
+    // Reduction: (m, d) and the smoothing sum. The calls are uniform over the block; inactive groups reduce
+    // nothing (n = 0).
+    fm::OnlineState<acc> st{acc(0), acc(1)};
+    double l = 0.0;
+    if constexpr (reduce) {
+      const bool sums = smooth && active;
+      const acc shift = sums ? row_shift(xr, tx) : acc(0);
+      double sum_w_dx;
+      if (a.alg == Algorithm::TwoPass) {
+        const auto r = group_allreduce(index_pass<true, kIndexLoads>(xr, n, lane, gsize, tx, sums, a.w, shift), gsize);
+        sum_w_dx = r.a;
+        const bool need = fm::exp_needs_fallback(r.s);
+        st = fm::exp_to_online(r.s);
+        if (group_any(need, gsize)) {
+          const auto o =
+              group_allreduce(index_pass<false, kIndexLoads>(xr, need ? n : 0, lane, gsize, tx, false, a.w, shift),
+                              gsize);
+          if (need) st = o.s;
+        }
+      } else {
+        const auto r = group_allreduce(index_pass<false, kIndexLoads>(xr, n, lane, gsize, tx, sums, a.w, shift), gsize);
+        sum_w_dx = r.a;
+        st = r.s;
+      }
+      l = finish_lse(st);
+      if (valid && lane == 0) {
+        if (active) {
+          const acc x_t = tx(static_cast<acc>(xr[t]));
+          const acc w_t = a.w != nullptr ? a.w[t] : acc(1);
+          a.loss[row] = fm::ce_index_loss<double>(l, static_cast<double>(x_t), static_cast<double>(w_t), sum_w_dx,
+                                                  static_cast<double>(shift), class_weight_sum(a), a.eps, a.inv_C,
+                                                  a.z);
+          a.lse[row] = l;
+        } else {
+          a.loss[row] = ignored ? 0.0 : kNaN;
+          a.lse[row] = ignored ? 0.0 : kNaN;
+        }
+      }
+    }
+
+    if constexpr (write) {
+      T* gr = a.grad + (valid ? row : 0) * C;
+      // The row's coefficients: grad_c = (ka p_c - kb w_c) dx'/dx with p_c = exp(x'_c - m) * inv_d.
+      acc ka = acc(0), kb = acc(0), m = acc(0), inv_d = acc(1);
+      T g_t = T(0);
+      if (active) {
+        const acc w_t = a.w != nullptr ? a.w[t] : acc(1);
+        const acc W = static_cast<acc>(class_weight_sum(a));
+        fm::CeRow<acc> k;
+        if constexpr (reduce) {
+          k = fm::ce_index_coefs(static_cast<acc>(a.grad_scale[row]), acc(0), static_cast<acc>(l), w_t, W, a.eps_a,
+                                 a.inv_C_a, a.z_a);
+          m = st.m;
+          inv_d = acc(1) / st.d;
+        } else {
+          const double lr = a.lse_in[row];
+          const acc gz = a.grad_lse != nullptr ? static_cast<acc>(a.grad_lse[row]) : acc(0);
+          k = fm::ce_index_coefs(static_cast<acc>(a.grad_loss[row]), gz, static_cast<acc>(lr), w_t, W, a.eps_a,
+                                 a.inv_C_a, a.z_a);
+          const auto nd = normaliser_from_lse<acc>(lr);
+          m = nd.m;
+          inv_d = nd.d;
+        }
+        ka = k.a;
+        kb = k.b;
+        // Lane 0: the target entry, (a p_t - b w_t - c_t) dx'/dx in acc, from x_t read now (in place, the row pass
+        // overwrites it). It is stored last, over what the row pass wrote there.
+        if (lane == 0) {
+          const acc x_t = tx(static_cast<acc>(xr[t]));
+          g_t = static_cast<T>(times_grad(tx, ka * fm::softmax_at(x_t, m, inv_d) - kb * w_t - k.c_t, x_t));
+        }
+      }
+      // In place: every read of the reduction pass (and lane 0's x_t) before any write of the row.
+      if constexpr (reduce) group_sync(gsize);
+      T* const target_out = gr + (active ? t : 0);
+      if (active) {
+        const bool vec = same_alignment(xr, gr);
+        if (a.w != nullptr) {
+          constexpr int K = kVecOf<T>;
+          const acc* w = a.w;
+          auto f = [&](auto& v, const auto&, int64_t c0, int64_t cs) {
+            constexpr int M = extent_of<decltype(v)>;
+#pragma unroll
+            for (int e = 0; e < M; ++e) {
+              const acc xp = tx(v[e]);
+              const acc wv = __ldg(w + c0 + col_off<K>(e, cs));
+              v[e] = times_grad(tx, ka * fm::softmax_at(xp, m, inv_d) - kb * wv, xp);
+            }
+          };
+          row_pass<kIndexLoads, false, true>(xr, xr, gr, C, vec ? aligned_head(xr, C) : C, lane, gsize, f);
+        } else {
+          auto f = [&](auto& v, const auto&, int64_t, int64_t) {
+            constexpr int M = extent_of<decltype(v)>;
+#pragma unroll
+            for (int e = 0; e < M; ++e) {
+              const acc xp = tx(v[e]);
+              v[e] = times_grad(tx, ka * fm::softmax_at(xp, m, inv_d) - kb, xp);
+            }
+          };
+          row_pass<kIndexLoads, false, true>(xr, xr, gr, C, vec ? aligned_head(xr, C) : C, lane, gsize, f);
+        }
+      } else if (valid) {
+        fill_row(gr, C, static_cast<T>(ignored ? 0.0 : kNaN), lane, gsize);
+      }
+      group_sync(gsize);
+      if (active && lane == 0) *target_out = g_t;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- kernels: probability targets
+
+template <typename T>
+struct ProbArgs {
+  using acc = acc_t<T>;
+  const T* x;
+  const T* y;
+  T* grad;  // backward
+  const acc* w;
+  double* loss;  // forward
+  double* lse;
+  double* sum_wy;
+  const double* grad_loss;  // backward
+  const double* grad_lse;   // backward, or null
+  const double* lse_in;
+  const double* sum_wy_in;
+  int64_t N, C;
+  double z;
+  acc keep, add;  // y' = keep * y + add
+  Algorithm alg;
+  int gshift;
+};
+
+template <typename T, class Tx>
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx>)
+    ce_prob_forward_kernel(const ProbArgs<T> a, const Tx tx) {
+  using acc = acc_t<T>;
+  const int gsize = 1 << a.gshift;
+  const int lane = static_cast<int>(threadIdx.x) & (gsize - 1);
+  const int rows_per_block = kThreads >> a.gshift;
+  const int64_t C = a.C;
+  const acc keep = a.keep, add = a.add;
+  const int group = static_cast<int>(threadIdx.x) >> a.gshift;
+  // The exit test is uniform over the block (row - group is the block's first row), as the reductions need.
+#pragma unroll 1
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + group; row - group < a.N;
+       row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const bool valid = row < a.N;
+    const int64_t n = valid ? C : 0;
+    const T* xr = a.x + (valid ? row : 0) * C;
+    const T* yr = a.y + (valid ? row : 0) * C;
+    const int64_t head = same_alignment(xr, yr) ? aligned_head(xr, n) : n;
+    const acc shift = valid ? row_shift(xr, tx) : acc(0);
+    fm::OnlineState<acc> st;
+    double sy, syx;
+    if (a.alg == Algorithm::TwoPass) {
+      const auto r = group_allreduce(
+          prob_pass<true, kProbLoads>(xr, yr, n, head, lane, gsize, tx, true, a.w, keep, add, shift), gsize);
+      sy = r.a;
+      syx = r.b;
+      const bool need = fm::exp_needs_fallback(r.s);
+      st = fm::exp_to_online(r.s);
+      if (group_any(need, gsize)) {
+        const int64_t nf = need ? n : 0;
+        const auto o = group_allreduce(
+            prob_pass<false, kProbLoads>(xr, yr, nf, need ? head : 0, lane, gsize, tx, false, a.w, keep, add, shift),
+            gsize);
+        if (need) st = o.s;
+      }
+    } else {
+      const auto r = group_allreduce(
+          prob_pass<false, kProbLoads>(xr, yr, n, head, lane, gsize, tx, true, a.w, keep, add, shift), gsize);
+      sy = r.a;
+      syx = r.b;
+      st = r.s;
+    }
+    if (valid && lane == 0) {
+      const double l = finish_lse(st);
+      a.loss[row] = fm::ce_prob_loss<double>(l, sy, syx, static_cast<double>(shift), a.z);
+      a.lse[row] = l;
+      a.sum_wy[row] = sy;
+    }
+  }
+}
+
+// grad[r, c] = (a p_c - g w_c y'_c) dx'/dx with g = grad_loss[r], a = g (sum_wy[r] + 2 z lse[r]) + grad_lse[r].
+// No reductions: groups are independent.
+template <typename T, class Tx>
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx>)
+    ce_prob_backward_kernel(const ProbArgs<T> a, const Tx tx) {
+  using acc = acc_t<T>;
+  constexpr int K = kVecOf<T>;
+  const int gsize = 1 << a.gshift;
+  const int lane = static_cast<int>(threadIdx.x) & (gsize - 1);
+  const int rows_per_block = kThreads >> a.gshift;
+  const int64_t C = a.C;
+  const acc keep = a.keep, add = a.add;
+#pragma unroll 1
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + (static_cast<int>(threadIdx.x) >> a.gshift);
+       row < a.N; row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const double gl = a.grad_loss[row], lr = a.lse_in[row];
+    const acc g = static_cast<acc>(gl);
+    const acc ca = static_cast<acc>(gl * (a.sum_wy_in[row] + 2.0 * a.z * lr) +
+                                    (a.grad_lse != nullptr ? a.grad_lse[row] : 0.0));
+    const auto nd = normaliser_from_lse<acc>(lr);
+    const acc m = nd.m, inv_d = nd.d;
+    const T* xr = a.x + row * C;
+    const T* yr = a.y + row * C;
+    T* gr = a.grad + row * C;
+    const int64_t head = same_alignment(xr, yr) && same_alignment(xr, gr) ? aligned_head(xr, C) : C;
+    if (a.w != nullptr) {
+      const acc* w = a.w;
+      auto f = [&](auto& v, const auto& yv, int64_t c0, int64_t cs) {
+        constexpr int M = extent_of<decltype(v)>;
+#pragma unroll
+        for (int e = 0; e < M; ++e) {
+          const acc xp = tx(v[e]);
+          const acc yp = yv[e] * keep + add;
+          const acc wv = __ldg(w + c0 + col_off<K>(e, cs));
+          v[e] = times_grad(tx, ca * fm::softmax_at(xp, m, inv_d) - g * wv * yp, xp);
+        }
+      };
+      row_pass<kProbLoads, true, true>(xr, yr, gr, C, head, lane, gsize, f);
+    } else {
+      auto f = [&](auto& v, const auto& yv, int64_t, int64_t) {
+        constexpr int M = extent_of<decltype(v)>;
+#pragma unroll
+        for (int e = 0; e < M; ++e) {
+          const acc xp = tx(v[e]);
+          const acc yp = yv[e] * keep + add;
+          v[e] = times_grad(tx, ca * fm::softmax_at(xp, m, inv_d) - g * yp, xp);
+        }
+      };
+      row_pass<kProbLoads, true, true>(xr, yr, gr, C, head, lane, gsize, f);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- kernel: scale_rows
+
+// x[r, :] *= scale[per_row ? r : 0] in acc; a scale of exactly 1 leaves the row (or, shared, the whole tensor)
+// untouched without reading it.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Identity>)
+    scale_rows_kernel(T* x, const double* scale, int64_t N, int64_t C, bool per_row, int gshift) {
+  using acc = acc_t<T>;
+  if (!per_row && scale[0] == 1.0) return;
+  const int gsize = 1 << gshift;
+  const int lane = static_cast<int>(threadIdx.x) & (gsize - 1);
+  const int rows_per_block = kThreads >> gshift;
+#pragma unroll 1
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + (static_cast<int>(threadIdx.x) >> gshift);
+       row < N; row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const double sd = scale[per_row ? row : 0];
+    if (sd == 1.0) continue;
+    const acc s = static_cast<acc>(sd);
+    T* xr = x + row * C;
+    auto f = [&](auto& v, const auto&, int64_t, int64_t) {
+      constexpr int M = extent_of<decltype(v)>;
+#pragma unroll
+      for (int e = 0; e < M; ++e) v[e] = v[e] * s;
+    };
+    row_pass<kIndexLoads, false, true>(xr, xr, xr, C, aligned_head(xr, C), lane, gsize, f);
+  }
+}
+
+// ---------------------------------------------------------------- host side
+
+template <typename scalar_t, typename F>
+void with_transform(const CrossEntropyParams& p, F&& f) {
+  using acc = acc_t<scalar_t>;
+  if (p.has_softcap) f(Softcap<acc>{static_cast<acc>(p.softcap), static_cast<acc>(1.0 / p.softcap)});
+  else f(Identity{});
+}
+
+template <typename scalar_t>
+const acc_t<scalar_t>* weight_ptr(const CrossEntropyInputs& in) {
+  return in.weight.defined() ? in.weight.const_data_ptr<acc_t<scalar_t>>() : nullptr;
+}
+
+template <typename scalar_t>
+const acc_t<scalar_t>* weight_sum_ptr(const CrossEntropyInputs& in) {
+  return in.weight_sum.defined() ? in.weight_sum.const_data_ptr<acc_t<scalar_t>>() : nullptr;
+}
+
+template <Mode kMode, typename scalar_t>
+void launch_index(IndexArgs<scalar_t> args, const CrossEntropyParams& p) {
+  args.gshift = group_shift<scalar_t>(args.C, kIndexLoads);
+  const unsigned blocks = row_blocks(args.N, args.gshift);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_transform<scalar_t>(p, [&](auto tx) {
+    ce_index_kernel<scalar_t, decltype(tx), kMode><<<blocks, kThreads, 0, stream>>>(args, tx);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t>
+IndexArgs<scalar_t> index_args(const CrossEntropyInputs& in, const CrossEntropyParams& p) {
+  IndexArgs<scalar_t> a{};
+  a.x = in.logits.const_data_ptr<scalar_t>();
+  a.target = in.target.const_data_ptr<int64_t>();
+  a.w = weight_ptr<scalar_t>(in);
+  a.w_sum = weight_sum_ptr<scalar_t>(in);
+  a.N = in.logits.size(0);
+  a.C = in.logits.size(1);
+  a.ignore_index = p.ignore_index;
+  a.eps = p.label_smoothing;
+  a.z = p.z_loss;
+  a.inv_C = 1.0 / static_cast<double>(a.C);
+  a.eps_a = static_cast<acc_t<scalar_t>>(a.eps);
+  a.z_a = static_cast<acc_t<scalar_t>>(a.z);
+  a.inv_C_a = static_cast<acc_t<scalar_t>>(a.inv_C);
+  a.alg = p.algorithm;
+  return a;
+}
+
+void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& loss,
+                      const at::Tensor& lse, const at::Tensor& grad_scale, const at::Tensor& grad_logits) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  if (N == 0 || C == 0) return;
+  const c10::cuda::CUDAGuard guard(in.logits.device());
+  const bool fused = grad_logits.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_fwd_cuda", [&] {
+    auto a = index_args<scalar_t>(in, p);
+    a.loss = loss.mutable_data_ptr<double>();
+    a.lse = lse.mutable_data_ptr<double>();
+    if (fused) {
+      // grad_logits may be in.logits itself (the in-place variant): the kernel reads each row before writing it.
+      a.grad = grad_logits.mutable_data_ptr<scalar_t>();
+      a.grad_scale = grad_scale.const_data_ptr<double>();
+      launch_index<Mode::ForwardGrad>(a, p);
+    } else {
+      launch_index<Mode::Forward>(a, p);
+    }
+  });
+}
+
+void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                       const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& grad_logits) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  if (N == 0 || C == 0) return;
+  const c10::cuda::CUDAGuard guard(in.logits.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_bwd_cuda", [&] {
+    auto a = index_args<scalar_t>(in, p);
+    a.grad = grad_logits.mutable_data_ptr<scalar_t>();
+    a.grad_loss = grad_loss.const_data_ptr<double>();
+    a.grad_lse = grad_lse.defined() ? grad_lse.const_data_ptr<double>() : nullptr;
+    a.lse_in = lse.const_data_ptr<double>();
+    launch_index<Mode::Backward>(a, p);
+  });
+}
+
+template <typename scalar_t>
+ProbArgs<scalar_t> prob_args(const CrossEntropyInputs& in, const CrossEntropyParams& p) {
+  ProbArgs<scalar_t> a{};
+  a.x = in.logits.const_data_ptr<scalar_t>();
+  a.y = in.target.const_data_ptr<scalar_t>();
+  a.w = weight_ptr<scalar_t>(in);
+  a.N = in.logits.size(0);
+  a.C = in.logits.size(1);
+  a.keep = static_cast<acc_t<scalar_t>>(1.0 - p.label_smoothing);
+  a.add = static_cast<acc_t<scalar_t>>(p.label_smoothing / static_cast<double>(a.C));
+  a.z = p.z_loss;
+  a.alg = p.algorithm;
+  a.gshift = group_shift<scalar_t>(a.C, kProbLoads);
+  return a;
+}
+
+void ce_prob_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& loss,
+                     const at::Tensor& lse, const at::Tensor& sum_wy) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  if (N == 0 || C == 0) return;
+  const c10::cuda::CUDAGuard guard(in.logits.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_prob_fwd_cuda",
+                                  [&] {
+    auto a = prob_args<scalar_t>(in, p);
+    a.loss = loss.mutable_data_ptr<double>();
+    a.lse = lse.mutable_data_ptr<double>();
+    a.sum_wy = sum_wy.mutable_data_ptr<double>();
+    const unsigned blocks = row_blocks(N, a.gshift);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    with_transform<scalar_t>(p, [&](auto tx) {
+      ce_prob_forward_kernel<scalar_t, decltype(tx)><<<blocks, kThreads, 0, stream>>>(a, tx);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void ce_prob_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                      const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& sum_wy,
+                      const at::Tensor& grad_logits) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  if (N == 0 || C == 0) return;
+  const c10::cuda::CUDAGuard guard(in.logits.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_prob_bwd_cuda",
+                                  [&] {
+    auto a = prob_args<scalar_t>(in, p);
+    a.grad = grad_logits.mutable_data_ptr<scalar_t>();
+    a.grad_loss = grad_loss.const_data_ptr<double>();
+    a.grad_lse = grad_lse.defined() ? grad_lse.const_data_ptr<double>() : nullptr;
+    a.lse_in = lse.const_data_ptr<double>();
+    a.sum_wy_in = sum_wy.const_data_ptr<double>();
+    const unsigned blocks = row_blocks(N, a.gshift);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    with_transform<scalar_t>(p, [&](auto tx) {
+      ce_prob_backward_kernel<scalar_t, decltype(tx)><<<blocks, kThreads, 0, stream>>>(a, tx);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void ce_scale_rows(const at::Tensor& x, const at::Tensor& scale) {
+  const int64_t N = x.size(0), C = x.size(1);
+  if (N == 0 || C == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool per_row = scale.numel() == N && scale.dim() == 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastloss_scale_rows_cuda", [&] {
+    const int gshift = group_shift<scalar_t>(C, kIndexLoads);
+    scale_rows_kernel<scalar_t><<<row_blocks(N, gshift), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<double>(), N, C, per_row, gshift);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+}  // namespace cuda
+
+const CrossEntropyKernels& cuda_cross_entropy_kernels() {
+  static const CrossEntropyKernels table{&cuda::ce_index_forward, &cuda::ce_index_backward, &cuda::ce_prob_forward,
+                                         &cuda::ce_prob_backward, &cuda::ce_scale_rows};
+  return table;
+}
+
+}  // namespace fastloss
