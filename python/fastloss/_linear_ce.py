@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .functional import _reduce as reduce_rows
+
 # Default logits bytes per chunk. CPU: small, since CPU memory is what the CPU benchmark budgets; CUDA: large
 # enough that each GEMM fills the GPU.
 CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
@@ -109,14 +111,6 @@ def run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softca
         del g, logits
     out = lambda x, like: None if x is None else x.to(like.dtype)  # noqa: E731
     return loss_rows, lse_rows, out(gh, h), out(gW, W), (out(gb, b) if b is not None else None)
-
-
-def reduce_rows(rows, reduction, out_shape, denom):
-    if reduction == "none":
-        return rows.view(out_shape)
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / denom
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -95,6 +95,20 @@ def _flatten_for_ce(input: torch.Tensor, target: torch.Tensor, soft: bool):
     return x2d, t, out_shape
 
 
+def _mean_denominator(reduction: str, t: torch.Tensor, valid: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                      dtype: torch.dtype):
+    """torch's "mean": the summed class weight of the non-ignored targets (their count when unweighted), or the
+    number of samples for probability targets (valid is None). A device tensor: no host synchronisation."""
+    if reduction != "mean":
+        return None
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if valid is None:
+        return torch.tensor(float(t.shape[0]), dtype=acc, device=t.device)
+    if weight is not None:
+        return (weight.to(acc)[t.masked_fill(~valid, 0)] * valid).sum()
+    return valid.sum().to(acc)
+
+
 def _reduce(rows: torch.Tensor, reduction: str, out_shape, denom: Optional[torch.Tensor]) -> torch.Tensor:
     if reduction == "none":
         return rows.view(out_shape)
@@ -179,17 +193,10 @@ def cross_entropy(
             raise ValueError("fastloss.cross_entropy: inplace_backward supports class-index targets only")
         rows, lse, _ = ops.cross_entropy_prob_fwd(x2d, t, weight, ls, z, softcap, algorithm)
         valid = None
-        denom = float(x2d.shape[0]) if reduction == "mean" else None  # torch: mean over samples
+        denom = _mean_denominator(reduction, t, None, weight, input.dtype)  # torch: mean over samples
     else:
         valid = t != ignore_index
-        if reduction == "mean":
-            if weight is not None:
-                w = weight.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
-                denom = (w[t.masked_fill(~valid, 0)] * valid).sum()
-            else:
-                denom = valid.sum().to(torch.float64 if input.dtype == torch.float64 else torch.float32)
-        else:
-            denom = None
+        denom = _mean_denominator(reduction, t, valid, weight, input.dtype)
         if inplace_backward and x2d.requires_grad and torch.is_grad_enabled():
             x2d = x2d if x2d.is_contiguous() else x2d.contiguous()
             loss, lse = _CrossEntropyInplace.apply(x2d, t, weight, ignore_index, ls, z, softcap, algorithm,
@@ -251,7 +258,7 @@ def linear_cross_entropy(
     themselves (d W accumulated in float32). When gradients are needed they are computed during the forward and
     scaled in the backward, so the returned lse / z-loss are for logging (not differentiable).
     """
-    from ._linear_ce import LinearCrossEntropyFunction, reduce_rows, resolve_chunk_rows
+    from ._linear_ce import LinearCrossEntropyFunction, resolve_chunk_rows
 
     for name, val in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(val, torch.Tensor):
@@ -291,17 +298,8 @@ def linear_cross_entropy(
         t = target.reshape(-1)
     h = input.reshape(-1, D)
     N = h.shape[0]
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     valid = None if soft else t != ignore_index
-    if reduction == "mean":
-        if soft:
-            denom = torch.tensor(float(N), dtype=acc, device=h.device)
-        elif weight is not None:
-            denom = (weight.to(acc)[t.masked_fill(~valid, 0)] * valid).sum()
-        else:
-            denom = valid.sum().to(acc)
-    else:
-        denom = None
+    denom = _mean_denominator(reduction, t, valid, weight, input.dtype)
     want = (input.requires_grad, linear_weight.requires_grad,
             linear_bias is not None and linear_bias.requires_grad)
     if not torch.is_grad_enabled():
@@ -312,14 +310,5 @@ def linear_cross_entropy(
     loss, lse = LinearCrossEntropyFunction.apply(
         h.contiguous(), linear_weight.contiguous(), linear_bias, t, weight, ignore_index, float(label_smoothing),
         float(z_loss), softcap, algorithm, reduction, chunk_rows, denom, lead, want)
-    loss = loss.to(input.dtype)
-    if not (return_lse or return_z_loss):
-        return loss
-    z_term = None
-    if return_z_loss:
-        zr = z_loss * lse * lse
-        if valid is not None:
-            zr = zr * valid
-        z_term = reduce_rows(zr, reduction, lead, denom).to(input.dtype)
-    lse_out = lse.view(lead).to(acc) if return_lse else None
-    return CrossEntropyOutput(loss, z_term, lse_out)
+    return _finish(loss.to(input.dtype), lse, valid, float(z_loss), reduction, lead, denom, return_lse,
+                   return_z_loss)
