@@ -247,17 +247,10 @@ struct Partial {
   double b;
 };
 
-template <typename T>
-__device__ __forceinline__ fm::OnlineState<T> combine(fm::OnlineState<T> x, fm::OnlineState<T> y) {
-  return fm::online_merge(x, y);
-}
-template <typename T>
-__device__ __forceinline__ fm::ExpState<T> combine(fm::ExpState<T> x, fm::ExpState<T> y) {
-  return fm::exp_merge(x, y);
-}
+// The state merges are row_reduce.cuh's merge(); a Partial adds its fused sums beside them.
 template <typename S, int kSums>
 __device__ __forceinline__ Partial<S, kSums> combine(const Partial<S, kSums>& x, const Partial<S, kSums>& y) {
-  return {combine(x.s, y.s), x.a + y.a, kSums > 1 ? x.b + y.b : 0.0};
+  return {merge(x.s, y.s), x.a + y.a, kSums > 1 ? x.b + y.b : 0.0};
 }
 
 // Shuffles: kXor = true exchanges with lane ^ arg, false reads lane `arg`.
