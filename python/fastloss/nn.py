@@ -60,10 +60,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         z_loss: float = 0.0,
         softcap: Optional[float] = None,
         chunk_size="auto",
+        filter_eps=None,
         algorithm: str = "auto",
     ):
         super().__init__()
         self.register_buffer("weight", weight)
+        self.filter_eps = filter_eps
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -78,4 +80,5 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size, algorithm=self.algorithm,
+            filter_eps=self.filter_eps,
         )

@@ -180,7 +180,9 @@ def _torch_lce_check(problem: Problem) -> Optional[str]:
 
 
 def _torch_lce(problem: Problem) -> Callable[..., torch.Tensor]:
-    return lambda h, w, targets: F.linear_cross_entropy(h, w, targets, ignore_index=IGNORE_INDEX)
+    # options=LinearCrossEntropyOptions() opts into torch's chunked path; options=None is its unchunked reference.
+    opts = torch.nn.LinearCrossEntropyOptions()
+    return lambda h, w, targets: F.linear_cross_entropy(h, w, targets, ignore_index=IGNORE_INDEX, options=opts)
 
 
 def _cce(problem: Problem) -> Callable[..., torch.Tensor]:
@@ -226,7 +228,8 @@ LINEAR_CROSS_ENTROPY.add(Impl("torch-eager", _naive_lce, "h @ W.T, .float(), F.c
                               baseline=True))
 LINEAR_CROSS_ENTROPY.add(Impl("torch-compile", _naive_lce, "torch.compile of the naive matmul + CE",
                               compiled=True))
-LINEAR_CROSS_ENTROPY.add(Impl("torch-linear-ce", _torch_lce, "torch.nn.functional.linear_cross_entropy",
+LINEAR_CROSS_ENTROPY.add(Impl("torch-linear-ce", _torch_lce,
+                              "torch.nn.functional.linear_cross_entropy(options=LinearCrossEntropyOptions()), chunked",
                               check=_torch_lce_check))
 LINEAR_CROSS_ENTROPY.add(Impl("cce", _cce, "cut_cross_entropy.linear_cross_entropy", requires=(CCE,),
                               devices=("cuda",)))
