@@ -257,6 +257,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     chunk_size="auto",
     filter_eps=None,
+    loss_dtype: Optional[torch.dtype] = None,
     return_lse: bool = False,
     return_z_loss: bool = False,
     algorithm: str = "auto",
@@ -280,6 +281,10 @@ def linear_cross_entropy(
     GEMMs; each dropped entry is below that bound, which is the whole error. "auto": ``finfo(input.dtype).eps / 32``
     (2^-12 for bf16, CCE's choice; 2^-15 fp16; 2^-28 fp32). It pays when most of a chunk's columns fall below the
     bound (a trained model's peaked softmax; not random logits) and costs one host sync per chunk on CUDA.
+
+    loss_dtype: dtype of the returned loss; default the input's (as ``F.cross_entropy``). The rows are reduced in
+    float64 either way, so ``torch.float32`` on bf16 input gives the loss that upcasting the logits would (what
+    Hugging Face models report) without any float32 logits.
     """
     from ._linear_ce import LinearCrossEntropyFunction, resolve_chunk_rows
 
@@ -334,5 +339,5 @@ def linear_cross_entropy(
     loss, lse = LinearCrossEntropyFunction.apply(
         h.contiguous(), linear_weight.contiguous(), linear_bias, t, weight, ignore_index, float(label_smoothing),
         float(z_loss), softcap, algorithm, reduction, chunk_rows, denom, lead, want, filter_eps)
-    return _finish(loss.to(input.dtype), lse, valid, float(z_loss), reduction, lead, denom, return_lse,
-                   return_z_loss)
+    return _finish(loss.to(input.dtype if loss_dtype is None else loss_dtype), lse, valid, float(z_loss), reduction,
+                   lead, denom, return_lse, return_z_loss)
