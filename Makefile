@@ -2,11 +2,13 @@
 #   make bench   builds fastloss into .venv (creating it if missing) and runs the benchmark CLI on its default problem
 #   make test    the same build, then the test suite
 # Variables: VENV (default .venv), TORCH_SPEC (which torch to install into a new venv), FASTLOSS_CUDA (ON/OFF/AUTO),
+# HF_SPEC (the optional Hugging Face stack the integration tests and the example use; empty to leave it out),
 # PYTEST_ARGS, BENCH_ARGS.
 
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch>=2.11
+HF_SPEC     ?= transformers==5.23.0 accelerate==1.15.0
 FASTLOSS_CUDA ?= AUTO
 PY          := $(VENV)/bin/python
 BUILD_DIR   := build/$(notdir $(VENV))
@@ -20,7 +22,7 @@ all: test
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pybind11 ninja "scikit-build-core>=0.10" "cmake>=3.26" pytest
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pybind11 ninja "scikit-build-core>=0.10" "cmake>=3.26" pytest $(HF_SPEC)
 	touch $@
 
 # --no-build-isolation: the extension must be compiled against the torch it will run with.

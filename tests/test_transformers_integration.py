@@ -1,0 +1,191 @@
+"""fastloss.integrations.transformers.patch on tiny randomly initialised causal LMs: same loss and gradients as the
+unpatched model, with the model's own label shifting, -100 padding, num_items_in_batch, softcapping and
+logits_to_keep; and the patched forward really runs fastloss's ops."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+from fastloss.integrations.transformers import is_patched, patch, unpatch  # noqa: E402
+
+V = 311  # not a multiple of any vector width
+B, T = 2, 12
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+
+
+def _mistral():
+    return transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+
+
+def _gemma2():
+    # A softcap small enough to bend random-init logits, so a missing softcap would show.
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=0.75,
+        attn_implementation="eager"))
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # no dropout: both models must see the same network
+
+
+MODELS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gemma2": _gemma2, "gpt2": _gpt2}
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, -4:] = 0  # right padding in the second sequence
+    labels = ids.clone()
+    labels[1, -4:] = -100
+    labels[0, :3] = -100  # a prompt that is not trained on
+    return ids, mask, labels
+
+
+def _causal_lm_loss_float64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                            shift_labels=None, **kwargs):
+    """transformers' ForCausalLMLoss without its ``logits.float()``, which would round a float64 model's logits
+    to float32: the float64 reference."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), shift_labels.reshape(-1),
+                                             ignore_index=ignore_index, reduction=reduction)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
+
+
+def _pair(name, dtype):
+    torch.manual_seed(0)
+    ref = MODELS[name]().to(dtype)
+    fl = patch(copy.deepcopy(ref))
+    if dtype == torch.float64:
+        ref.loss_function = _causal_lm_loss_float64
+    assert is_patched(fl) and not is_patched(ref)
+    return ref, fl
+
+
+def _loss_and_grads(model, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(**kw)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("items", [None, 13])
+def test_loss_and_every_gradient_match_unpatched(name, dtype, tol, items):
+    ref, fl = _pair(name, dtype)
+    ids, mask, labels = _batch()
+    kw = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if items is not None:
+        kw["num_items_in_batch"] = torch.tensor(items)
+    out_r, g_r = _loss_and_grads(ref, **kw)
+    out_f, g_f = _loss_and_grads(fl, **kw)
+    assert out_f.loss.dtype == out_r.loss.dtype
+    assert out_f.logits is None  # never built
+    assert rel_err(out_f.loss.reshape(1), out_r.loss.reshape(1)) <= tol, (out_f.loss, out_r.loss)
+    assert g_r.keys() == g_f.keys() and len(g_r) > 0
+    for n in g_r:
+        assert rel_err(g_f[n], g_r[n]) <= 10 * tol, n
+
+
+def test_patched_forward_runs_fastloss_ops():
+    ref, fl = _pair("llama", torch.float32)
+    ids, mask, labels = _batch()
+
+    def op_names(model):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        return {e.key for e in prof.key_averages()}
+
+    # Trainer reads the signature to pick dataset columns and to pass num_items_in_batch: it must not change.
+    assert inspect.signature(fl.forward) == inspect.signature(ref.forward)
+    assert any(k.startswith("fastloss::cross_entropy") for k in op_names(fl))
+    assert not any(k.startswith("fastloss::") for k in op_names(ref))
+    unpatch(fl)
+    assert not is_patched(fl) and not any(k.startswith("fastloss::") for k in op_names(fl))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+def test_without_labels_and_return_logits(name):
+    ref, fl = _pair(name, torch.float64)
+    ids, mask, labels = _batch()
+    # No labels: the model's own forward (generation path), logits identical.
+    assert torch.equal(fl(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits)
+    patch(fl, return_logits=True)
+    out_f = fl(input_ids=ids, attention_mask=mask, labels=labels)
+    out_r = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.allclose(out_f.logits, out_r.logits, rtol=1e-12, atol=1e-12)  # softcapped for Gemma 2
+    assert torch.allclose(out_f.loss, out_r.loss, rtol=1e-12)
+    # return_dict=False gives the same tuple layout (loss first).
+    tup = fl(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(tup, tuple) and torch.allclose(tup[0], out_r.loss, rtol=1e-12)
+
+
+def test_logits_to_keep_and_shift_labels():
+    ref, fl = _pair("qwen2", torch.float64)
+    ids, mask, labels = _batch()
+    keep = 5
+    kw = dict(input_ids=ids, attention_mask=mask, labels=labels[:, -keep:], logits_to_keep=keep)
+    assert torch.allclose(fl(**kw).loss, ref(**kw).loss, rtol=1e-12)
+    shifted = torch.roll(labels, -1, dims=1)
+    shifted[:, -1] = -100
+    kw = dict(input_ids=ids, attention_mask=mask, labels=labels, shift_labels=shifted)
+    assert torch.allclose(fl(**kw).loss, ref(**kw).loss, rtol=1e-12)
+
+
+def test_refuses_what_it_cannot_reproduce():
+    _, fl = _pair("llama", torch.float32)
+    fl2 = copy.deepcopy(fl)
+    unpatch(fl2)
+    fl2.loss_function = lambda *a, **k: torch.zeros(())
+    with pytest.raises(TypeError, match="loss_function"):
+        patch(fl2)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        patch(transformers.LlamaModel(fl.config))
+
+
+def test_trainer_with_gradient_accumulation(tmp_path):
+    pytest.importorskip("accelerate")
+    ids, mask, labels = _batch()
+    rows = [{"input_ids": ids[i % B], "attention_mask": mask[i % B], "labels": labels[i % B]} for i in range(8)]
+
+    def train(model, sub):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / sub), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+            learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
+            dataloader_num_workers=0, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        assert trainer.model_accepts_loss_kwargs  # so num_items_in_batch reaches the (patched) forward
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], model
+
+    ref, fl = _pair("llama", torch.float32)
+    losses_r, ref = train(ref, "ref")
+    losses_f, fl = train(fl, "fl")
+    assert len(losses_f) == len(losses_r) == 2
+    assert losses_f == pytest.approx(losses_r, rel=1e-4)
+    for (n, p), (_, q) in zip(ref.named_parameters(), fl.named_parameters()):
+        assert rel_err(q.detach(), p.detach()) <= 1e-4, n
