@@ -189,3 +189,16 @@ def test_trainer_with_gradient_accumulation(tmp_path):
     assert losses_f == pytest.approx(losses_r, rel=1e-4)
     for (n, p), (_, q) in zip(ref.named_parameters(), fl.named_parameters()):
         assert rel_err(q.detach(), p.detach()) <= 1e-4, n
+
+
+def test_bf16_model_gets_float32_loss():
+    ref, fl = _pair("gemma2", torch.bfloat16)
+    ids, mask, labels = _batch()
+    out_r, g_r = _loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    out_f, g_f = _loss_and_grads(fl, input_ids=ids, attention_mask=mask, labels=labels)
+    # transformers upcasts bf16 logits to float32 for the loss; fastloss returns float32 without float32 logits
+    # (and its logits are not rounded to bf16 first, so it is the more accurate of the two).
+    assert out_f.loss.dtype == out_r.loss.dtype == torch.float32
+    assert rel_err(out_f.loss.reshape(1), out_r.loss.reshape(1)) <= 2 ** -10
+    for n in g_r:
+        assert g_f[n].dtype == torch.bfloat16 and rel_err(g_f[n].float(), g_r[n].float()) <= 2 ** -5, n
