@@ -1,0 +1,160 @@
+"""fastloss.distributed on the CPU with gloo, 2 and 3 processes, uneven vocabulary shards: loss and gradients equal
+the single-process fastloss call (and F.cross_entropy where it has the option) on the full vocabulary."""
+
+import itertools
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fastloss
+from fastloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+SHARDS = {2: [20, 17], 3: [10, 15, 12]}  # V = 37, uneven, not a multiple of any vector width
+N, D = 23, 6
+OPTIONS = [dict(reduction=r, label_smoothing=ls, z_loss=z, softcap=c)
+           for r, ls, z, c in itertools.product(["mean", "sum", "none"], [0.0, 0.1], [0.0, 1e-3], [None, 2.0])]
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _data(dtype, masked=True):
+    g = torch.Generator().manual_seed(0)
+    V = 37
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    if masked:  # (label smoothing turns a -inf logit into an infinite loss, in torch too: not with smoothing)
+        logits[2, 5] = float("-inf")  # a masked vocabulary entry
+        logits[4, :20] = float("-inf")  # a row whose whole first shard is masked
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::4] = -100
+    t[4] = 30
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.8
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    return logits.to(dtype), t, h.to(dtype), W.to(dtype), b.to(dtype)
+
+
+def _check_ce(rank, sizes, dtype, tol):
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
+    for opts in OPTIONS:
+        logits, t, *_ = _data(dtype, masked=not opts["label_smoothing"])
+        full = logits.double().clone().requires_grad_()
+        ref = fastloss.cross_entropy(full, t, **opts)
+        if not opts["z_loss"] and opts["softcap"] is None:  # torch has these options: it must agree too
+            assert _rel(ref, F.cross_entropy(full.detach(), t, reduction=opts["reduction"],
+                                             label_smoothing=opts["label_smoothing"])) < 1e-12
+        up = torch.linspace(0.5, 1.5, N, dtype=torch.float64) if opts["reduction"] == "none" else torch.ones(())
+        (g_ref,) = torch.autograd.grad(ref, full, up)
+        local = logits[:, sl].clone().requires_grad_()
+        # vocab_sizes given on one option set, worked out by all-gather on the others
+        vs = sizes if opts["label_smoothing"] else None
+        out = vocab_parallel_cross_entropy(local, t, vocab_sizes=vs, **opts)
+        (g,) = torch.autograd.grad(out, local, up.to(out.dtype))
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert _rel(out.double(), ref.detach()) <= tol, (opts, out, ref)
+        assert _rel(g.double(), g_ref[:, sl]) <= tol * 10, opts
+
+
+def _check_linear(rank, sizes, dtype, tol):
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
+    _, t, h0, W0, b0 = _data(dtype)
+    for opts in OPTIONS:
+        h, W, b = (x.double().clone().requires_grad_() for x in (h0, W0, b0))
+        ref = fastloss.linear_cross_entropy(h, W, t, linear_bias=b, **opts)
+        up = torch.linspace(0.5, 1.5, N, dtype=torch.float64) if opts["reduction"] == "none" else torch.ones(())
+        gr = torch.autograd.grad(ref, (h, W, b), up)
+        hl = h0.clone().requires_grad_()
+        Wl = W0[sl].clone().requires_grad_()
+        bl = b0[sl].clone().requires_grad_()
+        out = vocab_parallel_linear_cross_entropy(hl, Wl, t, local_bias=bl, chunk_size=5, **opts)
+        ga = torch.autograd.grad(out, (hl, Wl, bl), up.to(out.dtype))
+        assert _rel(out.double(), ref.detach()) <= tol, (opts, out, ref)
+        assert _rel(ga[0].double(), gr[0]) <= tol * 10, opts  # all-reduced: the full input gradient
+        assert _rel(ga[1].double(), gr[1][sl]) <= tol * 10, opts
+        assert _rel(ga[2].double(), gr[2][sl]) <= tol * 10, opts
+
+
+def _check_bytes_per_token(rank, sizes):
+    """What crosses the network: count the all-reduce payloads (float32, no smoothing: 4 B MAX + 8 B SUM per
+    token, in 2 collectives; label smoothing adds 4 B; the linear version adds D float32 for d input)."""
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel() * tensor.element_size())
+        return real(tensor, *args, **kwargs)
+
+    start = sum(sizes[:rank])
+    logits, t, h, W, b = _data(torch.float32, masked=False)
+    dist.all_reduce = counting
+    try:
+        x = logits[:, start:start + sizes[rank]].clone().requires_grad_()
+        vocab_parallel_cross_entropy(x, t, vocab_sizes=sizes).backward()
+        assert calls == [4 * N, 8 * N], calls  # backward: nothing
+        calls.clear()
+        vocab_parallel_cross_entropy(x, t, vocab_sizes=sizes, label_smoothing=0.1).backward()
+        assert calls == [4 * N, 12 * N], calls
+        calls.clear()
+        hl = h.clone().requires_grad_()
+        Wl = W[start:start + sizes[rank]].clone().requires_grad_()
+        vocab_parallel_linear_cross_entropy(hl, Wl, t, vocab_sizes=sizes).backward()
+        assert calls == [4 * N, 8 * N, 4 * N * D], calls  # one chunk: stats, then d input once
+    finally:
+        dist.all_reduce = real
+
+
+def _worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        sizes = SHARDS[world]
+        _check_ce(rank, sizes, torch.float64, 1e-12)
+        _check_linear(rank, sizes, torch.float64, 1e-12)
+        _check_ce(rank, sizes, torch.bfloat16, 2 ** -7)
+        _check_linear(rank, sizes, torch.bfloat16, 2 ** -6)
+        _check_ce(rank, sizes, torch.float32, 1e-5)
+        _check_bytes_per_token(rank, sizes)
+        # bad input: every rank raises the same clear error (after the layout all-gather, before any other
+        # collective, so no rank hangs)
+        logits, t, *_ = _data(torch.float64)
+        bad = t.clone()
+        bad[3] = 37
+        start = sum(sizes[:rank])
+        try:
+            vocab_parallel_cross_entropy(logits[:, start:start + sizes[rank]], bad)
+        except IndexError as e:
+            assert "37" in str(e) and "position 3" in str(e)
+        else:
+            raise AssertionError("out-of-range target not caught")
+        try:
+            vocab_parallel_cross_entropy(logits[:, :1], t, vocab_sizes=[1] * (world + 1))
+        except ValueError as e:
+            assert "vocab_sizes" in str(e)
+        else:
+            raise AssertionError("wrong vocab_sizes not caught")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_single_process(world):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, os.path.join(d, "init")), nprocs=world, join=True)
+
+
+if __name__ == "__main__":  # python tests/test_distributed.py 3
+    w = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    test_vocab_parallel_matches_single_process(w)
+    print("ok")
