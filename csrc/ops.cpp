@@ -12,6 +12,9 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("logsumexp_backward(Tensor grad_output, Tensor self, Tensor result, int dim, bool keepdim) -> Tensor");
   // Which algorithm "auto" picks for a [rows, V] problem of this dtype on this device ("online" / "two_pass").
   m.def("resolve_algorithm(Tensor self, int dim, str algorithm) -> str");
+  // The k largest softmax(self) entries along `dim` and their indices, best first, from one pass (no softmax
+  // tensor): the online normaliser carried with a running top-k. Ties: the smaller index first; NaN ranks first.
+  m.def("softmax_topk(Tensor self, int k, int dim=-1, str algorithm=\"auto\") -> (Tensor values, Tensor indices)");
 }
 
 TORCH_LIBRARY_FRAGMENT(fastloss, m) {

@@ -32,6 +32,10 @@ struct SoftmaxDeviceOps {
   static std::string resolve_algorithm(const at::Tensor& x, int64_t dim, c10::string_view alg) {
     return resolve_algorithm_op(x, dim, alg, K());
   }
+  static std::tuple<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& x, int64_t k, int64_t dim,
+                                                         c10::string_view alg) {
+    return softmax_topk_op(x, k, dim, alg, K());
+  }
 
   static void register_all(torch::Library& m) {
     m.impl("softmax", &softmax);
@@ -41,6 +45,7 @@ struct SoftmaxDeviceOps {
     m.impl("log_softmax_backward", &log_softmax_backward);
     m.impl("logsumexp_backward", &logsumexp_backward);
     m.impl("resolve_algorithm", &resolve_algorithm);
+    m.impl("softmax_topk", &softmax_topk);
   }
 };
 

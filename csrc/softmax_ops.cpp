@@ -130,6 +130,35 @@ at::Tensor logsumexp_backward_op(const at::Tensor& grad, const at::Tensor& self,
   return gin;
 }
 
+std::tuple<at::Tensor, at::Tensor> softmax_topk_op(const at::Tensor& self, int64_t k, int64_t dim,
+                                                   c10::string_view algorithm, const SoftmaxKernels& kt) {
+  check_floating(self, "softmax_topk", "self");
+  RowView r = as_rows(self, dim);
+  TORCH_CHECK(k >= 0 && k <= r.V, "fastloss.softmax_topk: `k` must be in [0, ", r.V, "] (the size of dimension ",
+              r.dim, "), got ", k);
+  Algorithm alg = parse_algorithm(algorithm, r.rows, r.V, self.scalar_type(), kt, "softmax_topk");
+  std::vector<int64_t> shape = r.moved_shape;
+  if (!shape.empty()) shape.back() = k;
+  at::Tensor values = at::empty(shape, self.options());
+  at::Tensor indices = at::empty(shape, self.options().dtype(at::kLong));
+  if (r.rows > 0 && k > 0) {
+    if (k <= kt.max_topk) {
+      kt.softmax_topk(r.x2d, k, values.view({r.rows, k}), indices.view({r.rows, k}), alg);
+    } else {  // beyond the device kernel's list capacity: softmax, then topk (same values; torch's tie order)
+      at::Tensor p = at::empty_like(r.x2d);
+      kt.softmax(r.x2d, p, /*log=*/false, alg);
+      auto [v, i] = at::topk(p, k, /*dim=*/-1, /*largest=*/true, /*sorted=*/true);
+      values.view({r.rows, k}).copy_(v);
+      indices.view({r.rows, k}).copy_(i);
+    }
+  }
+  if (self.dim() > 0) {
+    values = values.movedim(-1, r.dim);
+    indices = indices.movedim(-1, r.dim);
+  }
+  return {values, indices};
+}
+
 std::string resolve_algorithm_op(const at::Tensor& self, int64_t dim, c10::string_view algorithm,
                                  const SoftmaxKernels& k) {
   RowView r = as_rows(self, dim);

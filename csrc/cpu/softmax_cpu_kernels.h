@@ -12,6 +12,7 @@
 
 #include <vector>
 
+#include "fastloss/topk.h"
 #include "row_ops.h"
 
 namespace fastloss {
@@ -263,12 +264,66 @@ inline void logsumexp_backward_kernel(const at::Tensor& grad, const at::Tensor& 
   });
 }
 
+// ---------------------------------------------------------------- softmax + top-k in one pass
+
+// The running top-k as an Extra of the reduction pass: it sees every element the (m, d) state sees. Once the list
+// is full, a block of kBlock elements costs four vector compares against the current k-th value (NaN always
+// passes); only a block holding a candidate goes through the scalar insertion.
+template <typename acc>
+struct TopKExtra {
+  fm::TopKList<acc> list;
+
+  void vec(int64_t j, const Vec (&v)[4]) {
+    if constexpr (std::is_same_v<acc, float>) {
+      if (list.n == list.k) {
+        if (list.k == 0) return;
+        const Vec thr(list.val[list.k - 1]);
+        Vec hit = (v[0] > thr) | v[0].isnan();
+        for (int i = 1; i < 4; ++i) hit = hit | (v[i] > thr) | v[i].isnan();
+        if (hit.zero_mask() == (1 << Vec::size()) - 1) return;  // no lane can enter
+      }
+      float tmp[kBlock];
+      for (int i = 0; i < 4; ++i) v[i].store(tmp + i * Vec::size());
+      for (int64_t l = 0; l < kBlock; ++l) list.push(tmp[l], j + l);
+    }
+  }
+  template <class A>
+  void scalar(int64_t j, A v) { list.push(static_cast<acc>(v), j); }
+  void flush() {}
+  void reset() { list.n = 0; }
+};
+
+inline void softmax_topk_kernel(const at::Tensor& x, int64_t k, const at::Tensor& values, const at::Tensor& indices,
+                                Algorithm alg) {
+  const int64_t rows = x.size(0), V = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastloss_softmax_topk_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    scalar_t* pv = values.mutable_data_ptr<scalar_t>();
+    int64_t* pi = indices.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, rows, row_grain(V), [&](int64_t b, int64_t e) {
+      std::vector<acc> val(k);
+      std::vector<int64_t> idx(k);
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* xr = px + r * V;
+        TopKExtra<acc> top{fm::TopKList<acc>(val.data(), idx.data(), k)};
+        const double lse = finish_lse<scalar_t>(row_state(xr, V, alg, Identity{}, top), xr, V);
+        for (int64_t i = 0; i < k; ++i) {
+          pv[r * k + i] = static_cast<scalar_t>(fm::topk_probability(val[i], lse));
+          pi[r * k + i] = idx[i];
+        }
+      }
+    });
+  });
+}
+
 // Measured on the 2-core AMD EPYC CI machine (bench: fastloss-bench --suite softmax): see README.
 inline Algorithm choose_algorithm(int64_t rows, int64_t V, at::ScalarType dtype) { return Algorithm::Online; }
 
 const SoftmaxKernels& kernel_table() {
-  static const SoftmaxKernels table{&logsumexp_kernel, &softmax_kernel, &softmax_backward_kernel,
-                                    &logsumexp_backward_kernel, &choose_algorithm};
+  static const SoftmaxKernels table{&logsumexp_kernel,          &softmax_kernel,   &softmax_backward_kernel,
+                                    &logsumexp_backward_kernel, &choose_algorithm, &softmax_topk_kernel,
+                                    std::numeric_limits<int64_t>::max()};
   return table;
 }
 

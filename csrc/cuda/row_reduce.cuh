@@ -21,6 +21,8 @@ using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarpSize = 32;
+// softmax_topk's per-thread list capacity (csrc/cuda/softmax_topk_cuda.cu); larger k takes the composite path.
+constexpr int64_t kMaxTopK = 128;
 constexpr int kVecBytes = 16;
 
 // Elements of T in one 16-byte load: 4 float, 8 half / bfloat16, 2 double.

@@ -643,11 +643,20 @@ void logsumexp_backward_kernel_host(const at::Tensor& grad, const at::Tensor& x,
 Algorithm choose_algorithm(int64_t rows, int64_t V, at::ScalarType dtype) { return Algorithm::Online; }
 
 }  // namespace
+
+// csrc/cuda/softmax_topk_cuda.cu
+void softmax_topk_cuda(const at::Tensor& x, int64_t k, const at::Tensor& values, const at::Tensor& indices,
+                       Algorithm alg);
 }  // namespace cuda
 
 const SoftmaxKernels& cuda_softmax_kernels() {
-  static const SoftmaxKernels table{&cuda::logsumexp_kernel, &cuda::softmax_kernel, &cuda::softmax_backward_kernel,
-                                    &cuda::logsumexp_backward_kernel_host, &cuda::choose_algorithm};
+  static const SoftmaxKernels table{&cuda::logsumexp_kernel,
+                                    &cuda::softmax_kernel,
+                                    &cuda::softmax_backward_kernel,
+                                    &cuda::logsumexp_backward_kernel_host,
+                                    &cuda::choose_algorithm,
+                                    &cuda::softmax_topk_cuda,
+                                    cuda::kMaxTopK};
   return table;
 }
 

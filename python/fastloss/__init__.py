@@ -30,11 +30,13 @@ _library_path = _load_library()
 from . import _ops  # noqa: E402,F401  (registers fake kernels and autograd)
 from .functional import (  # noqa: E402
     CrossEntropyOutput,
+    SoftmaxTopK,
     cross_entropy,
     linear_cross_entropy,
     log_softmax,
     logsumexp,
     softmax,
+    softmax_topk,
 )
 from . import nn  # noqa: E402,F401
 
@@ -47,6 +49,8 @@ __all__ = [
     "softmax",
     "log_softmax",
     "logsumexp",
+    "softmax_topk",
+    "SoftmaxTopK",
     "cross_entropy",
     "linear_cross_entropy",
     "CrossEntropyOutput",

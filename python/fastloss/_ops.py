@@ -68,6 +68,21 @@ def _logsumexp_backward_fake(grad, x, result, dim, keepdim):
     return _like_rows(x, dim)
 
 
+@torch.library.register_fake("fastloss::softmax_topk")
+def _softmax_topk_fake(x, k, dim=-1, algorithm="auto"):
+    if x.dim() == 0:
+        _wrap_dim(x, dim)
+        shape, d = [], None
+    else:
+        d = _wrap_dim(x, dim)
+        shape = list(x.shape)
+    size = 1 if x.dim() == 0 else shape[d]
+    torch._check(0 <= k <= size, lambda: f"fastloss.softmax_topk: `k` must be in [0, {size}], got {k}")
+    if d is not None:
+        shape[d] = k
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.long)
+
+
 # ---------------------------------------------------------------- autograd
 
 
@@ -98,6 +113,26 @@ def _logsumexp_bwd(ctx, grad):
     return _lib.logsumexp_backward(grad, x, out, ctx.dim, ctx.keepdim), None, None, None
 
 
+def _softmax_topk_setup(ctx, inputs, output):
+    x, _k, dim = inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else -1
+    ctx.dim = dim
+    ctx.save_for_backward(x, output[0], output[1])
+
+
+def _softmax_topk_bwd(ctx, grad_values, _grad_indices):
+    # values_i = p[idx_i], d p_a / d x_j = p_a (delta_aj - p_j):
+    # d x = scatter(g * v at idx) - p * sum_i g_i v_i.
+    x, values, indices = ctx.saved_tensors
+    if x.dim() == 0:
+        return torch.zeros_like(x), None, None, None
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gv = grad_values.to(acc) * values.to(acc)
+    p = _lib.softmax(x, ctx.dim).to(acc)
+    gx = torch.zeros_like(p).scatter_add_(ctx.dim, indices, gv) - p * gv.sum(ctx.dim, keepdim=True)
+    return gx.to(x.dtype), None, None, None
+
+
+torch.library.register_autograd("fastloss::softmax_topk", _softmax_topk_bwd, setup_context=_softmax_topk_setup)
 torch.library.register_autograd("fastloss::softmax", _softmax_bwd, setup_context=_save_output)
 torch.library.register_autograd("fastloss::log_softmax", _log_softmax_bwd, setup_context=_save_output)
 torch.library.register_autograd("fastloss::logsumexp", _logsumexp_bwd, setup_context=_logsumexp_setup)

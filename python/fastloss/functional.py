@@ -50,6 +50,31 @@ def logsumexp(input: torch.Tensor, dim: int = -1, keepdim: bool = False, *, algo
     return torch.ops.fastloss.logsumexp(input, dim, keepdim, algorithm)
 
 
+class SoftmaxTopK(NamedTuple):
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, algorithm: str = "auto") -> SoftmaxTopK:
+    """``torch.topk(torch.softmax(input, dim), k, dim)`` from one pass over ``input``, without the softmax tensor.
+
+    The online normaliser is carried together with a running top-k of the logits (softmax is monotone), and only
+    the k winners are exponentiated (Milakov & Gimelshein). Returns (values, indices), sorted best first; values
+    have ``input``'s dtype (float32 accumulation for bf16 / fp16), indices int64. Ties are deterministic: among
+    equal logits the smaller index comes first (torch.topk leaves that order unspecified), and NaN ranks above
+    every number, as in torch.topk. A row whose softmax is undefined (all -inf, a +inf, a NaN) gives NaN values,
+    as torch.softmax does. Differentiable in ``input``. On CUDA, k <= 128 runs the fused kernel; larger k
+    computes the softmax, then torch.topk.
+    """
+    _check(input, "softmax_topk", algorithm)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"fastloss.softmax_topk: `k` must be an int, got {k!r}")
+    if not isinstance(dim, int):
+        raise TypeError(f"fastloss.softmax_topk: `dim` must be a single int, got {dim!r}")
+    values, indices = torch.ops.fastloss.softmax_topk(input, k, dim, algorithm)
+    return SoftmaxTopK(values, indices)
+
+
 def resolve_algorithm(input: torch.Tensor, dim: int = -1, algorithm: str = "auto") -> str:
     """The algorithm ("online" or "two_pass") that ``algorithm`` resolves to for this input."""
     _check(input, "resolve_algorithm", algorithm)

@@ -24,6 +24,12 @@ struct SoftmaxKernels {
                              const at::Tensor& grad_input);
   // The algorithm "auto" resolves to, from benchmark measurements on this device.
   Algorithm (*choose_algorithm)(int64_t rows, int64_t V, at::ScalarType dtype);
+  // values[r, :] / indices[r, :] = the k largest softmax(x[r, :]) entries and their columns, best first (ranking in
+  // fastloss/topk.h), from one pass over the row. values has x's dtype, indices int64, both [rows, k]; 0 <= k <= V.
+  void (*softmax_topk)(const at::Tensor& x, int64_t k, const at::Tensor& values, const at::Tensor& indices,
+                       Algorithm algorithm);
+  // The largest k softmax_topk handles; beyond it the op layer computes softmax then at::topk (same values).
+  int64_t max_topk;
 };
 
 const SoftmaxKernels& cpu_softmax_kernels();

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: the preset's device, else cuda when available, else cpu")
     sel.add_argument("--hidden", type=int, default=None, help="hidden size D for linear_cross_entropy")
     sel.add_argument("--softcap", type=float, default=None, help="logit softcap for the cross-entropy suites")
+    sel.add_argument("--topk", type=int, default=None, help="k for the softmax_topk suite (default 5)")
     sel.add_argument("--suite", default="default",
                      help="comma list of suites, 'default' (softmax,log_softmax,logsumexp) or 'all'")
     sel.add_argument("--impl", type=_str_list, default=None,
@@ -117,6 +118,8 @@ def resolve_problems(args: argparse.Namespace) -> list[Problem]:
         extras["hidden"] = args.hidden
     if args.softcap is not None:
         extras["softcap"] = args.softcap
+    if args.topk is not None:
+        extras["topk"] = args.topk
     base: list[Problem] = []
     if args.preset or (args.n is None and args.v is None):
         for name in args.preset or ["default"]:

@@ -111,6 +111,14 @@ def _gpu_sweep(device: str) -> list[Problem]:
     return out
 
 
+def _topk(device: str) -> list[Problem]:
+    # Milakov & Gimelshein's softmax + top-k regime: LLM vocabularies, k = 1 / 5 / 50; N * V = 2^25 on CPU (128
+    # MiB of fp32), 2^28 on CUDA.
+    total = 2**28 if device == "cuda" else 2**25
+    return [make_problem(total // v, v, torch.float32, device, topk=k)
+            for v in (32768, 131072, 262144) for k in (1, 5, 50)]
+
+
 PRESETS: dict[str, tuple[str, Callable[[str], list[Problem]]]] = {
     "default": ("small shapes; about a minute on a 2-core CPU", _default),
     "cpu-goal": ("N=4096 V=32768 fp32: the project's CPU performance goal", _cpu_goal),
@@ -119,6 +127,7 @@ PRESETS: dict[str, tuple[str, Callable[[str], list[Problem]]]] = {
                _model(256000, 3584, softcap=30.0)),
     "gpt2": ("GPT-2 vocabulary V=50257 (hidden 768), N=8192 on CUDA", _model(50257, 768)),
     "gpu-sweep": ("V in 128..262144 with N*V ~ 2^28, bf16 and fp32 (CUDA)", _gpu_sweep),
+    "topk": ("softmax_topk: V = 32K / 128K / 256K x k = 1 / 5 / 50, fp32", _topk),
 }
 
 PRESET_DEVICE: dict[str, str] = {"cpu-goal": "cpu", "gpu-sweep": "cuda"}
