@@ -1,5 +1,7 @@
 #include "cross_entropy_ops.h"
 
+#include "fastloss/loss_math.h"
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -55,6 +57,25 @@ CrossEntropyParams make_params(int64_t ignore_index, double label_smoothing, dou
   p.softcap = softcap.value_or(0.0);
   p.algorithm = alg;
   return p;
+}
+
+// "ce" / "focal" / "poly1" into p.loss_kind / p.loss_param (fastloss/loss_math.h), with their constraints.
+void set_loss(CrossEntropyParams& p, c10::string_view loss, double param) {
+  if (loss == "ce") {
+    p.loss_kind = math::kLossCE;
+  } else if (loss == "focal") {
+    p.loss_kind = math::kLossFocal;
+    TORCH_CHECK(std::isfinite(param) && param >= 0.0, kOp, ": focal `gamma` must be a finite value >= 0, got ",
+                param);
+  } else if (loss == "poly1") {
+    p.loss_kind = math::kLossPoly1;
+    TORCH_CHECK(std::isfinite(param), kOp, ": poly1 `epsilon` must be finite, got ", param);
+  } else {
+    TORCH_CHECK(false, kOp, ": `loss` must be \"ce\", \"focal\" or \"poly1\", got \"", std::string(loss), "\"");
+  }
+  TORCH_CHECK(p.loss_kind == math::kLossCE || p.label_smoothing == 0.0, kOp, ": loss=\"", std::string(loss),
+              "\" does not take label_smoothing");
+  p.loss_param = param;
 }
 
 // Class weights as contiguous float32 on the logits' device, with their sum kept on the device.
@@ -129,13 +150,16 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits
                                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                         double label_smoothing, double z_loss,
                                                         std::optional<double> softcap, c10::string_view algorithm,
+                                                        c10::string_view loss_name, double loss_param,
                                                         const SoftmaxKernels& sk, const CrossEntropyKernels& k) {
   check_params(label_smoothing, z_loss, softcap);
+  auto p = make_params(ignore_index, label_smoothing, z_loss, softcap, Algorithm::Online);
+  set_loss(p, loss_name, loss_param);
   CrossEntropyInputs in = index_inputs(logits, target, weight, ignore_index);
   const int64_t N = logits.size(0);
   at::Tensor loss = new_rows(logits, N), lse = new_rows(logits, N);
   if (N == 0) return {loss, lse};
-  auto p = make_params(ignore_index, label_smoothing, z_loss, softcap, pick(algorithm, logits, sk));
+  p.algorithm = pick(algorithm, logits, sk);
   k.index_forward(in, p, loss, lse, at::Tensor(), at::Tensor());
   return {loss, lse};
 }
@@ -144,14 +168,15 @@ at::Tensor cross_entropy_bwd_op(const at::Tensor& grad_loss, const std::optional
                                 const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
                                 double label_smoothing, double z_loss, std::optional<double> softcap,
-                                const CrossEntropyKernels& k) {
+                                c10::string_view loss_name, double loss_param, const CrossEntropyKernels& k) {
   check_params(label_smoothing, z_loss, softcap);
+  auto p = make_params(ignore_index, label_smoothing, z_loss, softcap, Algorithm::Online);
+  set_loss(p, loss_name, loss_param);
   CrossEntropyInputs in = index_inputs(logits, target, weight, ignore_index);
   const int64_t N = logits.size(0);
   at::Tensor grad = at::empty_like(in.logits);
   if (grad.numel() == 0) return grad;
   at::Tensor gz = grad_lse && grad_lse->defined() ? as_rows(*grad_lse, logits, N, "grad_lse") : at::Tensor();
-  auto p = make_params(ignore_index, label_smoothing, z_loss, softcap, Algorithm::Online);
   k.index_backward(in, p, as_rows(grad_loss, logits, N, "grad_loss"), gz, as_rows(lse, logits, N, "lse"), grad);
   return grad;
 }
@@ -159,9 +184,11 @@ at::Tensor cross_entropy_bwd_op(const at::Tensor& grad_loss, const std::optional
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_grad_op(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing, double z_loss,
-    std::optional<double> softcap, c10::string_view algorithm, const SoftmaxKernels& sk,
-    const CrossEntropyKernels& k) {
+    std::optional<double> softcap, c10::string_view algorithm, c10::string_view loss_name, double loss_param,
+    const SoftmaxKernels& sk, const CrossEntropyKernels& k) {
   check_params(label_smoothing, z_loss, softcap);
+  auto p = make_params(ignore_index, label_smoothing, z_loss, softcap, Algorithm::Online);
+  set_loss(p, loss_name, loss_param);
   TORCH_CHECK(logits.is_contiguous(), kOp, ": the in-place gradient needs contiguous logits");
   CrossEntropyInputs in = index_inputs(logits, target, weight, ignore_index);
   const int64_t N = logits.size(0);
@@ -170,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_grad_op(
   at::Tensor scale = grad_scale.numel() == 1
                          ? grad_scale.to(row_dtype(logits)).reshape({1}).expand({N}).contiguous()
                          : as_rows(grad_scale, logits, N, "grad_scale");
-  auto p = make_params(ignore_index, label_smoothing, z_loss, softcap, pick(algorithm, logits, sk));
+  p.algorithm = pick(algorithm, logits, sk);
   k.index_forward(in, p, loss, lse, scale, logits);
   return {loss, lse};
 }

@@ -15,17 +15,18 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits
                                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                         double label_smoothing, double z_loss,
                                                         std::optional<double> softcap, c10::string_view algorithm,
+                                                        c10::string_view loss, double loss_param,
                                                         const SoftmaxKernels& sk, const CrossEntropyKernels& k);
 at::Tensor cross_entropy_bwd_op(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                                 const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
                                 double label_smoothing, double z_loss, std::optional<double> softcap,
-                                const CrossEntropyKernels& k);
+                                c10::string_view loss, double loss_param, const CrossEntropyKernels& k);
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_grad_op(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing, double z_loss,
-    std::optional<double> softcap, c10::string_view algorithm, const SoftmaxKernels& sk,
-    const CrossEntropyKernels& k);
+    std::optional<double> softcap, c10::string_view algorithm, c10::string_view loss, double loss_param,
+    const SoftmaxKernels& sk, const CrossEntropyKernels& k);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_fwd_op(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     double label_smoothing, double z_loss, std::optional<double> softcap, c10::string_view algorithm,

@@ -54,17 +54,19 @@ struct CrossEntropyDeviceOps {
   using OptT = std::optional<at::Tensor>;
   static std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& t, const OptT& w, int64_t ii,
                                                 double ls, double z, std::optional<double> cap,
-                                                c10::string_view alg) {
-    return cross_entropy_fwd_op(x, t, w, ii, ls, z, cap, alg, K(), KC());
+                                                c10::string_view alg, c10::string_view loss, double lp) {
+    return cross_entropy_fwd_op(x, t, w, ii, ls, z, cap, alg, loss, lp, K(), KC());
   }
   static at::Tensor bwd(const at::Tensor& g, const OptT& gz, const at::Tensor& x, const at::Tensor& t, const OptT& w,
-                        const at::Tensor& lse, int64_t ii, double ls, double z, std::optional<double> cap) {
-    return cross_entropy_bwd_op(g, gz, x, t, w, lse, ii, ls, z, cap, KC());
+                        const at::Tensor& lse, int64_t ii, double ls, double z, std::optional<double> cap,
+                        c10::string_view loss, double lp) {
+    return cross_entropy_bwd_op(g, gz, x, t, w, lse, ii, ls, z, cap, loss, lp, KC());
   }
   static std::tuple<at::Tensor, at::Tensor> fwd_inplace(const at::Tensor& x, const at::Tensor& t, const OptT& w,
                                                         const at::Tensor& gs, int64_t ii, double ls, double z,
-                                                        std::optional<double> cap, c10::string_view alg) {
-    return cross_entropy_fwd_inplace_grad_op(x, t, w, gs, ii, ls, z, cap, alg, K(), KC());
+                                                        std::optional<double> cap, c10::string_view alg,
+                                                        c10::string_view loss, double lp) {
+    return cross_entropy_fwd_inplace_grad_op(x, t, w, gs, ii, ls, z, cap, alg, loss, lp, K(), KC());
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> prob_fwd(const at::Tensor& x, const at::Tensor& t,
                                                                  const OptT& w, double ls, double z,

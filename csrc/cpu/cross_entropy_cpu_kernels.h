@@ -213,11 +213,12 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
           const double l = finish_lse(st, xr, C);
           const acc x_t = tx(static_cast<acc>(xr[t]));
           const acc w_t = w ? w[t] : acc(1);
-          ploss[r] = fm::ce_index_loss<double>(l, x_t, w_t, sum_w_dx, shift, W, p.label_smoothing, 1.0 / double(C),
-                                               p.z_loss);
+          ploss[r] = fm::ce_index_loss_kind<double>(p.loss_kind, p.loss_param, l, x_t, w_t, sum_w_dx, shift, W,
+                                                    p.label_smoothing, 1.0 / double(C), p.z_loss);
           plse[r] = l;
           if (fused) {
-            auto k = fm::ce_index_coefs(acc(gs[r]), acc(0), acc(l), w_t, acc(W), eps, invC, z);
+            auto k = fm::ce_index_coefs_kind(p.loss_kind, acc(p.loss_param), acc(gs[r]), acc(0), acc(l), x_t, w_t,
+                                             acc(W), eps, invC, z);
             write_index_grad(xr, pg + r * C, C, tx, st.m, acc(1) / st.d, k, w, t, x_t);
           }
         }
@@ -250,9 +251,11 @@ inline void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyPa
           }
           const scalar_t* xr = px + r * C;
           const acc w_t = w ? w[t] : acc(1);
-          auto k = fm::ce_index_coefs(acc(gl[r]), gz ? acc(gz[r]) : acc(0), acc(plse[r]), w_t, acc(W), eps, invC, z);
+          const acc x_t = tx(static_cast<acc>(xr[t]));
+          auto k = fm::ce_index_coefs_kind(p.loss_kind, acc(p.loss_param), acc(gl[r]), gz ? acc(gz[r]) : acc(0),
+                                           acc(plse[r]), x_t, w_t, acc(W), eps, invC, z);
           const auto nd = normaliser_from_lse<acc>(plse[r]);
-          write_index_grad(xr, pg + r * C, C, tx, nd.m, nd.d, k, w, t, tx(static_cast<acc>(xr[t])));
+          write_index_grad(xr, pg + r * C, C, tx, nd.m, nd.d, k, w, t, x_t);
         }
       });
     });

@@ -423,6 +423,8 @@ struct IndexArgs {
   int64_t N, C, ignore_index;
   double eps, z, inv_C;    // label smoothing, z-loss, 1 / C: the loss in double...
   acc eps_a, z_a, inv_C_a;  // ...the gradient's coefficients in acc (kernel parameters, not registers)
+  int loss_kind;            // fastloss/loss_math.h kLoss*; non-CE kinds need x_t on every lane of the group
+  double loss_param;
   Algorithm alg;
   int gshift;
 };
@@ -494,9 +496,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
         if (active) {
           const acc x_t = tx(static_cast<acc>(xr[t]));
           const acc w_t = a.w != nullptr ? a.w[t] : acc(1);
-          a.loss[row] = fm::ce_index_loss<double>(l, static_cast<double>(x_t), static_cast<double>(w_t), sum_w_dx,
-                                                  static_cast<double>(shift), class_weight_sum(a), a.eps, a.inv_C,
-                                                  a.z);
+          a.loss[row] = fm::ce_index_loss_kind<double>(a.loss_kind, a.loss_param, l, static_cast<double>(x_t),
+                                                       static_cast<double>(w_t), sum_w_dx, static_cast<double>(shift),
+                                                       class_weight_sum(a), a.eps, a.inv_C, a.z);
           a.lse[row] = l;
         } else {
           a.loss[row] = ignored ? 0.0 : kNaN;
@@ -513,17 +515,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       if (active) {
         const acc w_t = a.w != nullptr ? a.w[t] : acc(1);
         const acc W = static_cast<acc>(class_weight_sum(a));
+        // Comp-sum kinds scale the row by a factor of p_t: every lane reads the (capped) target logit. In place,
+        // this read precedes the group barrier that orders every read of the row before any write.
+        const acc x_tk = a.loss_kind != fm::kLossCE ? tx(static_cast<acc>(xr[t])) : acc(0);
+        const acc lp = static_cast<acc>(a.loss_param);
         fm::CeRow<acc> k;
         if constexpr (reduce) {
-          k = fm::ce_index_coefs(static_cast<acc>(a.grad_scale[row]), acc(0), static_cast<acc>(l), w_t, W, a.eps_a,
-                                 a.inv_C_a, a.z_a);
+          k = fm::ce_index_coefs_kind(a.loss_kind, lp, static_cast<acc>(a.grad_scale[row]), acc(0),
+                                      static_cast<acc>(l), x_tk, w_t, W, a.eps_a, a.inv_C_a, a.z_a);
           m = st.m;
           inv_d = acc(1) / st.d;
         } else {
           const double lr = a.lse_in[row];
           const acc gz = a.grad_lse != nullptr ? static_cast<acc>(a.grad_lse[row]) : acc(0);
-          k = fm::ce_index_coefs(static_cast<acc>(a.grad_loss[row]), gz, static_cast<acc>(lr), w_t, W, a.eps_a,
-                                 a.inv_C_a, a.z_a);
+          k = fm::ce_index_coefs_kind(a.loss_kind, lp, static_cast<acc>(a.grad_loss[row]), gz, static_cast<acc>(lr),
+                                      x_tk, w_t, W, a.eps_a, a.inv_C_a, a.z_a);
           const auto nd = normaliser_from_lse<acc>(lr);
           m = nd.m;
           inv_d = nd.d;
@@ -777,6 +783,8 @@ IndexArgs<scalar_t> index_args(const CrossEntropyInputs& in, const CrossEntropyP
   a.eps_a = static_cast<acc_t<scalar_t>>(a.eps);
   a.z_a = static_cast<acc_t<scalar_t>>(a.z);
   a.inv_C_a = static_cast<acc_t<scalar_t>>(a.inv_C);
+  a.loss_kind = p.loss_kind;
+  a.loss_param = p.loss_param;
   a.alg = p.algorithm;
   return a;
 }

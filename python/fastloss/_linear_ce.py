@@ -98,7 +98,8 @@ def _chunk_backward(g, hc, Wc, gh_rows, gW, gb, acc, keep):
 
 
 def run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, chunk_rows,
-               scale: Optional[torch.Tensor], want_h: bool, want_w: bool, want_b: bool, filter_eps: float = 0.0):
+               scale: Optional[torch.Tensor], want_h: bool, want_w: bool, want_b: bool, filter_eps: float = 0.0,
+               loss_kind: tuple = ("ce", 0.0)):
     """One pass over token chunks. With ``scale`` (per-row or single incoming-gradient factors) also returns the
     gradients of h, W and b (None where not wanted). ``filter_eps`` > 0 skips the backward GEMM work of vocabulary
     columns whose gradient entries are all below it (see :func:`_kept_columns`)."""
@@ -133,11 +134,11 @@ def run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softca
                                                sum_wy, label_smoothing, z_loss, softcap)
         elif grad:
             rows, lse = ops.cross_entropy_fwd_inplace_grad(logits, tc, weight, sc, ignore_index, label_smoothing,
-                                                           z_loss, softcap, algorithm)
+                                                           z_loss, softcap, algorithm, *loss_kind)
             g = logits  # now d loss / d logits, scaled
         else:
             rows, lse = ops.cross_entropy_fwd(logits, tc, weight, ignore_index, label_smoothing, z_loss, softcap,
-                                              algorithm)
+                                              algorithm, *loss_kind)
             g = None
         loss_rows[s:e] = rows
         lse_rows[s:e] = lse
@@ -153,9 +154,10 @@ def run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softca
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, reduction,
-                chunk_rows, denom, out_shape, want, filter_eps):
+                chunk_rows, denom, out_shape, want, filter_eps, loss_kind):
         want_h, want_w, want_b = want
         args = (weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, chunk_rows)
+        ctx.loss_kind = loss_kind
         precompute = reduction != "none" and any(want)
         scale = None
         if precompute:
@@ -163,7 +165,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             scale = (1.0 / denom).to(acc).reshape(1) if reduction == "mean" else torch.ones(1, dtype=acc,
                                                                                               device=h.device)
         rows, lse, gh, gW, gb = run_chunks(h, W, b, t, *args, scale=scale, want_h=want_h, want_w=want_w,
-                                           want_b=want_b, filter_eps=filter_eps)
+                                           want_b=want_b, filter_eps=filter_eps, loss_kind=loss_kind)
         ctx.filter_eps = filter_eps
         ctx.reduction = reduction
         ctx.args = args
@@ -187,6 +189,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             want_h, want_w, want_b = ctx.want
             scale = grad_loss.reshape(-1).to(_acc_dtype(h.dtype))
             _, _, gh, gW, gb = run_chunks(h, W, b, t, *ctx.args, scale=scale, want_h=want_h, want_w=want_w,
-                                          want_b=want_b, filter_eps=ctx.filter_eps)
+                                          want_b=want_b, filter_eps=ctx.filter_eps, loss_kind=ctx.loss_kind)
             grads = [gh, gW, gb]
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None, None, None)

@@ -147,18 +147,20 @@ def _rows(logits):
 
 
 @torch.library.register_fake("fastloss::cross_entropy_fwd")
-def _ce_fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm="auto"):
+def _ce_fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm="auto", loss="ce",
+                 loss_param=0.0):
     return _rows(logits), _rows(logits)
 
 
 @torch.library.register_fake("fastloss::cross_entropy_bwd")
-def _ce_bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap):
+def _ce_bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                 loss="ce", loss_param=0.0):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.register_fake("fastloss::cross_entropy_fwd_inplace_grad")
 def _ce_fwd_inplace_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-                         algorithm="auto"):
+                         algorithm="auto", loss="ce", loss_param=0.0):
     return _rows(logits), _rows(logits)
 
 
@@ -179,14 +181,16 @@ def _scale_rows_fake(x, scale):
 
 def _ce_setup(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing, z_loss, softcap = inputs[:7]
-    ctx.args = (ignore_index, label_smoothing, z_loss, softcap)
+    loss = inputs[8] if len(inputs) > 8 else "ce"
+    loss_param = inputs[9] if len(inputs) > 9 else 0.0
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, loss, loss_param)
     ctx.save_for_backward(logits, target, weight, output[1])
 
 
 def _ce_bwd(ctx, grad_loss, grad_lse):
     logits, target, weight, lse = ctx.saved_tensors
     grad = _lib.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, lse, *ctx.args)
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 def _ce_prob_setup(ctx, inputs, output):

@@ -149,11 +149,11 @@ class _CrossEntropyInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, reduction, denom,
-                out_shape):
+                out_shape, loss_kind, loss_param):
         buf = x2d.detach()
         scale = (1.0 / denom).reshape(1) if reduction == "mean" else torch.ones(1, device=x2d.device)
         rows, lse = torch.ops.fastloss.cross_entropy_fwd_inplace_grad(
-            buf, t, weight, scale, ignore_index, label_smoothing, z_loss, softcap, algorithm)
+            buf, t, weight, scale, ignore_index, label_smoothing, z_loss, softcap, algorithm, loss_kind, loss_param)
         ctx.save_for_backward(buf)
         ctx.reduction = reduction
         ctx.mark_non_differentiable(lse)
@@ -163,7 +163,35 @@ class _CrossEntropyInplace(torch.autograd.Function):
     def backward(ctx, grad, _grad_lse):
         (buf,) = ctx.saved_tensors
         torch.ops.fastloss.scale_rows_(buf, grad.reshape(-1))
-        return buf, None, None, None, None, None, None, None, None, None, None
+        return buf, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+_LOSSES = ("ce", "focal", "poly1")
+
+
+def _loss_kind(name: str, loss: str, gamma, epsilon, label_smoothing: float, soft: bool) -> tuple[str, float]:
+    """Validates ``loss`` and its parameter; returns (loss, loss_param) for the ops."""
+    if loss not in _LOSSES:
+        raise ValueError(f"fastloss.{name}: `loss` must be one of {_LOSSES}, got {loss!r}")
+    if gamma is not None and loss != "focal":
+        raise ValueError(f"fastloss.{name}: `gamma` is the parameter of loss='focal', not of loss={loss!r}")
+    if epsilon is not None and loss != "poly1":
+        raise ValueError(f"fastloss.{name}: `epsilon` is the parameter of loss='poly1', not of loss={loss!r}")
+    if loss == "ce":
+        return loss, 0.0
+    if soft:
+        raise ValueError(f"fastloss.{name}: loss={loss!r} needs class-index targets, not probability targets")
+    if label_smoothing:
+        raise ValueError(f"fastloss.{name}: loss={loss!r} does not take label_smoothing")
+    if loss == "focal":
+        g = 2.0 if gamma is None else float(gamma)
+        if not (g >= 0 and math.isfinite(g)):
+            raise ValueError(f"fastloss.{name}: `gamma` must be a finite float >= 0, got {gamma!r}")
+        return loss, g
+    e = 1.0 if epsilon is None else float(epsilon)
+    if not math.isfinite(e):
+        raise ValueError(f"fastloss.{name}: `epsilon` must be finite, got {epsilon!r}")
+    return loss, e
 
 
 def cross_entropy(
@@ -180,6 +208,9 @@ def cross_entropy(
     return_z_loss: bool = False,
     inplace_backward: bool = False,
     algorithm: str = "auto",
+    loss: str = "ce",
+    gamma: Optional[float] = None,
+    epsilon: Optional[float] = None,
 ):
     """Drop-in ``torch.nn.functional.cross_entropy`` computed by fastloss's fused kernels.
 
@@ -196,6 +227,11 @@ def cross_entropy(
       inplace_backward: the forward writes the gradient into ``input``'s buffer (which is destroyed): no second
         N x C tensor. Class-index targets only; eager mode; the returned lse / z_loss are then not differentiable.
       algorithm: "auto" | "online" | "two_pass" for the log-sum-exp (see :func:`softmax`).
+      loss: "ce" (default), or a comp-sum loss computed by the same fused row pass (class-index targets, no label
+        smoothing; class weights, ignore_index, reductions, z_loss and softcap as for "ce"):
+        "focal": ``-(1 - p_t)**gamma * log p_t`` (Lin et al.; ``gamma`` default 2.0);
+        "poly1": ``-log p_t + epsilon * (1 - p_t)`` (PolyLoss, Leng et al.; ``epsilon`` default 1.0).
+        Weighted per token by ``weight[t]``; "mean" divides by the summed weight, as for "ce".
 
     The loss has ``input``'s dtype; internally everything accumulates in float32 (float64 for float64 input).
     """
@@ -210,6 +246,7 @@ def cross_entropy(
         raise ValueError("fastloss.cross_entropy: ignore_index is not supported for probability targets")
     if softcap is not None:
         softcap = float(softcap)
+    kind, param = _loss_kind("cross_entropy", loss, gamma, epsilon, float(label_smoothing), soft)
     x2d, t, out_shape = _flatten_for_ce(input, target, soft)
     ls, z = float(label_smoothing), float(z_loss)
     ops = torch.ops.fastloss
@@ -225,13 +262,13 @@ def cross_entropy(
         denom = _mean_denominator(reduction, t, valid, weight, input.dtype)
         if inplace_backward and x2d.requires_grad and torch.is_grad_enabled():
             x2d = x2d if x2d.is_contiguous() else x2d.contiguous()
-            loss, lse = _CrossEntropyInplace.apply(x2d, t, weight, ignore_index, ls, z, softcap, algorithm,
-                                                   reduction, denom, out_shape)
-            return _finish(loss.to(input.dtype), lse, valid, z, reduction, out_shape, denom, return_lse,
+            out, lse = _CrossEntropyInplace.apply(x2d, t, weight, ignore_index, ls, z, softcap, algorithm,
+                                                  reduction, denom, out_shape, kind, param)
+            return _finish(out.to(input.dtype), lse, valid, z, reduction, out_shape, denom, return_lse,
                            return_z_loss)
-        rows, lse = ops.cross_entropy_fwd(x2d, t, weight, ignore_index, ls, z, softcap, algorithm)
-    loss = _reduce(rows, reduction, out_shape, denom).to(input.dtype)
-    return _finish(loss, lse, valid, z, reduction, out_shape, denom, return_lse, return_z_loss)
+        rows, lse = ops.cross_entropy_fwd(x2d, t, weight, ignore_index, ls, z, softcap, algorithm, kind, param)
+    out = _reduce(rows, reduction, out_shape, denom).to(input.dtype)
+    return _finish(out, lse, valid, z, reduction, out_shape, denom, return_lse, return_z_loss)
 
 
 def _finish(loss, lse, valid, z, reduction, out_shape, denom, return_lse, return_z_loss):
@@ -286,6 +323,9 @@ def linear_cross_entropy(
     return_lse: bool = False,
     return_z_loss: bool = False,
     algorithm: str = "auto",
+    loss: str = "ce",
+    gamma: Optional[float] = None,
+    epsilon: Optional[float] = None,
     options=None,
 ):
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the N x V logits.
@@ -306,6 +346,8 @@ def linear_cross_entropy(
     GEMMs; each dropped entry is below that bound, which is the whole error. "auto": ``finfo(input.dtype).eps / 32``
     (2^-12 for bf16, CCE's choice; 2^-15 fp16; 2^-28 fp32). It pays when most of a chunk's columns fall below the
     bound (a trained model's peaked softmax; not random logits) and costs one host sync per chunk on CUDA.
+
+    loss, gamma, epsilon: the comp-sum losses, as in :func:`cross_entropy`.
 
     loss_dtype: dtype of the returned loss; default the input's (as ``F.cross_entropy``). The rows are reduced in
     float64 either way, so ``torch.float32`` on bf16 input gives the loss that upcasting the logits would (what
@@ -359,10 +401,11 @@ def linear_cross_entropy(
         want = (False, False, False)
     chunk_rows = resolve_chunk_rows(chunk_size, N, V, input.dtype, h.device)
     filter_eps = _resolve_filter_eps(filter_eps, input.dtype)
+    kind, param = _loss_kind("linear_cross_entropy", loss, gamma, epsilon, float(label_smoothing), soft)
     if softcap is not None:
         softcap = float(softcap)
-    loss, lse = LinearCrossEntropyFunction.apply(
+    out, lse = LinearCrossEntropyFunction.apply(
         h.contiguous(), linear_weight.contiguous(), linear_bias, t, weight, ignore_index, float(label_smoothing),
-        float(z_loss), softcap, algorithm, reduction, chunk_rows, denom, lead, want, filter_eps)
-    return _finish(loss.to(input.dtype if loss_dtype is None else loss_dtype), lse, valid, float(z_loss), reduction,
+        float(z_loss), softcap, algorithm, reduction, chunk_rows, denom, lead, want, filter_eps, (kind, param))
+    return _finish(out.to(input.dtype if loss_dtype is None else loss_dtype), lse, valid, float(z_loss), reduction,
                    lead, denom, return_lse, return_z_loss)

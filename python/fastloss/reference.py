@@ -60,3 +60,31 @@ def two_pass_lse_literal(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         a = a * scale_old + p * scale_new
         k = k_new
     return torch.log(a) + k * math.log(2)
+
+
+def comp_sum_loss_reference(logits: torch.Tensor, target: torch.Tensor, loss: str, *, weight=None,
+                            reduction: str = "mean", ignore_index: int = -100, gamma: float = 2.0,
+                            epsilon: float = 1.0) -> torch.Tensor:
+    """The comp-sum losses in plain PyTorch (float64 when given float64), torch's weighting and reductions:
+    per token w_t * l(p_t), "mean" divides by the summed weight of the non-ignored tokens.
+
+    focal (Lin et al.): l = -(1 - p_t)^gamma log p_t;   poly1 (Leng et al.): l = -log p_t + epsilon (1 - p_t).
+    """
+    valid = target != ignore_index
+    t = target.masked_fill(~valid, 0)
+    logp_t = torch.log_softmax(logits, -1).gather(-1, t[..., None]).squeeze(-1)
+    p_t = logp_t.exp()
+    if loss == "focal":
+        rows = -((1 - p_t) ** gamma) * logp_t
+    elif loss == "poly1":
+        rows = -logp_t + epsilon * (1 - p_t)
+    else:
+        raise ValueError(loss)
+    w = weight[t] if weight is not None else torch.ones_like(rows)
+    w = w * valid
+    rows = rows * w
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / w.sum()

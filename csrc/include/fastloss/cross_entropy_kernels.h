@@ -20,6 +20,8 @@ struct CrossEntropyParams {
   bool has_softcap = false;
   double softcap = 0.0;
   Algorithm algorithm = Algorithm::Online;
+  int loss_kind = 0;        // fastloss/loss_math.h: kLossCE, kLossFocal (loss_param = gamma), kLossPoly1 (epsilon)
+  double loss_param = 0.0;
 };
 
 struct CrossEntropyInputs {

@@ -16,6 +16,13 @@
 // and the gradient of a returned lse (g_lse p_c) adds to a. The true class's a p_t - c_t is evaluated in fp32
 // (a bf16 p - 1 loses everything at p = 0.999), and rounded once when stored.
 //
+// comp-sum losses (class-index targets, no label smoothing), with nll = lse - x_t, p_t = e^-nll, q = 1 - p_t:
+//    focal (gamma):   loss = w_t q^gamma nll              dloss/dx_c = w_t F (p_c - [c == t]),
+//                     F = q^gamma + gamma q^(gamma-1) p_t nll = q^gamma (1 + gamma p_t nll / q)
+//    poly1 (epsilon): loss = w_t (nll + epsilon q)       F = 1 + epsilon p_t
+//    (plus z lse^2 as above). So a = g w_t F (+ 2 g z lse + g_lse), b = 0, c_t = g w_t F: the same row pass.
+//    q is computed as -expm1(-nll), exact when p_t -> 1, and nll / q -> 1 there, so focal's F has no 0 * inf.
+//
 // softcap s: x' = s tanh(x / s), dx'/dx = 1 - (x'/s)^2. A -inf logit (a masked vocabulary entry) stays -inf and gets
 // a zero gradient: it must not come back as -s and leak into the log-sum-exp.
 #pragma once
@@ -73,6 +80,51 @@ FL_HD T ce_prob_loss(T lse, T sum_wy, T sum_wy_dx, T shift, T z) {
   T loss = sum_wy * (lse - shift) - sum_wy_dx;
   if (z != T(0)) loss += z * lse * lse;
   return loss;
+}
+
+// Loss kinds (CrossEntropyParams::loss_kind; plain ints, so the params struct is the same type in every ISA build).
+constexpr int kLossCE = 0, kLossFocal = 1, kLossPoly1 = 2;
+
+// The comp-sum loss of one row without its class weight, and its gradient factor F (file comment).
+template <class T>
+struct CompSum {
+  T loss;
+  T factor;
+};
+
+// Evaluated in double whatever T (once per row): pow / expm1 of a float would cost the loss its last digits.
+template <class T>
+FL_HD CompSum<T> comp_sum(int kind, T param_t, T nll_t) {
+  const double param = static_cast<double>(param_t), nll = static_cast<double>(nll_t);
+  const double p_t = ::exp(-nll);
+  const double q = -::expm1(-nll);
+  if (kind == kLossPoly1) return {static_cast<T>(nll + param * q), static_cast<T>(1.0 + param * p_t)};
+  // Focal. q^0 = 1 (cross-entropy); q = 0 (p_t = 1): loss 0, F = 0 for gamma > 0.
+  const double qg = param == 0.0 ? 1.0 : ::pow(q, param);
+  const double ratio = q > 0.0 ? nll / q : 1.0;
+  const double extra = p_t > 0.0 ? param * p_t * ratio : 0.0;  // p_t = 0 (x_t = -inf): no 0 * inf
+  return {static_cast<T>(qg * nll), static_cast<T>(qg * (1.0 + extra))};
+}
+
+// The row's loss for any loss kind (CE: ce_index_loss).
+template <class T>
+FL_HD T ce_index_loss_kind(int kind, T param, T lse, T x_t, T w_t, T sum_w_dx, T shift, T W, T eps, T inv_C,
+                           T z) {
+  if (kind == kLossCE) return ce_index_loss(lse, x_t, w_t, sum_w_dx, shift, W, eps, inv_C, z);
+  T loss = w_t * comp_sum(kind, param, lse - x_t).loss;
+  if (z != T(0)) loss += z * lse * lse;
+  return loss;
+}
+
+// The row's gradient coefficients for any loss kind (CE: ce_index_coefs). x_t is the (capped) target logit.
+template <class T>
+FL_HD CeRow<T> ce_index_coefs_kind(int kind, T param, T g, T g_lse, T lse, T x_t, T w_t, T W, T eps, T inv_C,
+                                   T z) {
+  if (kind == kLossCE) return ce_index_coefs(g, g_lse, lse, w_t, W, eps, inv_C, z);
+  const T f = w_t * comp_sum(kind, param, lse - x_t).factor;
+  T a = f;
+  if (z != T(0)) a += T(2) * z * lse;
+  return {g * a + g_lse, T(0), g * f};
 }
 
 }  // namespace FL_ISA_NAMESPACE
