@@ -70,8 +70,11 @@ void set_loss(CrossEntropyParams& p, c10::string_view loss, double param) {
   } else if (loss == "poly1") {
     p.loss_kind = math::kLossPoly1;
     TORCH_CHECK(std::isfinite(param), kOp, ": poly1 `epsilon` must be finite, got ", param);
+  } else if (loss == "squentropy") {
+    p.loss_kind = math::kLossSquentropy;
   } else {
-    TORCH_CHECK(false, kOp, ": `loss` must be \"ce\", \"focal\" or \"poly1\", got \"", std::string(loss), "\"");
+    TORCH_CHECK(false, kOp, ": `loss` must be \"ce\", \"focal\", \"poly1\" or \"squentropy\", got \"",
+                std::string(loss), "\"");
   }
   TORCH_CHECK(p.loss_kind == math::kLossCE || p.label_smoothing == 0.0, kOp, ": loss=\"", std::string(loss),
               "\" does not take label_smoothing");

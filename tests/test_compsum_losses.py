@@ -1,4 +1,4 @@
-"""The comp-sum losses of fastloss.cross_entropy / linear_cross_entropy (loss="focal" / "poly1") against plain
+"""The comp-sum losses of fastloss.cross_entropy / linear_cross_entropy (loss="focal" / "poly1" / "squentropy") against plain
 PyTorch references in float64, with ignore_index, reductions and class weights; gradients by gradcheck."""
 
 import itertools
@@ -13,7 +13,7 @@ from fastloss.reference import comp_sum_loss_reference
 
 C = 37
 KINDS = [("focal", dict(gamma=2.0)), ("focal", dict(gamma=0.5)), ("focal", dict(gamma=0.0)),
-         ("poly1", dict(epsilon=1.0)), ("poly1", dict(epsilon=-0.5))]
+         ("poly1", dict(epsilon=1.0)), ("poly1", dict(epsilon=-0.5)), ("squentropy", {})]
 
 
 def _data(n=19, dtype=torch.float64, device="cpu", seed=0):
@@ -44,7 +44,7 @@ def test_matches_reference_float64(kind, kw, reduction, weighted, inplace, devic
     assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("kind,kw", KINDS[:1] + KINDS[3:4])
+@pytest.mark.parametrize("kind,kw", KINDS[:1] + KINDS[3:4] + KINDS[5:])
 def test_gradcheck_and_extras(kind, kw, device):
     x, t, w = _data(n=5, device=device)
     x.requires_grad_()
@@ -78,7 +78,7 @@ def test_special_cases(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind,kw", KINDS[:1] + KINDS[3:4])
+@pytest.mark.parametrize("kind,kw", KINDS[:1] + KINDS[3:4] + KINDS[5:])
 def test_low_precision(dtype, kind, kw, device):
     x, t, w = _data(n=64, dtype=dtype, device=device)
     xr = x.double().requires_grad_()
@@ -92,7 +92,7 @@ def test_low_precision(dtype, kind, kw, device):
     assert rel_err(g, g_ref) <= 4 * TOL[dtype]
 
 
-@pytest.mark.parametrize("kind,kw", KINDS[:1] + KINDS[3:4])
+@pytest.mark.parametrize("kind,kw", KINDS[:1] + KINDS[3:4] + KINDS[5:])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_cross_entropy(kind, kw, reduction, device):
     g = torch.Generator().manual_seed(3)
@@ -123,3 +123,43 @@ def test_bad_arguments(device):
         fastloss.cross_entropy(x, t, loss="focal", gamma=-1.0)
     with pytest.raises(ValueError, match="gamma"):
         fastloss.cross_entropy(x, t, loss="ce", gamma=2.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fastloss.cross_entropy(x, t, loss="squentropy", label_smoothing=0.1)
+    with pytest.raises(RuntimeError, match="`loss`"):
+        torch.ops.fastloss.cross_entropy_fwd(x, t, None, -100, 0.0, 0.0, None, "auto", "hinge", 0.0)
+
+
+def test_modules(device):
+    x, t, w = _data(device=device)
+    m = fastloss.nn.CrossEntropyLoss(weight=w, loss="focal", gamma=1.5)
+    assert torch.allclose(m(x, t), comp_sum_loss_reference(x, t, "focal", weight=w, gamma=1.5), rtol=1e-12)
+    h = torch.randn(5, 4, dtype=torch.float64, device=device)
+    W = torch.randn(C, 4, dtype=torch.float64, device=device)
+    tt = t[:5]
+    lm = fastloss.nn.LinearCrossEntropyLoss(loss="poly1", epsilon=2.0)
+    ref = comp_sum_loss_reference(h @ W.T, tt, "poly1", epsilon=2.0)
+    assert torch.allclose(lm(h, W, tt), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("alg", ["online", "two_pass"])
+def test_squentropy_long_rows_and_sum_of_squares(alg, device):
+    # long rows (the SIMD body, chunk flushes of the second accumulator), peaked and flat rows, one class
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 20011, generator=g, dtype=torch.float64) * 4
+    x[1] *= 0.01  # nearly uniform: sum p^2 ~ 1 / C
+    x[2, 7] = 60.0  # one dominant class: sum p^2 ~ 1
+    t = torch.tensor([5, 9, 7, 7])
+    x, t = x.to(device), t.to(device)
+    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 1e-5)):
+        xi = x.to(dtype).requires_grad_()
+        out = fastloss.cross_entropy(xi, t, loss="squentropy", reduction="none", algorithm=alg)
+        xr = x.clone().requires_grad_()
+        ref = comp_sum_loss_reference(xr, t, "squentropy", reduction="none")
+        assert rel_err(out, ref) <= tol
+        (ga,) = torch.autograd.grad(out.sum(), xi)
+        (gr,) = torch.autograd.grad(ref.sum(), xr)
+        assert rel_err(ga, gr) <= 10 * tol
+    one = torch.randn(3, 1, dtype=torch.float64, device=device)
+    assert torch.equal(fastloss.cross_entropy(one, torch.zeros(3, dtype=torch.long, device=device),
+                                              loss="squentropy", reduction="none"),
+                       torch.zeros(3, dtype=torch.float64, device=device))

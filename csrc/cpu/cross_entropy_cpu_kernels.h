@@ -116,6 +116,46 @@ struct ProbSums {
   }
 };
 
+// squentropy's second running accumulator: the online (m, d) of 2x', fused into the reduction pass (its lanes
+// flushed into double per chunk, as reduce_row's), giving lse(2x') and so sum_c p_c^2 = exp(lse(2x') - 2 lse).
+template <typename acc>
+struct SquareSums {
+  fm::OnlineState<Vec> s = fm::online_init<float, Vec>();
+  fm::OnlineState<acc> tail = fm::online_init<acc>();
+  fm::OnlineState<double> total = fm::online_init<double>();
+  void vec(int64_t, const Vec (&v)[4]) {
+    const Vec y[4] = {v[0] + v[0], v[1] + v[1], v[2] + v[2], v[3] + v[3]};
+    s = fm::online_update_block(s, y);
+  }
+  void scalar(int64_t, acc v) { tail = fm::online_update(tail, acc(v + v)); }
+  void flush() {
+    const auto f = fold_lanes(s);
+    total = fm::online_merge(total, {f.m == -FLT_MAX ? -DBL_MAX : double(f.m), double(f.d)});
+    s = fm::online_init<float, Vec>();
+  }
+  void reset() {
+    s = fm::online_init<float, Vec>();
+    tail = fm::online_init<acc>();
+    total = fm::online_init<double>();
+  }
+  // sum_c p_c^2 for the row's lse (NaN when lse is not finite, as every p is then).
+  double sum_sq(double lse) const {
+    const bool lowest = std::is_same_v<acc, float> ? tail.m == acc(-FLT_MAX) : tail.m == acc(-DBL_MAX);
+    const auto t = fm::online_merge(total, {lowest ? -DBL_MAX : double(tail.m), double(tail.d)});
+    return std::exp(t.m + std::log(t.d) - 2.0 * lse);
+  }
+};
+
+// sum_c p_c^2 of a row from its saved lse (the backward's extra pass for squentropy).
+template <typename scalar_t, class Tx>
+double row_sum_sq(const scalar_t* x, int64_t C, const Tx& tx, acc_t<scalar_t> m, acc_t<scalar_t> inv_d) {
+  return sum_row(x, x, C, [&](auto v, auto) {
+    using T = decltype(v);
+    const T p = fm::softmax_at(tx(v), splat_like<T>(m), splat_like<T>(inv_d));
+    return p * p;
+  });
+}
+
 // The first transformed logit when finite (else 0): the shift of the fused sums.
 template <typename scalar_t, class Tx>
 acc_t<scalar_t> row_shift(const scalar_t* x, int64_t C, const Tx& tx) {
@@ -141,10 +181,13 @@ void write_index_grad(const scalar_t* x, scalar_t* out, int64_t C, const Tx& tx,
                       acc_t<scalar_t> inv_d, fm::CeRow<acc_t<scalar_t>> k, const acc_t<scalar_t>* w, int64_t t,
                       acc_t<scalar_t> x_t_capped) {
   using acc = acc_t<scalar_t>;
+  const bool sq = k.a2 != acc(0);  // squentropy's p_c^2 term
   auto f = [&](auto v, auto wv) {
     using T = decltype(v);
     T xp = tx(v);
-    T g = splat_like<T>(k.a) * fm::softmax_at(xp, splat_like<T>(m), splat_like<T>(inv_d)) - splat_like<T>(k.b) * wv;
+    const T p = fm::softmax_at(xp, splat_like<T>(m), splat_like<T>(inv_d));
+    T g = splat_like<T>(k.a) * p - splat_like<T>(k.b) * wv;
+    if (sq) g = g + splat_like<T>(k.a2) * p * p;
     return g * transform_grad(tx, xp);
   };
   int64_t j = 0;
@@ -164,7 +207,7 @@ void write_index_grad(const scalar_t* x, scalar_t* out, int64_t C, const Tx& tx,
   if (t >= 0) {
     const acc p_t = fm::softmax_at(x_t_capped, m, inv_d);
     const acc w_t = w ? acc(w[t]) : acc(1);
-    out[t] = static_cast<scalar_t>((k.a * p_t - k.b * w_t - k.c_t) * transform_grad(tx, x_t_capped));
+    out[t] = static_cast<scalar_t>((k.a * p_t + k.a2 * p_t * p_t - k.b * w_t - k.c_t) * transform_grad(tx, x_t_capped));
   }
 }
 
@@ -188,6 +231,8 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
     const scalar_t* px = in.logits.const_data_ptr<scalar_t>();
     scalar_t* pg = fused ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr;
     const acc eps = acc(p.label_smoothing), invC = acc(1.0 / double(C)), z = acc(p.z_loss);
+    const bool squentropy = p.loss_kind == fm::kLossSquentropy;
+    const double inv_cm1 = C > 1 ? 1.0 / double(C - 1) : 0.0;
     with_transform(p, [&](auto tx) {
       at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
@@ -202,11 +247,16 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
           double sum_w_dx = 0;
           acc shift = 0;
           fm::OnlineState<acc> st;
+          double sq = 0;
           if (eps != acc(0)) {
             shift = row_shift(xr, C, tx);
             SmoothSum<acc> sums{w, shift};
             st = row_state(xr, C, p.algorithm, tx, sums);
             sum_w_dx = sums.total;
+          } else if (squentropy) {
+            SquareSums<acc> sums;
+            st = row_state(xr, C, p.algorithm, tx, sums);
+            sq = sums.sum_sq(finish_lse(st, xr, C));
           } else {
             st = row_state(xr, C, p.algorithm, tx);
           }
@@ -214,11 +264,11 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
           const acc x_t = tx(static_cast<acc>(xr[t]));
           const acc w_t = w ? w[t] : acc(1);
           ploss[r] = fm::ce_index_loss_kind<double>(p.loss_kind, p.loss_param, l, x_t, w_t, sum_w_dx, shift, W,
-                                                    p.label_smoothing, 1.0 / double(C), p.z_loss);
+                                                    p.label_smoothing, 1.0 / double(C), p.z_loss, sq, inv_cm1);
           plse[r] = l;
           if (fused) {
             auto k = fm::ce_index_coefs_kind(p.loss_kind, acc(p.loss_param), acc(gs[r]), acc(0), acc(l), x_t, w_t,
-                                             acc(W), eps, invC, z);
+                                             acc(W), eps, invC, z, acc(sq), acc(inv_cm1));
             write_index_grad(xr, pg + r * C, C, tx, st.m, acc(1) / st.d, k, w, t, x_t);
           }
         }
@@ -241,6 +291,8 @@ inline void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyPa
     const scalar_t* px = in.logits.const_data_ptr<scalar_t>();
     scalar_t* pg = grad_logits.mutable_data_ptr<scalar_t>();
     const acc eps = acc(p.label_smoothing), invC = acc(1.0 / double(C)), z = acc(p.z_loss);
+    const bool squentropy = p.loss_kind == fm::kLossSquentropy;
+    const double inv_cm1 = C > 1 ? 1.0 / double(C - 1) : 0.0;
     with_transform(p, [&](auto tx) {
       at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
@@ -252,9 +304,10 @@ inline void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyPa
           const scalar_t* xr = px + r * C;
           const acc w_t = w ? w[t] : acc(1);
           const acc x_t = tx(static_cast<acc>(xr[t]));
-          auto k = fm::ce_index_coefs_kind(p.loss_kind, acc(p.loss_param), acc(gl[r]), gz ? acc(gz[r]) : acc(0),
-                                           acc(plse[r]), x_t, w_t, acc(W), eps, invC, z);
           const auto nd = normaliser_from_lse<acc>(plse[r]);
+          const double sq = squentropy ? row_sum_sq(xr, C, tx, nd.m, nd.d) : 0.0;
+          auto k = fm::ce_index_coefs_kind(p.loss_kind, acc(p.loss_param), acc(gl[r]), gz ? acc(gz[r]) : acc(0),
+                                           acc(plse[r]), x_t, w_t, acc(W), eps, invC, z, acc(sq), acc(inv_cm1));
           write_index_grad(xr, pg + r * C, C, tx, nd.m, nd.d, k, w, t, x_t);
         }
       });

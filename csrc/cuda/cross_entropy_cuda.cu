@@ -372,6 +372,27 @@ __device__ __forceinline__ Partial<StateT<kTwoPass, acc_t<T>>, 1> index_pass(con
   return r;
 }
 
+// squentropy: a = sum_c p_c^2 with p_c = exp(x'_c - m) * inv_d (a second pass over the row, from L2 for LLM rows;
+// the CPU fuses it into the reduction as a second running accumulator). The state is left neutral.
+template <int kLoads, typename T, class Tx>
+__device__ __forceinline__ Partial<fm::OnlineState<acc_t<T>>, 1> sq_pass(const T* x, int64_t n, int tid, int nt,
+                                                                      const Tx& tx, acc_t<T> m, acc_t<T> inv_d) {
+  using acc = acc_t<T>;
+  auto r = partial_init<false, 1, acc>();
+  auto f = [&](auto& v, const auto&, int64_t, int64_t) {
+    constexpr int M = extent_of<decltype(v)>;
+    acc part = acc(0);
+#pragma unroll
+    for (int e = 0; e < M; ++e) {
+      const acc p = fm::softmax_at(tx(v[e]), m, inv_d);
+      part = fm::Ops<acc>::fma(p, p, part);
+    }
+    r.a += static_cast<double>(part);
+  };
+  row_pass<kLoads, false, false>(x, x, static_cast<T*>(nullptr), n, aligned_head(x, n), tid, nt, f);
+  return r;
+}
+
 // Probability rows: the state of tx(x), a = sum_c w_c y'_c and b = sum_c w_c y'_c (x'_c - shift) with
 // y' = keep * y + add (when `sums`; the online fallback pass recomputes the state only).
 template <bool kTwoPass, int kLoads, typename T, class Tx>
@@ -425,6 +446,8 @@ struct IndexArgs {
   acc eps_a, z_a, inv_C_a;  // ...the gradient's coefficients in acc (kernel parameters, not registers)
   int loss_kind;            // fastloss/loss_math.h kLoss*; non-CE kinds need x_t on every lane of the group
   double loss_param;
+  double inv_cm1;           // 1 / (C - 1) (0 when C = 1): squentropy
+  acc inv_cm1_a;
   Algorithm alg;
   int gshift;
 };
@@ -471,6 +494,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
     // nothing (n = 0).
     fm::OnlineState<acc> st{acc(0), acc(1)};
     double l = 0.0;
+    double sq = 0.0;  // squentropy: sum_c p_c^2
     if constexpr (reduce) {
       const bool sums = smooth && active;
       const acc shift = sums ? row_shift(xr, tx) : acc(0);
@@ -492,13 +516,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
         st = r.s;
       }
       l = finish_lse(st);
+      if (a.loss_kind == fm::kLossSquentropy) {  // uniform over the block: a kernel argument
+        sq = group_allreduce(sq_pass<kIndexLoads>(xr, n, lane, gsize, tx, st.m, acc(1) / st.d), gsize).a;
+      }
       if (valid && lane == 0) {
         if (active) {
           const acc x_t = tx(static_cast<acc>(xr[t]));
           const acc w_t = a.w != nullptr ? a.w[t] : acc(1);
           a.loss[row] = fm::ce_index_loss_kind<double>(a.loss_kind, a.loss_param, l, static_cast<double>(x_t),
                                                        static_cast<double>(w_t), sum_w_dx, static_cast<double>(shift),
-                                                       class_weight_sum(a), a.eps, a.inv_C, a.z);
+                                                       class_weight_sum(a), a.eps, a.inv_C, a.z, sq, a.inv_cm1);
           a.lse[row] = l;
         } else {
           a.loss[row] = ignored ? 0.0 : kNaN;
@@ -510,8 +537,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
     if constexpr (write) {
       T* gr = a.grad + (valid ? row : 0) * C;
       // The row's coefficients: grad_c = (ka p_c - kb w_c) dx'/dx with p_c = exp(x'_c - m) * inv_d.
-      acc ka = acc(0), kb = acc(0), m = acc(0), inv_d = acc(1);
+      acc ka = acc(0), kb = acc(0), ka2 = acc(0), m = acc(0), inv_d = acc(1);
       T g_t = T(0);
+      if constexpr (!reduce) {
+        if (a.loss_kind == fm::kLossSquentropy) {  // sum_c p_c^2 from the saved lse: every lane, uniform
+          const auto nd = normaliser_from_lse<acc>(active ? a.lse_in[row] : 0.0);
+          sq = group_allreduce(sq_pass<kIndexLoads>(xr, n, lane, gsize, tx, nd.m, nd.d), gsize).a;
+        }
+      }
       if (active) {
         const acc w_t = a.w != nullptr ? a.w[t] : acc(1);
         const acc W = static_cast<acc>(class_weight_sum(a));
@@ -522,25 +555,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
         fm::CeRow<acc> k;
         if constexpr (reduce) {
           k = fm::ce_index_coefs_kind(a.loss_kind, lp, static_cast<acc>(a.grad_scale[row]), acc(0),
-                                      static_cast<acc>(l), x_tk, w_t, W, a.eps_a, a.inv_C_a, a.z_a);
+                                      static_cast<acc>(l), x_tk, w_t, W, a.eps_a, a.inv_C_a, a.z_a,
+                                      static_cast<acc>(sq), a.inv_cm1_a);
           m = st.m;
           inv_d = acc(1) / st.d;
         } else {
           const double lr = a.lse_in[row];
           const acc gz = a.grad_lse != nullptr ? static_cast<acc>(a.grad_lse[row]) : acc(0);
           k = fm::ce_index_coefs_kind(a.loss_kind, lp, static_cast<acc>(a.grad_loss[row]), gz, static_cast<acc>(lr),
-                                      x_tk, w_t, W, a.eps_a, a.inv_C_a, a.z_a);
+                                      x_tk, w_t, W, a.eps_a, a.inv_C_a, a.z_a, static_cast<acc>(sq), a.inv_cm1_a);
           const auto nd = normaliser_from_lse<acc>(lr);
           m = nd.m;
           inv_d = nd.d;
         }
         ka = k.a;
         kb = k.b;
+        ka2 = k.a2;
         // Lane 0: the target entry, (a p_t - b w_t - c_t) dx'/dx in acc, from x_t read now (in place, the row pass
         // overwrites it). It is stored last, over what the row pass wrote there.
         if (lane == 0) {
           const acc x_t = tx(static_cast<acc>(xr[t]));
-          g_t = static_cast<T>(times_grad(tx, ka * fm::softmax_at(x_t, m, inv_d) - kb * w_t - k.c_t, x_t));
+          const acc p_t = fm::softmax_at(x_t, m, inv_d);
+          g_t = static_cast<T>(times_grad(tx, ka * p_t + ka2 * p_t * p_t - kb * w_t - k.c_t, x_t));
         }
       }
       // In place: every read of the reduction pass (and lane 0's x_t) before any write of the row.
@@ -557,7 +593,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
             for (int e = 0; e < M; ++e) {
               const acc xp = tx(v[e]);
               const acc wv = __ldg(w + c0 + col_off<K>(e, cs));
-              v[e] = times_grad(tx, ka * fm::softmax_at(xp, m, inv_d) - kb * wv, xp);
+              const acc p = fm::softmax_at(xp, m, inv_d);
+              v[e] = times_grad(tx, fm::Ops<acc>::fma(ka2 * p, p, ka * p) - kb * wv, xp);
             }
           };
           row_pass<kIndexLoads, false, true>(xr, xr, gr, C, vec ? aligned_head(xr, C) : C, lane, gsize, f);
@@ -567,7 +604,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
 #pragma unroll
             for (int e = 0; e < M; ++e) {
               const acc xp = tx(v[e]);
-              v[e] = times_grad(tx, ka * fm::softmax_at(xp, m, inv_d) - kb, xp);
+              const acc p = fm::softmax_at(xp, m, inv_d);
+              v[e] = times_grad(tx, fm::Ops<acc>::fma(ka2 * p, p, ka * p) - kb, xp);
             }
           };
           row_pass<kIndexLoads, false, true>(xr, xr, gr, C, vec ? aligned_head(xr, C) : C, lane, gsize, f);
@@ -785,6 +823,8 @@ IndexArgs<scalar_t> index_args(const CrossEntropyInputs& in, const CrossEntropyP
   a.inv_C_a = static_cast<acc_t<scalar_t>>(a.inv_C);
   a.loss_kind = p.loss_kind;
   a.loss_param = p.loss_param;
+  a.inv_cm1 = a.C > 1 ? 1.0 / static_cast<double>(a.C - 1) : 0.0;
+  a.inv_cm1_a = static_cast<acc_t<scalar_t>>(a.inv_cm1);
   a.alg = p.algorithm;
   return a;
 }

@@ -166,7 +166,7 @@ class _CrossEntropyInplace(torch.autograd.Function):
         return buf, None, None, None, None, None, None, None, None, None, None, None, None
 
 
-_LOSSES = ("ce", "focal", "poly1")
+_LOSSES = ("ce", "focal", "poly1", "squentropy")
 
 
 def _loss_kind(name: str, loss: str, gamma, epsilon, label_smoothing: float, soft: bool) -> tuple[str, float]:
@@ -183,6 +183,8 @@ def _loss_kind(name: str, loss: str, gamma, epsilon, label_smoothing: float, sof
         raise ValueError(f"fastloss.{name}: loss={loss!r} needs class-index targets, not probability targets")
     if label_smoothing:
         raise ValueError(f"fastloss.{name}: loss={loss!r} does not take label_smoothing")
+    if loss == "squentropy":
+        return loss, 0.0
     if loss == "focal":
         g = 2.0 if gamma is None else float(gamma)
         if not (g >= 0 and math.isfinite(g)):
@@ -230,7 +232,9 @@ def cross_entropy(
       loss: "ce" (default), or a comp-sum loss computed by the same fused row pass (class-index targets, no label
         smoothing; class weights, ignore_index, reductions, z_loss and softcap as for "ce"):
         "focal": ``-(1 - p_t)**gamma * log p_t`` (Lin et al.; ``gamma`` default 2.0);
-        "poly1": ``-log p_t + epsilon * (1 - p_t)`` (PolyLoss, Leng et al.; ``epsilon`` default 1.0).
+        "poly1": ``-log p_t + epsilon * (1 - p_t)`` (PolyLoss, Leng et al.; ``epsilon`` default 1.0);
+        "squentropy": ``-log p_t + sum_{c != t} p_c**2 / (C - 1)`` (Hui & Belkin), its sum of squares from a second
+        running accumulator in the same reduction pass (the backward from saved lse adds one pass over the row).
         Weighted per token by ``weight[t]``; "mean" divides by the summed weight, as for "ce".
 
     The loss has ``input``'s dtype; internally everything accumulates in float32 (float64 for float64 input).

@@ -25,9 +25,13 @@ class CrossEntropyLoss(torch.nn.Module):
         return_z_loss: bool = False,
         inplace_backward: bool = False,
         algorithm: str = "auto",
+        loss: str = "ce",
+        gamma: Optional[float] = None,
+        epsilon: Optional[float] = None,
     ):
         super().__init__()
         self.register_buffer("weight", weight)
+        self.loss, self.gamma, self.epsilon = loss, gamma, epsilon
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -42,7 +46,8 @@ class CrossEntropyLoss(torch.nn.Module):
         return F.cross_entropy(
             input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, return_lse=self.return_lse, return_z_loss=self.return_z_loss,
-            inplace_backward=self.inplace_backward, algorithm=self.algorithm,
+            inplace_backward=self.inplace_backward, algorithm=self.algorithm, loss=self.loss, gamma=self.gamma,
+            epsilon=self.epsilon,
         )
 
 
@@ -62,10 +67,14 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         chunk_size="auto",
         filter_eps=None,
         algorithm: str = "auto",
+        loss: str = "ce",
+        gamma: Optional[float] = None,
+        epsilon: Optional[float] = None,
     ):
         super().__init__()
         self.register_buffer("weight", weight)
         self.filter_eps = filter_eps
+        self.loss, self.gamma, self.epsilon = loss, gamma, epsilon
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -80,5 +89,5 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size, algorithm=self.algorithm,
-            filter_eps=self.filter_eps,
+            filter_eps=self.filter_eps, loss=self.loss, gamma=self.gamma, epsilon=self.epsilon,
         )

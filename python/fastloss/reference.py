@@ -68,7 +68,8 @@ def comp_sum_loss_reference(logits: torch.Tensor, target: torch.Tensor, loss: st
     """The comp-sum losses in plain PyTorch (float64 when given float64), torch's weighting and reductions:
     per token w_t * l(p_t), "mean" divides by the summed weight of the non-ignored tokens.
 
-    focal (Lin et al.): l = -(1 - p_t)^gamma log p_t;   poly1 (Leng et al.): l = -log p_t + epsilon (1 - p_t).
+    focal (Lin et al.): l = -(1 - p_t)^gamma log p_t;   poly1 (Leng et al.): l = -log p_t + epsilon (1 - p_t);
+    squentropy (Hui & Belkin): l = -log p_t + sum_{c != t} p_c^2 / (C - 1).
     """
     valid = target != ignore_index
     t = target.masked_fill(~valid, 0)
@@ -78,6 +79,11 @@ def comp_sum_loss_reference(logits: torch.Tensor, target: torch.Tensor, loss: st
         rows = -((1 - p_t) ** gamma) * logp_t
     elif loss == "poly1":
         rows = -logp_t + epsilon * (1 - p_t)
+    elif loss == "squentropy":
+        C = logits.shape[-1]
+        p = torch.softmax(logits, -1)
+        rest = (p * p).sum(-1) - p_t * p_t
+        rows = -logp_t + (rest / (C - 1) if C > 1 else torch.zeros_like(rest))
     else:
         raise ValueError(loss)
     w = weight[t] if weight is not None else torch.ones_like(rows)

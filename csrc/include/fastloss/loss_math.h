@@ -21,6 +21,10 @@
 //                     F = q^gamma + gamma q^(gamma-1) p_t nll = q^gamma (1 + gamma p_t nll / q)
 //    poly1 (epsilon): loss = w_t (nll + epsilon q)       F = 1 + epsilon p_t
 //    (plus z lse^2 as above). So a = g w_t F (+ 2 g z lse + g_lse), b = 0, c_t = g w_t F: the same row pass.
+//    squentropy:      loss = w_t (nll + k S),  S = sum_{c != t} p_c^2 = sum_c p_c^2 - p_t^2,  k = 1 / (C - 1)
+//                     dloss/dx_c = w_t [(p_c - [c == t]) + k (2 p_c^2 [c != t] - 2 p_c S)]
+//                     so a = g w_t (1 - 2 k S), a2 = 2 g w_t k (multiplies p_c^2), c_t = g w_t + a2 p_t^2;
+//                     sum_c p_c^2 = exp(lse(2x) - 2 lse) needs a second running accumulator (of 2x).
 //    q is computed as -expm1(-nll), exact when p_t -> 1, and nll / q -> 1 there, so focal's F has no 0 * inf.
 //
 // softcap s: x' = s tanh(x / s), dx'/dx = 1 - (x'/s)^2. A -inf logit (a masked vocabulary entry) stays -inf and gets
@@ -50,9 +54,10 @@ FL_HD V softcap_grad(V y, S inv_cap) {
 // Coefficients of one row's loss and gradient for a class-index target (see the file comment).
 template <class T>
 struct CeRow {
-  T a;    // multiplies p_c
-  T b;    // multiplies w_c (subtracted)
-  T c_t;  // subtracted at the target class
+  T a;          // multiplies p_c
+  T b;          // multiplies w_c (subtracted)
+  T c_t;        // subtracted at the target class
+  T a2 = T(0);  // multiplies p_c^2 (squentropy only)
 };
 
 // The row's loss from its lse and fused sums. The sums are taken relative to a shift (the row's first logit):
@@ -83,7 +88,7 @@ FL_HD T ce_prob_loss(T lse, T sum_wy, T sum_wy_dx, T shift, T z) {
 }
 
 // Loss kinds (CrossEntropyParams::loss_kind; plain ints, so the params struct is the same type in every ISA build).
-constexpr int kLossCE = 0, kLossFocal = 1, kLossPoly1 = 2;
+constexpr int kLossCE = 0, kLossFocal = 1, kLossPoly1 = 2, kLossSquentropy = 3;
 
 // The comp-sum loss of one row without its class weight, and its gradient factor F (file comment).
 template <class T>
@@ -106,12 +111,26 @@ FL_HD CompSum<T> comp_sum(int kind, T param_t, T nll_t) {
   return {static_cast<T>(qg * nll), static_cast<T>(qg * (1.0 + extra))};
 }
 
-// The row's loss for any loss kind (CE: ce_index_loss).
+// squentropy's S = sum_{c != t} p_c^2 from sq = sum_c p_c^2 (never below 0 by rounding).
 template <class T>
-FL_HD T ce_index_loss_kind(int kind, T param, T lse, T x_t, T w_t, T sum_w_dx, T shift, T W, T eps, T inv_C,
-                           T z) {
+FL_HD T squentropy_rest(T sq, T p_t) {
+  const T s = sq - p_t * p_t;
+  return s > T(0) ? s : T(0);
+}
+
+// The row's loss for any loss kind (CE: ce_index_loss). sq = sum_c p_c^2 and inv_cm1 = 1 / (C - 1) (0 when C = 1)
+// are used by squentropy only.
+template <class T>
+FL_HD T ce_index_loss_kind(int kind, T param, T lse, T x_t, T w_t, T sum_w_dx, T shift, T W, T eps, T inv_C, T z,
+                           T sq = T(0), T inv_cm1 = T(0)) {
   if (kind == kLossCE) return ce_index_loss(lse, x_t, w_t, sum_w_dx, shift, W, eps, inv_C, z);
-  T loss = w_t * comp_sum(kind, param, lse - x_t).loss;
+  T loss;
+  if (kind == kLossSquentropy) {
+    const T nll = lse - x_t;
+    loss = w_t * (nll + inv_cm1 * squentropy_rest(sq, T(::exp(double(-nll)))));
+  } else {
+    loss = w_t * comp_sum(kind, param, lse - x_t).loss;
+  }
   if (z != T(0)) loss += z * lse * lse;
   return loss;
 }
@@ -119,12 +138,18 @@ FL_HD T ce_index_loss_kind(int kind, T param, T lse, T x_t, T w_t, T sum_w_dx, T
 // The row's gradient coefficients for any loss kind (CE: ce_index_coefs). x_t is the (capped) target logit.
 template <class T>
 FL_HD CeRow<T> ce_index_coefs_kind(int kind, T param, T g, T g_lse, T lse, T x_t, T w_t, T W, T eps, T inv_C,
-                                   T z) {
+                                   T z, T sq = T(0), T inv_cm1 = T(0)) {
   if (kind == kLossCE) return ce_index_coefs(g, g_lse, lse, w_t, W, eps, inv_C, z);
+  const T zl = z != T(0) ? T(2) * z * lse : T(0);
+  if (kind == kLossSquentropy) {
+    const T p_t = T(::exp(double(x_t - lse)));
+    const T gw = g * w_t;
+    const T a2 = T(2) * gw * inv_cm1;
+    return {gw * (T(1) - T(2) * inv_cm1 * squentropy_rest(sq, p_t)) + g * zl + g_lse, T(0), gw + a2 * p_t * p_t,
+            a2};
+  }
   const T f = w_t * comp_sum(kind, param, lse - x_t).factor;
-  T a = f;
-  if (z != T(0)) a += T(2) * z * lse;
-  return {g * a + g_lse, T(0), g * f};
+  return {g * (f + zl) + g_lse, T(0), g * f};
 }
 
 }  // namespace FL_ISA_NAMESPACE

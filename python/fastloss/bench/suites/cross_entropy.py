@@ -235,3 +235,60 @@ LINEAR_CROSS_ENTROPY.add(Impl("cce", _cce, "cut_cross_entropy.linear_cross_entro
                               devices=("cuda",)))
 LINEAR_CROSS_ENTROPY.add(Impl("liger-fused", _liger_flce, "liger_kernel LigerFusedLinearCrossEntropyLoss",
                               requires=(LIGER,), devices=("cuda",)))
+
+
+# ---------------------------------------------------------------- comp-sum losses (loss="focal" / "poly1")
+# One suite per loss, the same problems and inputs as cross_entropy, so `--suite cross_entropy,focal,poly1` shows
+# what each variant costs over plain cross-entropy in one run.
+
+COMP_SUM_PARAMS = {"focal": {"gamma": 2.0}, "poly1": {"epsilon": 1.0}}
+
+
+def _comp_sum_suite(kind: str) -> Suite:
+    from fastloss.reference import comp_sum_loss_reference
+
+    kw = COMP_SUM_PARAMS[kind]
+
+    def ref_sum(problem: Problem, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return comp_sum_loss_reference(_capped(logits, _softcap(problem)), targets, kind, reduction="sum",
+                                       ignore_index=IGNORE_INDEX, **kw)
+
+    def torch_impl(problem: Problem) -> Callable[..., torch.Tensor]:
+        cap = _softcap(problem)
+
+        def run(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            # the composite a user writes: log_softmax, gather, the loss formula, a masked mean
+            return comp_sum_loss_reference(_capped(logits, cap).float(), targets, kind,
+                                           ignore_index=IGNORE_INDEX, **kw)
+
+        return run
+
+    def fl_impl(inplace: bool) -> Callable[[Problem], Callable[..., torch.Tensor]]:
+        def make(problem: Problem) -> Callable[..., torch.Tensor]:
+            extra: dict[str, Any] = {"softcap": _softcap(problem)} if _softcap(problem) else {}
+            return lambda logits, targets: fastloss.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX,
+                                                                  loss=kind, inplace_backward=inplace, **extra, **kw)
+
+        return make
+
+    suite = register_suite(Suite(
+        name=kind,
+        description=f"mean {kind} loss ({kw}) of [N, V] logits against [N] targets",
+        make_inputs=_ce_inputs,
+        bytes_moved=_ce_bytes,
+        output_shape=lambda p: (),
+        rel_error=mean_loss_error(ref_sum, row_args=(0, 1), grad_inputs=(0,), count=_count_valid),
+        grad_inputs=(0,),
+        default=False,
+        inputs_may_be_mutated=True,
+    ))
+    suite.add(Impl("fastloss", fl_impl(False), f"fastloss.cross_entropy(loss={kind!r})", check=_FL_CE_CHECK))
+    suite.add(Impl("fastloss-inplace", fl_impl(True), f"fastloss.cross_entropy(loss={kind!r}, inplace_backward=True)",
+                   check=_FL_CE_CHECK))
+    suite.add(Impl("torch-eager", torch_impl, f"{kind} from log_softmax + gather in torch, eager", baseline=True))
+    suite.add(Impl("torch-compile", torch_impl, f"torch.compile of the same {kind} composite", compiled=True))
+    return suite
+
+
+FOCAL = _comp_sum_suite("focal")
+POLY1 = _comp_sum_suite("poly1")
