@@ -238,10 +238,10 @@ LINEAR_CROSS_ENTROPY.add(Impl("liger-fused", _liger_flce, "liger_kernel LigerFus
 
 
 # ---------------------------------------------------------------- comp-sum losses (loss="focal" / "poly1")
-# One suite per loss, the same problems and inputs as cross_entropy, so `--suite cross_entropy,focal,poly1` shows
+# One suite per loss, the same problems and inputs as cross_entropy, so `--suite cross_entropy,focal,poly1,squentropy` shows
 # what each variant costs over plain cross-entropy in one run.
 
-COMP_SUM_PARAMS = {"focal": {"gamma": 2.0}, "poly1": {"epsilon": 1.0}}
+COMP_SUM_PARAMS: dict[str, dict[str, float]] = {"focal": {"gamma": 2.0}, "poly1": {"epsilon": 1.0}, "squentropy": {}}
 
 
 def _comp_sum_suite(kind: str) -> Suite:
@@ -273,7 +273,7 @@ def _comp_sum_suite(kind: str) -> Suite:
 
     suite = register_suite(Suite(
         name=kind,
-        description=f"mean {kind} loss ({kw}) of [N, V] logits against [N] targets",
+        description=f"mean {kind} loss {kw or ''} of [N, V] logits against [N] targets",
         make_inputs=_ce_inputs,
         bytes_moved=_ce_bytes,
         output_shape=lambda p: (),
@@ -292,3 +292,4 @@ def _comp_sum_suite(kind: str) -> Suite:
 
 FOCAL = _comp_sum_suite("focal")
 POLY1 = _comp_sum_suite("poly1")
+SQUENTROPY = _comp_sum_suite("squentropy")
