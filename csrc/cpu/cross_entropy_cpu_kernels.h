@@ -10,6 +10,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <tuple>
+#include <utility>
+
 #include "fastloss/cross_entropy_kernels.h"
 #include "fastloss/loss_math.h"
 #include "row_ops.h"
@@ -116,35 +119,43 @@ struct ProbSums {
   }
 };
 
-// squentropy's second running accumulator: the online (m, d) of 2x', fused into the reduction pass (its lanes
-// flushed into double per chunk, as reduce_row's), giving lse(2x') and so sum_c p_c^2 = exp(lse(2x') - 2 lse).
-template <typename acc>
-struct SquareSums {
-  fm::OnlineState<Vec> s = fm::online_init<float, Vec>();
-  fm::OnlineState<acc> tail = fm::online_init<acc>();
-  fm::OnlineState<double> total = fm::online_init<double>();
-  void vec(int64_t, const Vec (&v)[4]) {
-    const Vec y[4] = {v[0] + v[0], v[1] + v[1], v[2] + v[2], v[3] + v[3]};
-    s = fm::online_update_block(s, y);
+// squentropy's reduction: the online (m, d) of the row with a second running accumulator d2 = sum e^(2(x' - m))
+// sharing its exponentials (fastloss/math.h OnlineSqState); float lanes flushed into double per chunk as in
+// reduce_row. Returns the state (m, d) for the lse and sum_c p_c^2 = d2 / d^2. Always the online algorithm.
+template <typename scalar_t, class Tx>
+std::pair<fm::OnlineState<acc_t<scalar_t>>, double> row_state_sq(const scalar_t* x, int64_t n, const Tx& tx) {
+  using acc = acc_t<scalar_t>;
+  auto total = fm::online_sq_init<double>();
+  auto widen = [](acc v) { return (std::is_same_v<acc, float> && v == acc(-FLT_MAX)) ? -DBL_MAX : double(v); };
+  int64_t j = 0;
+  if constexpr (kVectorized<scalar_t>) {
+    while (j + kBlock <= n) {
+      const int64_t end = std::min(n, j + kChunk);
+      auto s = fm::online_sq_init<float, Vec>();
+      for (; j + 2 * kBlock <= end; j += 2 * kBlock) {  // pairs of blocks: one rescale per 8 vectors
+        Vec a[4], b[4];
+        load4(x + j, a);
+        load4(x + j + kBlock, b);
+        const Vec v[8] = {tx(a[0]), tx(a[1]), tx(a[2]), tx(a[3]), tx(b[0]), tx(b[1]), tx(b[2]), tx(b[3])};
+        s = fm::online_sq_update_block(s, v);
+      }
+      for (; j + kBlock <= end; j += kBlock) {
+        Vec v[4];
+        load4(x + j, v);
+        for (auto& e : v) e = tx(e);
+        s = fm::online_sq_update_block(s, v);
+      }
+      const float m = lane_max(s.m);
+      const Vec r = fm::exp_nonpos(s.m - Vec(m));
+      total = fm::online_sq_merge(total, {widen(m), hsum(s.d * r), hsum(s.d2 * (r * r))});
+    }
   }
-  void scalar(int64_t, acc v) { tail = fm::online_update(tail, acc(v + v)); }
-  void flush() {
-    const auto f = fold_lanes(s);
-    total = fm::online_merge(total, {f.m == -FLT_MAX ? -DBL_MAX : double(f.m), double(f.d)});
-    s = fm::online_init<float, Vec>();
-  }
-  void reset() {
-    s = fm::online_init<float, Vec>();
-    tail = fm::online_init<acc>();
-    total = fm::online_init<double>();
-  }
-  // sum_c p_c^2 for the row's lse (NaN when lse is not finite, as every p is then).
-  double sum_sq(double lse) const {
-    const bool lowest = std::is_same_v<acc, float> ? tail.m == acc(-FLT_MAX) : tail.m == acc(-DBL_MAX);
-    const auto t = fm::online_merge(total, {lowest ? -DBL_MAX : double(tail.m), double(tail.d)});
-    return std::exp(t.m + std::log(t.d) - 2.0 * lse);
-  }
-};
+  auto tail = fm::online_sq_init<acc>();
+  for (; j < n; ++j) tail = fm::online_sq_update(tail, tx(static_cast<acc>(x[j])));
+  total = fm::online_sq_merge(total, {widen(tail.m), double(tail.d), double(tail.d2)});
+  const acc m = (std::is_same_v<acc, float> && total.m == -DBL_MAX) ? acc(-FLT_MAX) : acc(total.m);
+  return {fm::OnlineState<acc>{m, acc(total.d)}, total.d2 / (total.d * total.d)};
+}
 
 // sum_c p_c^2 of a row from its saved lse (the backward's extra pass for squentropy).
 template <typename scalar_t, class Tx>
@@ -181,29 +192,35 @@ void write_index_grad(const scalar_t* x, scalar_t* out, int64_t C, const Tx& tx,
                       acc_t<scalar_t> inv_d, fm::CeRow<acc_t<scalar_t>> k, const acc_t<scalar_t>* w, int64_t t,
                       acc_t<scalar_t> x_t_capped) {
   using acc = acc_t<scalar_t>;
-  const bool sq = k.a2 != acc(0);  // squentropy's p_c^2 term
-  auto f = [&](auto v, auto wv) {
-    using T = decltype(v);
-    T xp = tx(v);
-    const T p = fm::softmax_at(xp, splat_like<T>(m), splat_like<T>(inv_d));
-    T g = splat_like<T>(k.a) * p - splat_like<T>(k.b) * wv;
-    if (sq) g = g + splat_like<T>(k.a2) * p * p;
-    return g * transform_grad(tx, xp);
-  };
-  int64_t j = 0;
-  if constexpr (kVectorized<scalar_t>) {
-    for (; j + kStep <= C; j += kStep) {
-      Vec a0, a1;
-      load2(x + j, a0, a1);
-      Vec w0(1.0f), w1(1.0f);
-      if (w) {
-        w0 = Vec::loadu(w + j);
-        w1 = Vec::loadu(w + j + Vec::size());
+  // Two instantiations of the row loop: the p_c^2 term (squentropy) only where it is nonzero, so the other losses
+  // pay nothing for it.
+  auto run = [&](auto with_sq) {
+    constexpr bool kSq = decltype(with_sq)::value;
+    auto f = [&](auto v, auto wv) {
+      using T = decltype(v);
+      T xp = tx(v);
+      const T p = fm::softmax_at(xp, splat_like<T>(m), splat_like<T>(inv_d));
+      T g = splat_like<T>(k.a) * p - splat_like<T>(k.b) * wv;
+      if constexpr (kSq) g = g + splat_like<T>(k.a2) * p * p;
+      return g * transform_grad(tx, xp);
+    };
+    int64_t j = 0;
+    if constexpr (kVectorized<scalar_t>) {
+      for (; j + kStep <= C; j += kStep) {
+        Vec a0, a1;
+        load2(x + j, a0, a1);
+        Vec w0(1.0f), w1(1.0f);
+        if (w) {
+          w0 = Vec::loadu(w + j);
+          w1 = Vec::loadu(w + j + Vec::size());
+        }
+        store2(out + j, f(a0, w0), f(a1, w1));
       }
-      store2(out + j, f(a0, w0), f(a1, w1));
     }
-  }
-  for (; j < C; ++j) out[j] = static_cast<scalar_t>(f(static_cast<acc>(x[j]), w ? w[j] : acc(1)));
+    for (; j < C; ++j) out[j] = static_cast<scalar_t>(f(static_cast<acc>(x[j]), w ? w[j] : acc(1)));
+  };
+  if (k.a2 != acc(0)) run(std::true_type{});
+  else run(std::false_type{});
   if (t >= 0) {
     const acc p_t = fm::softmax_at(x_t_capped, m, inv_d);
     const acc w_t = w ? acc(w[t]) : acc(1);
@@ -254,9 +271,7 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
             st = row_state(xr, C, p.algorithm, tx, sums);
             sum_w_dx = sums.total;
           } else if (squentropy) {
-            SquareSums<acc> sums;
-            st = row_state(xr, C, p.algorithm, tx, sums);
-            sq = sums.sum_sq(finish_lse(st, xr, C));
+            std::tie(st, sq) = row_state_sq(xr, C, tx);
           } else {
             st = row_state(xr, C, p.algorithm, tx);
           }
