@@ -149,7 +149,7 @@ at::Tensor as_rows(const at::Tensor& t, const at::Tensor& logits, int64_t n, con
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits, const at::Tensor& target,
                                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                         double label_smoothing, double z_loss,
                                                         std::optional<double> softcap, c10::string_view algorithm,
@@ -161,17 +161,20 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits
   CrossEntropyInputs in = index_inputs(logits, target, weight, ignore_index);
   const int64_t N = logits.size(0);
   at::Tensor loss = new_rows(logits, N), lse = new_rows(logits, N);
-  if (N == 0) return {loss, lse};
+  at::Tensor sum_sq = new_rows(logits, p.loss_kind == math::kLossSquentropy ? N : 0);
+  if (N == 0) return {loss, lse, sum_sq};
   p.algorithm = pick(algorithm, logits, sk);
+  if (sum_sq.numel() > 0) in.sum_sq = sum_sq;
   k.index_forward(in, p, loss, lse, at::Tensor(), at::Tensor());
-  return {loss, lse};
+  return {loss, lse, sum_sq};
 }
 
 at::Tensor cross_entropy_bwd_op(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                                 const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
                                 double label_smoothing, double z_loss, std::optional<double> softcap,
-                                c10::string_view loss_name, double loss_param, const CrossEntropyKernels& k) {
+                                c10::string_view loss_name, double loss_param,
+                                const std::optional<at::Tensor>& sum_sq, const CrossEntropyKernels& k) {
   check_params(label_smoothing, z_loss, softcap);
   auto p = make_params(ignore_index, label_smoothing, z_loss, softcap, Algorithm::Online);
   set_loss(p, loss_name, loss_param);
@@ -180,6 +183,9 @@ at::Tensor cross_entropy_bwd_op(const at::Tensor& grad_loss, const std::optional
   at::Tensor grad = at::empty_like(in.logits);
   if (grad.numel() == 0) return grad;
   at::Tensor gz = grad_lse && grad_lse->defined() ? as_rows(*grad_lse, logits, N, "grad_lse") : at::Tensor();
+  if (p.loss_kind == math::kLossSquentropy && sum_sq && sum_sq->defined() && sum_sq->numel() > 0) {
+    in.sum_sq = as_rows(*sum_sq, logits, N, "sum_sq");
+  }
   k.index_backward(in, p, as_rows(grad_loss, logits, N, "grad_loss"), gz, as_rows(lse, logits, N, "lse"), grad);
   return grad;
 }

@@ -11,7 +11,7 @@
 
 namespace fastloss {
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_op(const at::Tensor& logits, const at::Tensor& target,
                                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                         double label_smoothing, double z_loss,
                                                         std::optional<double> softcap, c10::string_view algorithm,
@@ -21,7 +21,8 @@ at::Tensor cross_entropy_bwd_op(const at::Tensor& grad_loss, const std::optional
                                 const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
                                 double label_smoothing, double z_loss, std::optional<double> softcap,
-                                c10::string_view loss, double loss_param, const CrossEntropyKernels& k);
+                                c10::string_view loss, double loss_param, const std::optional<at::Tensor>& sum_sq,
+                                const CrossEntropyKernels& k);
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_grad_op(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& grad_scale, int64_t ignore_index, double label_smoothing, double z_loss,

@@ -23,19 +23,20 @@ TORCH_LIBRARY_FRAGMENT(fastloss, m) {
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, "
       "float z_loss, float? softcap, str algorithm=\"auto\", str loss=\"ce\", float loss_param=0.0) "
-      "-> (Tensor loss, Tensor lse)");
+      "-> (Tensor loss, Tensor lse, Tensor sum_sq)");
   m.def(
       "cross_entropy_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float? softcap, str loss=\"ce\", "
-      "float loss_param=0.0) -> Tensor");
+      "float loss_param=0.0, Tensor? sum_sq=None) -> Tensor");
   // Forward that also writes dloss_r/dlogits * grad_scale[r] over the logits (Liger's trick: no second N x C
   // buffer). The logits are destroyed.
   m.def(
       "cross_entropy_fwd_inplace_grad(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale, "
       "int ignore_index, float label_smoothing, float z_loss, float? softcap, str algorithm=\"auto\", "
       "str loss=\"ce\", float loss_param=0.0) -> (Tensor loss, Tensor lse)");
-  // `loss`: "ce", or the comp-sum losses "focal" (loss_param = gamma) and "poly1" (loss_param = epsilon), which
-  // take class-index targets and no label smoothing (fastloss/loss_math.h).
+  // `loss`: "ce", or the comp-sum losses "focal" (loss_param = gamma), "poly1" (loss_param = epsilon) and
+  // "squentropy", which take class-index targets and no label smoothing (fastloss/loss_math.h). sum_sq: squentropy's
+  // per-row sum of p^2 ([N] float64; empty for the other losses), handed to the backward so it need not re-read.
   // Probability (soft) targets [N, C].
   m.def(
       "cross_entropy_prob_fwd(Tensor logits, Tensor target, Tensor? weight, float label_smoothing, float z_loss, "

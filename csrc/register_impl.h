@@ -52,15 +52,15 @@ struct SoftmaxDeviceOps {
 template <const SoftmaxKernels& (*K)(), const CrossEntropyKernels& (*KC)()>
 struct CrossEntropyDeviceOps {
   using OptT = std::optional<at::Tensor>;
-  static std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& t, const OptT& w, int64_t ii,
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& t, const OptT& w, int64_t ii,
                                                 double ls, double z, std::optional<double> cap,
                                                 c10::string_view alg, c10::string_view loss, double lp) {
     return cross_entropy_fwd_op(x, t, w, ii, ls, z, cap, alg, loss, lp, K(), KC());
   }
   static at::Tensor bwd(const at::Tensor& g, const OptT& gz, const at::Tensor& x, const at::Tensor& t, const OptT& w,
                         const at::Tensor& lse, int64_t ii, double ls, double z, std::optional<double> cap,
-                        c10::string_view loss, double lp) {
-    return cross_entropy_bwd_op(g, gz, x, t, w, lse, ii, ls, z, cap, loss, lp, KC());
+                        c10::string_view loss, double lp, const OptT& sq) {
+    return cross_entropy_bwd_op(g, gz, x, t, w, lse, ii, ls, z, cap, loss, lp, sq, KC());
   }
   static std::tuple<at::Tensor, at::Tensor> fwd_inplace(const at::Tensor& x, const at::Tensor& t, const OptT& w,
                                                         const at::Tensor& gs, int64_t ii, double ls, double z,

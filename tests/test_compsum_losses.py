@@ -163,3 +163,20 @@ def test_squentropy_long_rows_and_sum_of_squares(alg, device):
     assert torch.equal(fastloss.cross_entropy(one, torch.zeros(3, dtype=torch.long, device=device),
                                               loss="squentropy", reduction="none"),
                        torch.zeros(3, dtype=torch.float64, device=device))
+
+
+def test_squentropy_saved_sum_of_squares_and_opcheck(device):
+    x, t, _ = _data(device=device)
+    ops = torch.ops.fastloss
+    rows, lse, sq = ops.cross_entropy_fwd(x, t, None, -100, 0.0, 0.0, None, "auto", "squentropy", 0.0)
+    p = torch.softmax(x, -1)
+    valid = t != -100
+    assert torch.allclose(sq[valid], (p * p).sum(-1)[valid], rtol=1e-12) and (sq[~valid] == 0).all()
+    assert ops.cross_entropy_fwd(x, t, None, -100, 0.0, 0.0, None)[2].numel() == 0  # only squentropy keeps it
+    g = torch.rand(x.shape[0], dtype=torch.float64, device=device)
+    args = (g, None, x, t, None, lse, -100, 0.0, 0.0, None, "squentropy", 0.0)
+    saved = ops.cross_entropy_bwd(*args, sq)
+    recomputed = ops.cross_entropy_bwd(*args)  # no sum_sq: one more pass over each row
+    assert torch.allclose(saved, recomputed, rtol=1e-12, atol=1e-15)
+    torch.library.opcheck(ops.cross_entropy_fwd.default, (x, t, None, -100, 0.0, 0.0, None, "auto", "squentropy", 0.0))
+    torch.library.opcheck(ops.cross_entropy_bwd.default, args + (sq,))

@@ -250,12 +250,14 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
     const acc eps = acc(p.label_smoothing), invC = acc(1.0 / double(C)), z = acc(p.z_loss);
     const bool squentropy = p.loss_kind == fm::kLossSquentropy;
     const double inv_cm1 = C > 1 ? 1.0 / double(C - 1) : 0.0;
+    double* psq = in.sum_sq.defined() ? in.sum_sq.mutable_data_ptr<double>() : nullptr;
     with_transform(p, [&](auto tx) {
       at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
           const scalar_t* xr = px + r * C;
           const int64_t t = tgt[r];
           if (t == p.ignore_index) {
+            if (psq) psq[r] = 0.0;
             ploss[r] = 0.0;
             plse[r] = 0.0;
             if (fused) zero_row(pg + r * C, C);
@@ -281,6 +283,7 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
           ploss[r] = fm::ce_index_loss_kind<double>(p.loss_kind, p.loss_param, l, x_t, w_t, sum_w_dx, shift, W,
                                                     p.label_smoothing, 1.0 / double(C), p.z_loss, sq, inv_cm1);
           plse[r] = l;
+          if (psq) psq[r] = sq;
           if (fused) {
             auto k = fm::ce_index_coefs_kind(p.loss_kind, acc(p.loss_param), acc(gs[r]), acc(0), acc(l), x_t, w_t,
                                              acc(W), eps, invC, z, acc(sq), acc(inv_cm1));
@@ -308,6 +311,7 @@ inline void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyPa
     const acc eps = acc(p.label_smoothing), invC = acc(1.0 / double(C)), z = acc(p.z_loss);
     const bool squentropy = p.loss_kind == fm::kLossSquentropy;
     const double inv_cm1 = C > 1 ? 1.0 / double(C - 1) : 0.0;
+    const double* psq = in.sum_sq.defined() ? in.sum_sq.const_data_ptr<double>() : nullptr;
     with_transform(p, [&](auto tx) {
       at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
@@ -320,7 +324,7 @@ inline void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyPa
           const acc w_t = w ? w[t] : acc(1);
           const acc x_t = tx(static_cast<acc>(xr[t]));
           const auto nd = normaliser_from_lse<acc>(plse[r]);
-          const double sq = squentropy ? row_sum_sq(xr, C, tx, nd.m, nd.d) : 0.0;
+          const double sq = !squentropy ? 0.0 : psq ? psq[r] : row_sum_sq(xr, C, tx, nd.m, nd.d);
           auto k = fm::ce_index_coefs_kind(p.loss_kind, acc(p.loss_param), acc(gl[r]), gz ? acc(gz[r]) : acc(0),
                                            acc(plse[r]), x_t, w_t, acc(W), eps, invC, z, acc(sq), acc(inv_cm1));
           write_index_grad(xr, pg + r * C, C, tx, nd.m, nd.d, k, w, t, x_t);

@@ -448,6 +448,8 @@ struct IndexArgs {
   double loss_param;
   double inv_cm1;           // 1 / (C - 1) (0 when C = 1): squentropy
   acc inv_cm1_a;
+  double* sq_out;           // squentropy: sum_c p_c^2 per row, written by the forward (or null)
+  const double* sq_in;      // ... read by the backward (null: recomputed with a pass over the row)
   Algorithm alg;
   int gshift;
 };
@@ -527,9 +529,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
                                                        static_cast<double>(w_t), sum_w_dx, static_cast<double>(shift),
                                                        class_weight_sum(a), a.eps, a.inv_C, a.z, sq, a.inv_cm1);
           a.lse[row] = l;
+          if (a.sq_out != nullptr) a.sq_out[row] = sq;
         } else {
           a.loss[row] = ignored ? 0.0 : kNaN;
           a.lse[row] = ignored ? 0.0 : kNaN;
+          if (a.sq_out != nullptr) a.sq_out[row] = ignored ? 0.0 : kNaN;
         }
       }
     }
@@ -540,9 +544,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       acc ka = acc(0), kb = acc(0), ka2 = acc(0), m = acc(0), inv_d = acc(1);
       T g_t = T(0);
       if constexpr (!reduce) {
-        if (a.loss_kind == fm::kLossSquentropy) {  // sum_c p_c^2 from the saved lse: every lane, uniform
-          const auto nd = normaliser_from_lse<acc>(active ? a.lse_in[row] : 0.0);
-          sq = group_allreduce(sq_pass<kIndexLoads>(xr, n, lane, gsize, tx, nd.m, nd.d), gsize).a;
+        if (a.loss_kind == fm::kLossSquentropy) {
+          if (a.sq_in != nullptr) {  // saved by the forward
+            sq = active ? a.sq_in[row] : 0.0;
+          } else {  // recomputed from the saved lse: every lane, uniform (kernel arguments)
+            const auto nd = normaliser_from_lse<acc>(active ? a.lse_in[row] : 0.0);
+            sq = group_allreduce(sq_pass<kIndexLoads>(xr, n, lane, gsize, tx, nd.m, nd.d), gsize).a;
+          }
         }
       }
       if (active) {
@@ -825,6 +833,8 @@ IndexArgs<scalar_t> index_args(const CrossEntropyInputs& in, const CrossEntropyP
   a.loss_param = p.loss_param;
   a.inv_cm1 = a.C > 1 ? 1.0 / static_cast<double>(a.C - 1) : 0.0;
   a.inv_cm1_a = static_cast<acc_t<scalar_t>>(a.inv_cm1);
+  a.sq_out = nullptr;
+  a.sq_in = nullptr;
   a.alg = p.algorithm;
   return a;
 }
@@ -839,6 +849,7 @@ void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p,
     auto a = index_args<scalar_t>(in, p);
     a.loss = loss.mutable_data_ptr<double>();
     a.lse = lse.mutable_data_ptr<double>();
+    a.sq_out = in.sum_sq.defined() ? in.sum_sq.mutable_data_ptr<double>() : nullptr;
     if (fused) {
       // grad_logits may be in.logits itself (the in-place variant): the kernel reads each row before writing it.
       a.grad = grad_logits.mutable_data_ptr<scalar_t>();
@@ -861,6 +872,7 @@ void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p
     a.grad_loss = grad_loss.const_data_ptr<double>();
     a.grad_lse = grad_lse.defined() ? grad_lse.const_data_ptr<double>() : nullptr;
     a.lse_in = lse.const_data_ptr<double>();
+    a.sq_in = in.sum_sq.defined() ? in.sum_sq.const_data_ptr<double>() : nullptr;
     launch_index<Mode::Backward>(a, p);
   });
 }

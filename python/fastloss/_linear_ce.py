@@ -137,8 +137,8 @@ def run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softca
                                                            z_loss, softcap, algorithm, *loss_kind)
             g = logits  # now d loss / d logits, scaled
         else:
-            rows, lse = ops.cross_entropy_fwd(logits, tc, weight, ignore_index, label_smoothing, z_loss, softcap,
-                                              algorithm, *loss_kind)
+            rows, lse, _ = ops.cross_entropy_fwd(logits, tc, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                                 algorithm, *loss_kind)
             g = None
         loss_rows[s:e] = rows
         lse_rows[s:e] = lse

@@ -149,12 +149,13 @@ def _rows(logits):
 @torch.library.register_fake("fastloss::cross_entropy_fwd")
 def _ce_fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm="auto", loss="ce",
                  loss_param=0.0):
-    return _rows(logits), _rows(logits)
+    n_sq = logits.shape[0] if loss == "squentropy" else 0
+    return _rows(logits), _rows(logits), logits.new_empty((n_sq,), dtype=torch.float64)
 
 
 @torch.library.register_fake("fastloss::cross_entropy_bwd")
 def _ce_bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
-                 loss="ce", loss_param=0.0):
+                 loss="ce", loss_param=0.0, sum_sq=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -184,12 +185,12 @@ def _ce_setup(ctx, inputs, output):
     loss = inputs[8] if len(inputs) > 8 else "ce"
     loss_param = inputs[9] if len(inputs) > 9 else 0.0
     ctx.args = (ignore_index, label_smoothing, z_loss, softcap, loss, loss_param)
-    ctx.save_for_backward(logits, target, weight, output[1])
+    ctx.save_for_backward(logits, target, weight, output[1], output[2])
 
 
-def _ce_bwd(ctx, grad_loss, grad_lse):
-    logits, target, weight, lse = ctx.saved_tensors
-    grad = _lib.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, lse, *ctx.args)
+def _ce_bwd(ctx, grad_loss, grad_lse, _grad_sum_sq):
+    logits, target, weight, lse, sum_sq = ctx.saved_tensors
+    grad = _lib.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, lse, *ctx.args, sum_sq)
     return grad, None, None, None, None, None, None, None, None, None
 
 

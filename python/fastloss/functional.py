@@ -270,7 +270,7 @@ def cross_entropy(
                                                   reduction, denom, out_shape, kind, param)
             return _finish(out.to(input.dtype), lse, valid, z, reduction, out_shape, denom, return_lse,
                            return_z_loss)
-        rows, lse = ops.cross_entropy_fwd(x2d, t, weight, ignore_index, ls, z, softcap, algorithm, kind, param)
+        rows, lse, _ = ops.cross_entropy_fwd(x2d, t, weight, ignore_index, ls, z, softcap, algorithm, kind, param)
     out = _reduce(rows, reduction, out_shape, denom).to(input.dtype)
     return _finish(out, lse, valid, z, reduction, out_shape, denom, return_lse, return_z_loss)
 

@@ -29,6 +29,8 @@ struct CrossEntropyInputs {
   at::Tensor target;      // [N] int64, or [N, C] probabilities
   at::Tensor weight;      // [C] float32 (float64 for float64 logits), or undefined
   at::Tensor weight_sum;  // 0-d sum of weight, same dtype, or undefined
+  at::Tensor sum_sq;      // squentropy: [N] float64 sum_c p_c^2, written by index_forward / read by index_backward
+                          // when defined (undefined: the backward recomputes it with a pass over the row)
 };
 
 struct CrossEntropyKernels {
