@@ -1,26 +1,23 @@
 """Hugging Face transformers causal LMs trained with fastloss's chunked linear cross-entropy.
 
-``patch(model)`` replaces the model instance's ``forward``. With ``labels`` (or ``shift_labels``) the new forward
-runs the decoder, then computes the loss with :func:`fastloss.linear_cross_entropy` on the final hidden states and
-the LM head's weight (and bias), so the (tokens x vocabulary) logits are never built. It keeps what the model's own
-forward + ``ForCausalLMLoss`` do:
+``patch(model)`` wraps the model instance's ``forward``. With ``labels`` (or ``shift_labels``) the model's **own**
+forward runs, with one change: its output head returns :class:`DeferredLogits` instead of computing the logits.
+Whatever the model's code then does with them (softcapping, logit scaling, the dtype cast, label shifting,
+``num_items_in_batch``, ``logits_to_keep``, and the final ``F.cross_entropy`` of ``ForCausalLMLoss`` or of its own
+loss code) is recorded, and the cross-entropy becomes :func:`fastloss.linear_cross_entropy` on the hidden states and
+the head's weight, so the (tokens x vocabulary) logits are never built. Everything else the forward adds to or does
+around the loss stays the model's own code: a Mixture-of-Experts router's load-balancing loss
+(``router_aux_loss_coef * aux_loss``, ``aux_loss`` and ``router_logits`` in the output), caches, hidden states,
+attentions, the output class and ``return_dict=False`` tuples.
 
-* labels shifted by one inside the model (padded with -100 at the end), or ``shift_labels`` used as given;
-* ``ignore_index`` -100;
-* ``num_items_in_batch`` (gradient-accumulation normalisation): a sum divided by it instead of a mean;
-* ``logits_to_keep`` (int or index tensor) applied to the hidden states before the head;
-* ``config.final_logit_softcapping`` (Gemma 2 / 3): ``cap * tanh(logits / cap)``;
-* a float32 loss for bf16 / fp16 / fp32 models, as transformers gets by upcasting the logits (fastloss accumulates
-  in float32 / float64 and casts the loss; it never upcasts the logits). A float64 model gets a float64 loss, where
-  transformers' ``logits.float()`` would round to float32;
-* the model's output class, ``return_dict=False`` tuples, and its caches / hidden states / attentions.
+Anything the deferred logits cannot reproduce lazily (an op over the vocabulary dimension, a learnable scale) makes
+them compute the logits in full, exactly as the model would, with a ``DeferredLogitsFallbackWarning``: the loss is
+always the model's own, only the memory saving can be lost, and never silently.
 
-Without labels the original forward runs untouched (generation, evaluation without labels). ``logits`` are
-``None`` when fastloss computed the loss, unless ``patch(model, return_logits=True)``.
+Without labels the original forward runs untouched (generation, evaluation without labels). ``logits`` in the
+output are ``None`` when fastloss computed the loss, unless ``patch(model, return_logits=True)``.
 
-Works with any causal LM whose forward is "decoder (``model.base_model``) -> ``lm_head`` -> ``loss_function``", the
-pattern of transformers 4.46+ and 5.x: tested with Llama, Qwen2, Mistral, Gemma 2 and GPT-2 (transformers versions
-in the README). Models whose head does more than a linear layer (+ softcapping) are refused at patch time.
+Refused at patch time: models whose output head (``get_output_embeddings()``) is not an ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -29,14 +26,11 @@ import functools
 import inspect
 import types
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .. import functional as fl_functional
+from ._deferred_logits import DeferredLogits, DeferredLogitsFallbackWarning
 
-IGNORE_INDEX = -100
 _ATTR = "_fastloss_patch"
 
 
@@ -46,14 +40,6 @@ class PatchConfig:
     chunk_size: object = "auto"
     filter_eps: object = None
     algorithm: str = "auto"
-
-
-# Model types whose lm_head output goes straight to the loss (after an optional final-logit softcap). A model type
-# not listed is still accepted when its head is a plain nn.Linear and its config has no other logit transform;
-# these are the ones a test covers.
-TESTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma2", "gpt2")
-# Config attributes that change the logits between lm_head and the loss in ways fastloss does not reproduce.
-_UNSUPPORTED_CONFIG = ("logit_scale", "output_multiplier_scale", "logits_scaling", "mup_width_multiplier")
 
 
 def patch(model: torch.nn.Module, *, return_logits: bool = False, chunk_size="auto", filter_eps=None,
@@ -69,21 +55,6 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, chunk_size="au
         raise TypeError(f"fastloss.integrations.transformers.patch: {type(model).__name__} has no nn.Linear output "
                         f"head (get_output_embeddings() gave {type(head).__name__}); only causal LMs with a linear "
                         "head are supported")
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise TypeError(f"fastloss.integrations.transformers.patch: {type(model).__name__} has no separate "
-                        "decoder (base_model); pass a *ForCausalLM model")
-    loss_fn = getattr(model, "loss_function", None)
-    if loss_fn is not None and getattr(loss_fn, "__name__", "") != "ForCausalLMLoss":
-        raise TypeError(f"fastloss.integrations.transformers.patch: {type(model).__name__}'s loss_function is "
-                        f"{getattr(loss_fn, '__name__', loss_fn)!r}, not transformers' ForCausalLMLoss; fastloss "
-                        "reproduces only that one")
-    config = getattr(model, "config", None)
-    for name in _UNSUPPORTED_CONFIG:
-        val = getattr(config, name, None)
-        if val not in (None, 1, 1.0):
-            raise TypeError(f"fastloss.integrations.transformers.patch: {type(model).__name__} scales its logits "
-                            f"(config.{name}={val!r}); fastloss would compute a different loss")
     cfg = PatchConfig(return_logits, chunk_size, filter_eps, algorithm)
     state = getattr(model, _ATTR, None)
     if state is not None:
@@ -129,64 +100,44 @@ def _patched_forward(self, original, signature, *args, **kwargs):
     for name, param in signature.parameters.items():  # flatten **kwargs into the named arguments
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
             arguments.update(arguments.pop(name))
-    labels = arguments.pop("labels", None)
-    if labels is None:  # no loss to compute: the model's own forward, logits and all
-        return original(*args, **kwargs)
-    shift_labels = arguments.pop("shift_labels", None)
+    if arguments.get("labels") is None and arguments.get("shift_labels") is None:
+        return original(*args, **kwargs)  # no loss to compute: the model's own forward, logits and all
     cfg: PatchConfig = getattr(self, _ATTR)["config"]
-    logits_to_keep = arguments.pop("logits_to_keep", None)
-    if logits_to_keep is None:
-        logits_to_keep = arguments.pop("num_logits_to_keep", 0)
-    num_items_in_batch = arguments.pop("num_items_in_batch", None)
-    return_dict = arguments.pop("return_dict", None)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    ignore_index = arguments.pop("ignore_index", IGNORE_INDEX)
-
-    outputs = self.base_model(**arguments, return_dict=True)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    hidden = _slice_logits_to_keep(hidden, logits_to_keep)
-
-    if shift_labels is None:
-        # ForCausalLMLoss: pad then shift, so the last position predicts nothing.
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    shift_labels = shift_labels.to(hidden.device)
     head = self.get_output_embeddings()
-    softcap = getattr(self.config, "final_logit_softcapping", None)
-    loss = fl_functional.linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels.reshape(-1), linear_bias=head.bias,
-        ignore_index=ignore_index, reduction="sum" if num_items_in_batch is not None else "mean",
-        softcap=softcap, chunk_size=cfg.chunk_size, filter_eps=cfg.filter_eps, algorithm=cfg.algorithm,
-        loss_dtype=torch.promote_types(hidden.dtype, torch.float32),
-    )
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+    options = {"chunk_size": cfg.chunk_size, "filter_eps": cfg.filter_eps, "algorithm": cfg.algorithm}
+    owner = type(self).__name__
 
-    logits = None
-    if cfg.return_logits:
-        logits = head(hidden)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-    out = _output_class(outputs)(
-        loss=loss, logits=logits, past_key_values=getattr(outputs, "past_key_values", None),
-        hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
-        **({"cross_attentions": outputs.cross_attentions} if hasattr(outputs, "cross_attentions") else {}),
-    )
-    return out if return_dict else out.to_tuple()
+    def deferred_head(hidden):
+        return DeferredLogits(hidden, head.weight, head.bias, owner=owner, options=options)
+
+    had_forward = "forward" in vars(head)
+    previous = vars(head).get("forward")
+    head.forward = deferred_head
+    try:
+        out = original(*args, **kwargs)
+    finally:
+        if had_forward:
+            head.forward = previous
+        else:
+            del head.forward
+    return _replace_deferred(out, cfg.return_logits)
 
 
-def _slice_logits_to_keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    try:  # transformers 5.x: ints, index tensors and (batch, seq) boolean masks
-        from transformers.modeling_utils import slice_logits_to_keep
-    except ImportError:  # 4.x: an int or a 1-D index tensor
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return hidden[:, keep, :]
-    return slice_logits_to_keep(hidden, logits_to_keep)
+def _replace_deferred(out, return_logits: bool):
+    """The model's output with its DeferredLogits made real (return_logits) or removed (``logits=None``, as a
+    model output without logits; dropped from a ``return_dict=False`` tuple, whose None fields are left out)."""
+
+    def fix(v):
+        return v.materialize() if return_logits else None
+
+    if isinstance(out, tuple):
+        items = [fix(v) if isinstance(v, DeferredLogits) else v for v in out]
+        return type(out)(v for v in items if v is not None) if type(out) is tuple else out
+    keys = list(out.keys()) if hasattr(out, "keys") else []
+    if not any(isinstance(out[k], DeferredLogits) for k in keys):
+        return out
+    fields = {k: (fix(out[k]) if isinstance(out[k], DeferredLogits) else out[k]) for k in keys}
+    return type(out)(**{k: v for k, v in fields.items() if v is not None})
 
 
-def _output_class(outputs):
-    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
-
-    return CausalLMOutputWithCrossAttentions if hasattr(outputs, "cross_attentions") else CausalLMOutputWithPast
+__all__ = ["patch", "unpatch", "is_patched", "PatchConfig", "DeferredLogits", "DeferredLogitsFallbackWarning"]

@@ -1,0 +1,300 @@
+"""Deferred logits: what a causal LM's ``lm_head`` returns while fastloss computes its training loss.
+
+``DeferredLogits`` stands for ``lm_head(hidden)`` (shape ``hidden.shape[:-1] + (V,)``) without computing it. It
+records what the model's own code does to the logits between its head and the loss, and turns the final
+``F.cross_entropy`` into :func:`fastloss.linear_cross_entropy` on the hidden states, so the N x V logits are never
+built:
+
+* scalar multiplications and divisions (Granite's ``logits_scaling``, Cohere's ``logit_scale``) and one ``tanh``
+  between scalings (Gemma's ``final_logit_softcapping``): ``post * tanh(pre * z)`` is fastloss's
+  ``softcap=post`` on ``(pre * post) * z``, and a scale without tanh is a scale on the hidden states and bias;
+* dtype casts (``logits.float()`` in ``ForCausalLMLoss``): the loss is returned in that dtype;
+* anything on the leading (token) dimensions only: ``view`` / ``reshape`` keeping the vocabulary last, slicing,
+  boolean masks, ``contiguous``;
+* ``F.cross_entropy(logits_2d, target, weight=, ignore_index=, reduction=, label_smoothing=)``.
+
+Anything else (an op over the vocabulary, a learnable scale, a second tanh, ...) materialises the logits exactly as
+the model would have computed them (every recorded op replayed in order) and runs that op on them: the result is
+the model's own, only the memory saving is lost, and a :class:`DeferredLogitsFallbackWarning` says which op did it.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DeferredLogits", "DeferredLogitsFallbackWarning"]
+
+
+class DeferredLogitsFallbackWarning(UserWarning):
+    """The model used its logits in a way fastloss cannot defer: they were computed in full (same result, no
+    memory saving)."""
+
+
+def _scalar(value) -> Optional[float]:
+    """A Python number, or a 0-d tensor that needs no gradient, as a float; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if torch.is_tensor(value) and value.dim() == 0 and not value.requires_grad and value.is_floating_point():
+        return float(value.item())
+    return None
+
+
+class DeferredLogits:
+    """``lm_head(hidden)`` not yet computed. See the module docstring."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, owner: str,
+                 options: dict):
+        self._hidden = hidden
+        self._weight = weight
+        self._bias = bias
+        self._owner = owner  # the model's class name, for messages
+        self._options = options  # chunk_size, filter_eps, algorithm for linear_cross_entropy
+        self._ops: list = []  # elementwise ops in order, replayed by materialize(): ("mul"|"div", s), ("tanh",), ("to", dtype)
+        self._pre = 1.0  # canonical form: post * tanh(pre * z) when _tanh, else pre * z
+        self._tanh = False
+        self._post = 1.0
+        self._dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        self._materialized: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ tensor-like attributes
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self._hidden.shape[:-1], self._weight.shape[0]))
+
+    def size(self, dim: Optional[int] = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return self._hidden.dim()
+
+    @property
+    def ndim(self) -> int:
+        return self._hidden.dim()
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._hidden.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._hidden.requires_grad or self._weight.requires_grad
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"DeferredLogits(shape={tuple(self.shape)}, dtype={self._dtype}, ops={self._ops})"
+
+    # ------------------------------------------------------------------ recorded ops
+    def _derive(self, hidden: Optional[torch.Tensor] = None) -> "DeferredLogits":
+        out = DeferredLogits.__new__(DeferredLogits)
+        out.__dict__.update(self.__dict__)
+        out._ops = list(self._ops)
+        out._materialized = None
+        if hidden is not None:
+            out._hidden = hidden
+        return out
+
+    def _scaled(self, s: float, op: str) -> "DeferredLogits":
+        out = self._derive()
+        out._ops.append((op, s))
+        factor = s if op == "mul" else 1.0 / s
+        if out._tanh:
+            out._post *= factor
+        else:
+            out._pre *= factor
+        return out
+
+    def __mul__(self, other):
+        s = _scalar(other)
+        if s is None:
+            return self._fallback("mul", lambda x: x * other)
+        return self._scaled(s, "mul")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        s = _scalar(other)
+        if s is None or s == 0.0:
+            return self._fallback("div", lambda x: x / other)
+        return self._scaled(s, "div")
+
+    def tanh(self):
+        if self._tanh:
+            return self._fallback("second tanh", torch.tanh)
+        out = self._derive()
+        out._ops.append(("tanh",))
+        out._tanh = True
+        return out
+
+    def to(self, *args, **kwargs):
+        dtype = kwargs.pop("dtype", None)
+        rest = []
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            else:
+                rest.append(a)
+        device = kwargs.pop("device", rest.pop(0) if rest else None)
+        if rest or kwargs or (device is not None and torch.device(device) != self.device):
+            return self._fallback("to", lambda x: x.to(*args, **kwargs))
+        if dtype is None or dtype == self._dtype:
+            return self
+        if not dtype.is_floating_point:
+            return self._fallback("to", lambda x: x.to(dtype))
+        out = self._derive()
+        out._ops.append(("to", dtype))
+        out._dtype = dtype
+        return out
+
+    def float(self):
+        return self.to(torch.float32)
+
+    def double(self):
+        return self.to(torch.float64)
+
+    def contiguous(self, *args, **kwargs):
+        return self
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+            shape = tuple(shape[0])
+        vocab = self._weight.shape[0]
+        if len(shape) >= 1 and shape[-1] == vocab:
+            return self._derive(self._hidden.reshape(*shape[:-1], self._hidden.shape[-1]))
+        return self._fallback("reshape", lambda x: x.reshape(*shape))
+
+    view = reshape
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1):
+        nd = self.ndim
+        s, e = start_dim % nd, end_dim % nd
+        if e < nd - 1:
+            return self._derive(self._hidden.flatten(s, e))
+        return self._fallback("flatten", lambda x: x.flatten(start_dim, end_dim))
+
+    def __getitem__(self, index):
+        idx = list(index) if isinstance(index, tuple) else [index]
+        nd = self.ndim
+
+        def dims(i):
+            return i.dim() if torch.is_tensor(i) and i.dtype == torch.bool else 1
+
+        if any(i is None for i in idx) or sum(1 for i in idx if i is Ellipsis) > 1:
+            return self._fallback("indexing", lambda x: x[index])
+        consumed = sum(dims(i) for i in idx if i is not Ellipsis)
+        if consumed > nd:
+            return self._fallback("indexing", lambda x: x[index])
+        if Ellipsis in idx:
+            pos = idx.index(Ellipsis)
+            idx = idx[:pos] + [slice(None)] * (nd - consumed) + idx[pos + 1:]
+        if sum(dims(i) for i in idx) == nd:
+            last = idx[-1]
+            if not (isinstance(last, slice) and last == slice(None)):
+                return self._fallback("indexing the vocabulary dimension", lambda x: x[index])
+            idx = idx[:-1]
+        # Only the leading (token) dimensions are indexed: the same index on the hidden states.
+        return self._derive(self._hidden[tuple(idx)])
+
+    # ------------------------------------------------------------------ torch functions
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.cross_entropy and isinstance(args[0], DeferredLogits):
+            return args[0]._cross_entropy(*args[1:], **kwargs)
+        if func in (torch.tanh, torch.Tensor.tanh) and len(args) == 1 and not kwargs:
+            return args[0].tanh()
+        if func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__) and not kwargs:
+            a, b = args
+            return a * b if isinstance(a, DeferredLogits) else b * a
+        if func in (torch.div, torch.Tensor.div, torch.Tensor.__truediv__) and not kwargs \
+                and isinstance(args[0], DeferredLogits):
+            return args[0] / args[1]
+        deferred = [a for a in list(args) + list(kwargs.values()) if isinstance(a, DeferredLogits)]
+        owner = deferred[0] if deferred else None
+        if owner is not None:
+            owner._warn(getattr(func, "__name__", str(func)))
+
+        def real(a):
+            return a.materialize() if isinstance(a, DeferredLogits) else a
+
+        args = tuple(real(a) for a in args)
+        kwargs = {k: real(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def __getattr__(self, name):
+        # Any other tensor method: compute the logits and use them.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self._warn(name)
+        return getattr(self.materialize(), name)
+
+    def _fallback(self, what: str, fn):
+        self._warn(what)
+        return fn(self.materialize())
+
+    def _warn(self, what: str) -> None:
+        warnings.warn(
+            f"fastloss: {self._owner} applies {what!r} to its logits, which fastloss cannot defer; the logits were "
+            "computed in full (the loss is the model's own, without the memory saving)",
+            DeferredLogitsFallbackWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ results
+    def materialize(self) -> torch.Tensor:
+        """The logits exactly as the model's code computes them: the head, then every recorded op in order."""
+        if self._materialized is None:
+            x = F.linear(self._hidden, self._weight, self._bias)
+            for op in self._ops:
+                if op[0] == "mul":
+                    x = x * op[1]
+                elif op[0] == "div":
+                    x = x / op[1]
+                elif op[0] == "tanh":
+                    x = torch.tanh(x)
+                else:
+                    x = x.to(op[1])
+            self._materialized = x
+        return self._materialized
+
+    def _cross_entropy(self, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                       reduction="mean", label_smoothing=0.0):
+        from .. import functional as fl_functional
+
+        legacy = size_average is not None or reduce is not None
+        softcap = None
+        scale = self._pre
+        if self._tanh:
+            softcap = self._post
+            scale = self._pre * self._post
+        if self.ndim != 2 or legacy or (softcap is not None and not softcap > 0) \
+                or not torch.is_tensor(target) or target.is_floating_point() \
+                or self._dtype not in (torch.float32, torch.float64, self._hidden.dtype):
+            self._warn("cross_entropy with these arguments")
+            return F.cross_entropy(self.materialize(), target, weight=weight, size_average=size_average,
+                                   ignore_index=ignore_index, reduce=reduce, reduction=reduction,
+                                   label_smoothing=label_smoothing)
+        hidden, bias = self._hidden, self._bias
+        if scale != 1.0:  # s * (h W^T + b) = (s h) W^T + s b
+            hidden = hidden * scale
+            bias = bias * scale if bias is not None else None
+        loss = fl_functional.linear_cross_entropy(
+            hidden, self._weight, target.to(hidden.device), linear_bias=bias, weight=weight,
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+            loss_dtype=self._dtype, **self._options)
+        # Callers add to it in place (MoE forwards: `loss += coef * aux_loss`): hand out a tensor of its own, not
+        # a view of a custom autograd function's output.
+        return loss.clone() if loss._is_view() else loss
