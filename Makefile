@@ -3,7 +3,7 @@
 #   make test    the same build, then the test suite
 # Variables: VENV (default .venv), TORCH_SPEC (which torch to install into a new venv), FASTLOSS_CUDA (ON/OFF/AUTO),
 # HF_SPEC (the optional Hugging Face stack the integration tests and the example use; empty to leave it out),
-# PYTEST_ARGS, BENCH_ARGS.
+# BUILD_DIR (CMake's build folder, default build/<venv name>), PYTEST_ARGS, BENCH_ARGS.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -11,7 +11,7 @@ TORCH_SPEC  ?= torch>=2.11
 HF_SPEC     ?= transformers==5.23.0 accelerate==1.15.0
 FASTLOSS_CUDA ?= AUTO
 PY          := $(VENV)/bin/python
-BUILD_DIR   := build/$(notdir $(VENV))
+BUILD_DIR   ?= build/$(notdir $(VENV))
 STAMP       := $(VENV)/.fastloss-deps
 
 export FASTLOSS_CUDA
