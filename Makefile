@@ -22,7 +22,7 @@ all: test
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pybind11 ninja "scikit-build-core>=0.10" "cmake>=3.26" pytest $(HF_SPEC)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy pybind11 ninja "scikit-build-core>=0.10" "cmake>=3.26" pytest expecttest $(HF_SPEC)
 	touch $@
 
 # --no-build-isolation: the extension must be compiled against the torch it will run with.

@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/WrapDimUtils.h>
 
+#include <algorithm>
+#include <cstdlib>
+
 namespace fastloss {
 namespace {
 
@@ -130,6 +133,16 @@ at::Tensor logsumexp_backward_op(const at::Tensor& grad, const at::Tensor& self,
   return gin;
 }
 
+// The largest k the device's fused kernel takes; larger k runs the composite path. FASTLOSS_TOPK_FUSED_LIMIT (a
+// debugging knob) lowers it, so the composite path can be tested on any device, the CPU included.
+static int64_t topk_fused_limit(const SoftmaxKernels& kt) {
+  int64_t limit = kt.max_topk;
+  if (const char* env = std::getenv("FASTLOSS_TOPK_FUSED_LIMIT"); env != nullptr && *env != '\0') {
+    limit = std::min<int64_t>(limit, std::max<int64_t>(0, std::atoll(env)));
+  }
+  return limit;
+}
+
 std::tuple<at::Tensor, at::Tensor> softmax_topk_op(const at::Tensor& self, int64_t k, int64_t dim,
                                                    c10::string_view algorithm, const SoftmaxKernels& kt) {
   check_floating(self, "softmax_topk", "self");
@@ -142,14 +155,19 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk_op(const at::Tensor& self, int64
   at::Tensor values = at::empty(shape, self.options());
   at::Tensor indices = at::empty(shape, self.options().dtype(at::kLong));
   if (r.rows > 0 && k > 0) {
-    if (k <= kt.max_topk) {
+    if (k <= topk_fused_limit(kt)) {
       kt.softmax_topk(r.x2d, k, values.view({r.rows, k}), indices.view({r.rows, k}), alg);
-    } else {  // beyond the device kernel's list capacity: softmax, then topk (same values; torch's tie order)
+    } else {
+      // Beyond the device kernel's list capacity: the values from the softmax, the order from a stable descending
+      // sort of the logits themselves -- the fused kernels' rule (larger logit first, ties by the smaller index,
+      // NaN first). Ranking the probabilities instead would tie distinct logits that round to one bf16 / fp16
+      // probability, and torch.topk leaves the order of ties unspecified.
       at::Tensor p = at::empty_like(r.x2d);
       kt.softmax(r.x2d, p, /*log=*/false, alg);
-      auto [v, i] = at::topk(p, k, /*dim=*/-1, /*largest=*/true, /*sorted=*/true);
-      values.view({r.rows, k}).copy_(v);
-      indices.view({r.rows, k}).copy_(i);
+      at::Tensor order = std::get<1>(at::sort(r.x2d, /*stable=*/true, /*dim=*/-1, /*descending=*/true));
+      at::Tensor idx = order.narrow(-1, 0, k);
+      values.view({r.rows, k}).copy_(p.gather(-1, idx));
+      indices.view({r.rows, k}).copy_(idx);
     }
   }
   if (self.dim() > 0) {

@@ -276,3 +276,23 @@ def test_cpu_extra_peak_memory_within_budget():
     budget = fastloss._linear_ce.CHUNK_BUDGET_BYTES["cpu"] >> 20
     fl = _extra_mb("fastloss", 4096, 64, 65536)
     assert fl < budget + 16 + 48, (fl, budget)
+
+
+@pytest.mark.parametrize("supported", [None, False])
+def test_float32_accumulation_of_bf16_products(supported, monkeypatch):
+    """d W accumulates bf16 chunk products in float32: through addmm(out_dtype=) where this torch and device take
+    it (probed once), else through a float32 mm + add_ (forced here: older torch rejects out_dtype)."""
+    from fastloss import _linear_ce
+
+    monkeypatch.setattr(_linear_ce, "_ADDMM_OUT_DTYPE", {})
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 300, generator=g).bfloat16()
+    b = torch.randn(300, 19, generator=g).bfloat16()
+    acc = torch.randn(37, 19, generator=g)
+    if supported is not None:
+        _linear_ce._ADDMM_OUT_DTYPE[("cpu", torch.bfloat16, torch.float32)] = supported
+    expected = acc.double() + a.double() @ b.double()
+    _linear_ce._addmm_acc(acc, a, b)
+    assert isinstance(_linear_ce._ADDMM_OUT_DTYPE[("cpu", torch.bfloat16, torch.float32)], bool)
+    assert acc.dtype == torch.float32
+    assert rel_err(acc.double(), expected) <= 1e-6  # float32 accumulation, no bf16 rounding of the product

@@ -137,6 +137,55 @@ def test_logsumexp_dims_keepdim_and_layout(alg, device):
     assert rel_err(fastloss.logsumexp(xt, 0, algorithm=alg), torch.logsumexp(xt.double(), 0)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("alg", ["online", "two_pass"])
+def test_logsumexp_tuple_dims(alg, device):
+    x = _rand((4, 5, 6, 3), torch.float32, device)
+    cases = [(1,), (-1,), (0, 1), (2, 3), (1, 3), (0, 2, 3), (3, 0), [0, 1, 2, 3], ()]
+    for dims in cases:
+        for keepdim in (False, True):
+            got = fastloss.logsumexp(x, dims, keepdim, algorithm=alg)
+            want = torch.logsumexp(x.double(), dims if dims != () else (0, 1, 2, 3), keepdim=keepdim)
+            assert got.shape == want.shape, (dims, keepdim)
+            assert rel_err(got, want) < TOL[torch.float32], (dims, keepdim)
+    # non-contiguous input, a permuted copy; gradients through the same op
+    xt = x.transpose(1, 3).detach().requires_grad_()
+    got = fastloss.logsumexp(xt, (0, 2), algorithm=alg)
+    xd = xt.detach().double().requires_grad_()
+    want = torch.logsumexp(xd, (0, 2))
+    assert rel_err(got, want) < TOL[torch.float32]
+    got.sum().backward()
+    want.sum().backward()
+    assert rel_err(xt.grad, xd.grad) < TOL[torch.float32]
+    # empty dims, 0-d input, errors as torch
+    assert fastloss.logsumexp(torch.zeros(0, 3, 4, device=device), (1, 2)).shape == (0,)
+    assert torch.isneginf(fastloss.logsumexp(torch.zeros(2, 0, 4, device=device), (1, 2))).all()
+    assert fastloss.logsumexp(torch.tensor(2.0, device=device), (0,)).item() == 2.0
+    with pytest.raises(RuntimeError, match="multiple times"):
+        fastloss.logsumexp(x, (1, -3))
+    with pytest.raises(IndexError, match="out of range"):
+        fastloss.logsumexp(x, (0, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_logsumexp_torch_opinfo_samples(dtype, device):
+    """torch.logsumexp's own OpInfo reference inputs (tuple dims, 0-d, large magnitudes) through fastloss."""
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it (installed by the Makefile)
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    (info,) = [o for o in op_db if o.name == "logsumexp"]
+    n = 0
+    for sample in info.reference_inputs(device, dtype, requires_grad=False):
+        dim = sample.args[0] if sample.args else sample.kwargs.get("dim")
+        keepdim = sample.args[1] if len(sample.args) > 1 else sample.kwargs.get("keepdim", False)
+        got = fastloss.logsumexp(sample.input, dim, keepdim)
+        want = torch.logsumexp(sample.input.double(), dim, keepdim)
+        assert got.shape == want.shape and got.dtype == sample.input.dtype, (sample.input.shape, dim, keepdim)
+        if want.numel():
+            assert rel_err(got.double(), want) <= TOL[sample.input.dtype], (sample.input.shape, dim, keepdim)
+        n += isinstance(dim, (tuple, list)) and len(dim) > 1
+    assert n > 0  # the tuple-dim samples were among them
+
+
 def test_empty_and_scalar(device):
     for shape, dim in [((0, 5), -1), ((5, 0), -1), ((0,), 0), ((3, 0, 2), 1), ((2, 0, 3), 0)]:
         x = torch.randn(shape, device=device)

@@ -116,3 +116,40 @@ def test_opcheck_and_compile(device):
     eager = fastloss.softmax_topk(x.detach(), 4)
     compiled = torch.compile(lambda t: torch.ops.fastloss.softmax_topk(t, 4), fullgraph=True)(x.detach())
     assert torch.equal(eager.indices, compiled[1]) and torch.equal(eager.values, compiled[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused_limit", ["0", "3"])
+def test_composite_path_ranks_on_the_logits(dtype, fused_limit, device, monkeypatch):
+    """k above the device's fused limit (128 on CUDA; FASTLOSS_TOPK_FUSED_LIMIT lowers it so every device runs the
+    composite path): same order rule as the fused kernels, although bf16 / fp16 round distinct logits to equal
+    probabilities."""
+    monkeypatch.setenv("FASTLOSS_TOPK_FUSED_LIMIT", fused_limit)
+    g = torch.Generator().manual_seed(7)
+    V, k = 300, 40
+    x = torch.randn(5, V, generator=g, dtype=torch.float64)
+    # Row 0: logits in [0.01, 0.02] in random order, distinct in bf16 / fp16 (spacing ~6e-5 / ~8e-6 there) but
+    # closer than those formats' probability resolution (2^-8 / 2^-11 relative): their probabilities tie.
+    x[0] = 0.01 + 0.01 * torch.rand(V, generator=g, dtype=torch.float64)
+    x[1, 17] = float("nan")  # NaN ranks first; the row's softmax is NaN
+    x[2, ::3] = 1.0  # exact ties: smaller index first
+    x = x.to(dtype)
+    assert len(torch.unique(x[0])) > k  # distinct in the input dtype
+    vals, idx = fastloss.softmax_topk(x.to(device), k)
+    ev, ei = _expected(x, k, -1)
+    assert torch.equal(idx.cpu(), ei)
+    finite = torch.tensor([0, 2, 3, 4])
+    assert rel_err(vals.cpu().double()[finite], ev[finite]) <= TOL[dtype]
+    assert torch.isnan(vals[1]).all()
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_large_logits_keep_float32_accuracy(alg, device):
+    """Logits around 1e4: the row's lse must be formed in double (m + log d), as the CPU and cross-entropy
+    kernels do; in float it would be off by ~1e-3 relative after exp(x - lse)."""
+    g = torch.Generator().manual_seed(3)
+    x = 1e4 + torch.randn(4, 5000, generator=g) * 2
+    vals, idx = fastloss.softmax_topk(x.to(device), 8, algorithm=alg)
+    ev, ei = _expected(x, 8, -1)
+    assert torch.equal(idx.cpu(), ei)
+    assert rel_err(vals.cpu().double(), ev) <= TOL[torch.float32]

@@ -109,14 +109,6 @@ __device__ __forceinline__ acc_t<T> row_shift(const T* x, const Tx& tx) {
   return isfinite(v) ? v : acc_t<T>(0);
 }
 
-// lse = m + log d in double. m = +inf: the state's max keeps NaN (Ops::max), so the row holds a +inf and no NaN,
-// and torch.logsumexp gives +inf (d is NaN there).
-template <typename acc>
-__device__ __forceinline__ double finish_lse(fm::OnlineState<acc> s) {
-  if (s.m == fm::Limits<acc>::inf) return std::numeric_limits<double>::infinity();
-  return static_cast<double>(s.m) + ::log(static_cast<double>(s.d));
-}
-
 // A float64 lse as (m, 1/d) for softmax_at: m = lse rounded to acc, 1/d = exp(m - lse) (see the CPU).
 template <typename acc>
 __device__ __forceinline__ fm::OnlineState<acc> normaliser_from_lse(double lse) {

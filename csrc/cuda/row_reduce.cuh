@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "fastloss/math.h"
@@ -219,6 +220,16 @@ __device__ __forceinline__ S block_allreduce(S s) {
 template <typename T>
 __device__ __forceinline__ T finish_online(fm::OnlineState<T> s) {
   return s.m == fm::Limits<T>::inf ? s.m : fm::online_lse(s);
+}
+
+// The same lse formed in double, as the CPU kernels and the cross-entropy kernels keep it: with float state and
+// logits around 1e3-1e4, m + logf(d) in float loses more than float32 tolerance once exponentiated against.
+// m = +inf: the state's max keeps NaN (Ops::max), so the row holds a +inf and no NaN, and torch.logsumexp gives
+// +inf (d is NaN there).
+template <typename acc>
+__device__ __forceinline__ double finish_lse(fm::OnlineState<acc> s) {
+  if (s.m == fm::Limits<acc>::inf) return std::numeric_limits<double>::infinity();
+  return static_cast<double>(s.m) + ::log(static_cast<double>(s.d));
 }
 
 }  // namespace cuda

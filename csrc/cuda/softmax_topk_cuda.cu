@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kTopKThreads)
       list.push(v, j);
     }
     s = block_allreduce(s);
-    const double lse = static_cast<double>(finish_online(s));
+    const double lse = finish_lse(s);
     int head = 0;
     for (int q = 0; q < k; ++q) {
       Cand c{0.f, 0, -1};
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kTopKThreads)
       list.push(xr[j], j);
     }
     s = block_allreduce(s);
-    const double lse = finish_online(s);
+    const double lse = finish_lse(s);
     int head = 0;
     for (int q = 0; q < k; ++q) {
       CandD c{0.0, 0, -1};

@@ -51,12 +51,38 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# (device type, matrix dtype, accumulator dtype) -> whether torch.addmm(..., out_dtype=acc) works there.
+_ADDMM_OUT_DTYPE: dict = {}
+
+
+def _addmm_out_dtype_supported(acc: torch.Tensor, a: torch.Tensor) -> bool:
+    """Probe once per (device type, dtypes) whether ``addmm`` accepts a float32 ``self`` / ``out`` with bf16 / fp16
+    matrices (``out_dtype=``): older torch releases reject it. Never under torch.compile, where ``addmm.dtype_out``
+    has broken graphs."""
+    if torch.compiler.is_compiling():
+        return False
+    key = (acc.device.type, a.dtype, acc.dtype)
+    ok = _ADDMM_OUT_DTYPE.get(key)
+    if ok is None:
+        try:
+            m = torch.full((2, 2), 0.5, dtype=a.dtype, device=a.device)
+            r = torch.ones((2, 2), dtype=acc.dtype, device=acc.device)
+            torch.addmm(r, m, m, out_dtype=acc.dtype, out=r)
+            ok = bool(torch.equal(r.cpu(), torch.full((2, 2), 1.5, dtype=acc.dtype)))
+        except (RuntimeError, TypeError, NotImplementedError, ValueError):
+            ok = False
+        _ADDMM_OUT_DTYPE[key] = ok
+    return ok
+
+
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with float32 accumulation and no rounding of the partial product to a's dtype."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:  # CUDA bf16 / fp16: cuBLAS with a float32 output
+    elif _addmm_out_dtype_supported(acc, a):  # CUDA bf16 / fp16: cuBLAS with a float32 output
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:  # a float32 product then an add: one float32 copy of a and b (this chunk's size) more
+        acc.add_(torch.mm(a.to(acc.dtype), b.to(acc.dtype)))
 
 
 def _kept_columns(g: torch.Tensor, scale: torch.Tensor, filter_eps: float) -> Optional[torch.Tensor]:

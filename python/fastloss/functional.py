@@ -42,12 +42,48 @@ def log_softmax(
     return torch.ops.fastloss.log_softmax(input, dim, algorithm)
 
 
-def logsumexp(input: torch.Tensor, dim: int = -1, keepdim: bool = False, *, algorithm: str = "auto") -> torch.Tensor:
-    """``torch.logsumexp(input, dim, keepdim)`` over a single dimension, computed by fastloss's kernels."""
+def logsumexp(input: torch.Tensor, dim=-1, keepdim: bool = False, *, algorithm: str = "auto") -> torch.Tensor:
+    """``torch.logsumexp(input, dim, keepdim)`` computed by fastloss's kernels.
+
+    dim: an int or a tuple / list of ints, as torch.logsumexp (an empty tuple reduces every dimension, as
+    ``torch.amax`` does). Several dims reduce as one row: a view when they can be flattened in place (adjacent in
+    memory), otherwise through a copy with the reduced dims moved last.
+    """
     _check(input, "logsumexp", algorithm)
-    if not isinstance(dim, int):
-        raise TypeError(f"fastloss.logsumexp: `dim` must be a single int, got {dim!r}")
-    return torch.ops.fastloss.logsumexp(input, dim, keepdim, algorithm)
+    if isinstance(dim, bool) or not isinstance(dim, (int, tuple, list, torch.Size)):
+        raise TypeError(f"fastloss.logsumexp: `dim` must be an int or a tuple of ints, got {dim!r}")
+    if isinstance(dim, int):
+        return torch.ops.fastloss.logsumexp(input, dim, keepdim, algorithm)
+    dims = _normalize_dims(input, tuple(dim), "logsumexp")
+    if len(dims) == 1 or input.dim() == 0:
+        return torch.ops.fastloss.logsumexp(input, dims[0] if dims else 0, keepdim, algorithm)
+    kept = [d for d in range(input.dim()) if d not in dims]
+    rows = input.permute(*kept, *dims)  # a view; reshape below copies only when the reduced dims are not flat
+    lead = rows.shape[:len(kept)]
+    row = math.prod(input.shape[d] for d in dims)
+    out = torch.ops.fastloss.logsumexp(rows.reshape(*lead, row), -1, False, algorithm)
+    if keepdim:
+        for d in dims:  # ascending: each unsqueeze lands at its final position
+            out = out.unsqueeze(d)
+    return out
+
+
+def _normalize_dims(input: torch.Tensor, dims: tuple, name: str) -> tuple:
+    nd = max(input.dim(), 1)
+    if not dims:
+        return tuple(range(input.dim()))
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"fastloss.{name}: `dim` entries must be ints, got {d!r}")
+        if not -nd <= d < nd:
+            raise IndexError(f"fastloss.{name}: dimension {d} is out of range for a tensor of {input.dim()} "
+                             f"dimensions (expected in [{-nd}, {nd - 1}])")
+        d %= nd
+        if d in out:
+            raise RuntimeError(f"fastloss.{name}: dim {d} appears multiple times in the list of dims")
+        out.append(d)
+    return tuple(sorted(out))
 
 
 class SoftmaxTopK(NamedTuple):
@@ -64,7 +100,8 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, algorithm: str =
     equal logits the smaller index comes first (torch.topk leaves that order unspecified), and NaN ranks above
     every number, as in torch.topk. A row whose softmax is undefined (all -inf, a +inf, a NaN) gives NaN values,
     as torch.softmax does. Differentiable in ``input``. On CUDA, k <= 128 runs the fused kernel; larger k
-    computes the softmax, then torch.topk.
+    computes the softmax and ranks the logits with a stable descending sort (the same order rule), then gathers
+    the probabilities. (FASTLOSS_TOPK_FUSED_LIMIT=n lowers the fused limit on any device, for testing.)
     """
     _check(input, "softmax_topk", algorithm)
     if isinstance(k, bool) or not isinstance(k, int):
