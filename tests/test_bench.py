@@ -4,8 +4,10 @@ Everything runs on the CPU on tiny shapes with torch.compile filtered out (one t
 file takes seconds.
 """
 
+import collections
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
@@ -114,6 +116,31 @@ def test_cuda_problems_without_cuda_are_a_usage_error(capsys):
     assert e.value.code == 2 and "CUDA" in capsys.readouterr().err
 
 
+def test_gpu_quick_preset_problems_and_defaults():
+    parse = cli.build_parser().parse_args
+    args = cli.apply_preset_options(parse(["--preset", "gpu-quick"]))
+    logits = ("softmax", "logsumexp", "cross_entropy")
+    assert [(p.n, p.v, p.dtype, p.device, p.extra.get("hidden"), p.suites) for p in cli.resolve_problems(args)] == [
+        (8192, 128256, torch.bfloat16, "cuda", None, logits),
+        (8192, 128256, torch.bfloat16, "cuda", 4096, ("linear_cross_entropy",)),  # the Llama-3-8B head
+        (8192, 256000, torch.bfloat16, "cuda", None, logits),
+    ]
+    assert (args.suite, args.mode, args.min_time, args.max_repeats) == (
+        "softmax,logsumexp,cross_entropy,linear_cross_entropy", "fwdbwd", 0.05, 30)
+    # What the command line says wins; presets without options keep the built-in defaults.
+    args = cli.apply_preset_options(parse(["--preset", "gpu-quick", "--mode", "both", "--max-repeats", "5",
+                                           "--suite", "softmax"]))
+    assert (args.mode, args.max_repeats, args.suite, args.min_time) == ("both", 5, "softmax", 0.05)
+    args = cli.apply_preset_options(parse(["--preset", "llama3"]))
+    assert (args.suite, args.mode, args.min_time, args.max_repeats) == ("default", "both", None, 100)
+
+
+def test_preset_suites_that_match_no_problem_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--preset", "gpu-quick", "--device", "cpu", "--suite", "log_softmax"])
+    assert e.value.code == 2 and "meant for" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- a real tiny run
 
 
@@ -155,6 +182,48 @@ def test_json_schema_of_a_tiny_cpu_run(tmp_path):
     # Bytes model: logsumexp fwd reads N*V and writes N elements; fwdbwd adds 2NV + 2N.
     assert fwd["torch-eager"]["bytes_moved"] == (8 * 64 + 8) * 4
     assert _by_impl(doc, "fwdbwd")["torch-eager"]["bytes_moved"] == (3 * 8 * 64 + 3 * 8) * 4
+
+
+def test_gpu_quick_tiny_cpu_run_gives_each_problem_its_suites(tmp_path):
+    rc, doc = _run(tmp_path, "--preset", "gpu-quick", "--device", "cpu", "--n", "6", "--v", "40", "--hidden", "8",
+                   "--repeats", "1", "--no-compile", "--quiet")
+    assert rc == 0
+    results = doc["results"]
+    assert {r["mode"] for r in results} == {"fwdbwd"} and {r["dtype"] for r in results} == {"bfloat16"}
+    impls = collections.Counter(r["suite"] for r in results)
+    # --n/--v fold the two logits shapes into one problem; linear CE runs on its own (head) problem only.
+    assert impls == {"softmax": 4, "logsumexp": 4, "cross_entropy": 4, "linear_cross_entropy": 5}, impls
+    assert list(doc["copy_bandwidth_gbps"]) == ["cpu:bfloat16:6x40"]  # measured once, shared by both problems
+    for r in results:
+        if r["status"] == "ok":
+            assert r["pct_copy"] > 0 and r["rel_err"] < 5e-2 and r["gbps"] > 0, r
+        else:
+            assert r["status"] == "skipped" and r["impl"] in ("liger", "cce", "liger-fused", "torch-linear-ce"), r
+    assert {r["impl"] for r in results if r["status"] == "ok"} >= {"fastloss", "fastloss-inplace", "torch-eager",
+                                                                    "fastloss-online", "fastloss-two_pass"}
+    meta = doc["meta"]
+    assert meta["complete"] is True
+    assert (meta["config"]["min_time_s"], meta["config"]["max_repeats"], meta["config"]["modes"]) == (
+        0.05, 30, ["fwdbwd"])
+
+
+def test_reports_are_rewritten_as_the_run_goes(tmp_path, monkeypatch):
+    snapshots = []
+    real = cli._write_reports
+
+    def spy(result, args):
+        real(result, args)
+        snapshots.append((json.loads(pathlib.Path(args.json).read_text()), pathlib.Path(args.md).read_text()))
+
+    monkeypatch.setattr(cli, "_write_reports", spy)
+    rc, doc = _run(tmp_path, "--suite", "logsumexp,softmax", *TINY, "--no-compile", "--md", str(tmp_path / "r.md"))
+    assert rc == 0
+    # After each of the 2 suites x 2 modes groups, then the final write.
+    assert [(d["meta"]["complete"], len(d["results"])) for d, _ in snapshots] == [
+        (False, 4), (False, 8), (False, 12), (False, 16), (True, 16)]
+    assert "INCOMPLETE" in snapshots[0][1] and "INCOMPLETE" not in snapshots[-1][1]
+    assert doc == snapshots[-1][0]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 def test_markdown_and_text_tables(tmp_path, capsys):

@@ -30,8 +30,11 @@ bytes/s), memory in MiB (2^20 bytes)::
         "peers": {module: version|null},   # peer libraries, null when not installed
         "argv": [str], "executable": str,
         "config": {"modes": [str], "repeats": int|null, "warmup": int, "min_time_s": float|null,
-                   "flush_l2": bool, "seed": int, "suites": [str]},
-        "wall_s": float
+                   "max_repeats": int, "flush_l2": bool, "seed": int, "suites": [str],
+                   "time_budget_s": float|null},
+        "complete": bool,            # false in the copies written during the run (after every group of
+                                     # measurements), true in the final one
+        "wall_s": float              # seconds since the start (so far, when incomplete)
       },
       "copy_bandwidth_gbps": {"<device>:<dtype>:<N>x<V>": float},   # dst.copy_(src) of an [N, V] tensor
       "results": [

@@ -6,19 +6,22 @@ Examples::
     fastloss-bench --preset cpu-goal --suite logsumexp,softmax
     fastloss-bench --suite logsumexp --n 8 --v 64 --repeats 2 --no-compile --json out.json
     fastloss-bench --preset gpu-sweep --json sweep.json --md sweep.md --plot sweep.png
+    fastloss-bench --preset gpu-quick --time-budget 120 --json r.json --md r.md   # what bench/gpu_check.sh runs
     fastloss-bench --list                             # suites, implementations and why any would be skipped
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Optional, Sequence
 
 import torch
 
 from . import registry, report
-from .problems import PRESET_DEVICE, PRESETS, Problem, make_problem, parse_dtype, preset_problems
+from .problems import PRESET_DEVICE, PRESETS, Problem, make_problem, parse_dtype, preset_options, preset_problems
+from .results import RunReport
 from .runner import RunConfig, run
 
 
@@ -51,14 +54,24 @@ def _presets(s: str) -> list[str]:
     return names
 
 
+def _preset_lines() -> str:
+    lines = []
+    for name, (desc, _) in PRESETS.items():
+        lines.append(f"  {name:10s} {desc}")
+        opts = preset_options([name])
+        if opts:
+            lines.append(" " * 13 + "defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in opts.items()))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    presets = "\n".join(f"  {k:10s} {v[0]}" for k, v in PRESETS.items())
+    presets = _preset_lines()
     p = argparse.ArgumentParser(
         prog="fastloss-bench",
         description="Microbenchmarks of fastloss against torch eager, torch.compile and peer libraries.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"presets:\n{presets}\n\nWithout --preset, --n or --v the 'default' preset runs. --n/--v/--dtype "
-               "given with a preset replace its values.",
+               "given with a preset replace its values; a preset's defaults apply to the options not given.",
     )
     sel = p.add_argument_group("what to run")
     sel.add_argument("--preset", type=_presets, default=None, help="comma list of presets (see below)")
@@ -70,13 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--hidden", type=int, default=None, help="hidden size D for linear_cross_entropy")
     sel.add_argument("--softcap", type=float, default=None, help="logit softcap for the cross-entropy suites")
     sel.add_argument("--topk", type=int, default=None, help="k for the softmax_topk suite (default 5)")
-    sel.add_argument("--suite", default="default",
-                     help="comma list of suites, 'default' (softmax,log_softmax,logsumexp) or 'all'")
+    sel.add_argument("--suite", default=None,
+                     help="comma list of suites, 'default' (softmax,log_softmax,logsumexp) or 'all' (default: the "
+                          "preset's suites, else 'default')")
     sel.add_argument("--impl", type=_str_list, default=None,
                      help="only these implementations: comma list of names or shell patterns (fastloss-*)")
     sel.add_argument("--exclude-impl", type=_str_list, default=[], help="skip these (names or patterns)")
     sel.add_argument("--no-compile", action="store_true", help="leave out the torch.compile implementations")
-    sel.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both")
+    sel.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default=None,
+                     help="default: the preset's, else both")
     sel.add_argument("--list", action="store_true", help="list suites, implementations and presets, then exit")
 
     tim = p.add_argument_group("timing")
@@ -85,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     tim.add_argument("--min-time", type=float, default=None,
                      help="seconds of timed calls per measurement when --repeats is not given "
                           "(default 0.3 on CPU, 0.25 on CUDA)")
-    tim.add_argument("--max-repeats", type=int, default=100)
+    tim.add_argument("--max-repeats", type=int, default=None, help="default: the preset's, else 100")
     tim.add_argument("--warmup", type=int, default=1,
                      help="untimed calls first (torch.compile implementations get one more: the compiling call)")
     tim.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the CPU")
@@ -98,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds; measurements not started by then are reported as skipped")
 
     out = p.add_argument_group("output")
-    out.add_argument("--json", metavar="FILE", help="write results as JSON (schema: see fastloss.bench)")
-    out.add_argument("--md", metavar="FILE", help="write a Markdown table")
+    out.add_argument("--json", metavar="FILE",
+                     help="write results as JSON (schema: see fastloss.bench); rewritten after every group of "
+                          "measurements, so a run cut short leaves what it measured (meta.complete false)")
+    out.add_argument("--md", metavar="FILE", help="write a Markdown table (rewritten like --json)")
     out.add_argument("--plot", metavar="FILE.png", help="plot time and memory against V (needs matplotlib)")
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     out.add_argument("--fail-on-error", action="store_true",
@@ -133,7 +150,7 @@ def resolve_problems(args: argparse.Namespace) -> list[Problem]:
         for dt in args.dtype or [p.dtype]:
             for v in args.v or [p.v]:
                 for n in args.n or [p.n]:
-                    q = make_problem(n, v, dt, p.device, **{**p.extra, **extras})
+                    q = make_problem(n, v, dt, p.device, suites=p.suites, **{**p.extra, **extras})
                     if q not in out:
                         out.append(q)
     return out
@@ -150,14 +167,44 @@ def _list(problems: list[Problem]) -> str:
             state = f"skipped on {probe.device}: {why}" if why else "available"
             lines.append(f"  {impl.name:18s} {state}   [{impl.description}]")
     lines.append("presets:")
-    lines += [f"  {k:10s} {v[0]}" for k, v in PRESETS.items()]
+    lines.append(_preset_lines())
     return "\n".join(lines) + "\n"
+
+
+def apply_preset_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset (None) from the presets' defaults (``PRESET_OPTIONS``), then the built-in ones."""
+    opts = preset_options(args.preset or [])
+    if args.suite is None:
+        args.suite = opts.get("suite", "default")
+    if args.mode is None:
+        args.mode = opts.get("mode", "both")
+    if args.min_time is None:
+        args.min_time = opts.get("min_time")
+    if args.max_repeats is None:
+        args.max_repeats = opts.get("max_repeats", 100)
+    return args
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write through a temporary file in the same folder, so a reader (or a kill) never sees half a file."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_reports(result: RunReport, args: argparse.Namespace) -> None:
+    if args.json:
+        _write_atomic(args.json, report.to_json(result))
+    if args.md:
+        _write_atomic(args.md, report.format_markdown(result))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``fastloss-bench`` and ``python -m fastloss.bench``. Returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = apply_preset_options(parser.parse_args(list(argv) if argv is not None else None))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
@@ -175,6 +222,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"no implementation of {[s.name for s in suites]} matches --impl/--exclude-impl/--no-compile")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.max_repeats < 1:
+        parser.error("--max-repeats must be at least 1")
+    if not any(p.runs(s.name) for p in problems for s in suites):
+        parser.error(f"none of the selected problems is meant for the suites {[s.name for s in suites]} "
+                     f"(the preset's problems name theirs: {sorted({n for p in problems for n in p.suites})})")
 
     cfg = RunConfig(
         problems=problems,
@@ -192,6 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seed=args.seed,
         time_budget_s=args.time_budget,
         argv=["fastloss-bench", *(argv if argv is not None else sys.argv[1:])],
+        on_group=(lambda partial: _write_reports(partial, args)) if (args.json or args.md) else None,
     )
     if not args.quiet:
         print(f"fastloss-bench: {len(problems)} problem(s), suites {[s.name for s in suites]}, "
@@ -200,12 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     sys.stdout.write(report.format_table(result))
     status = 0
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(report.to_json(result))
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(report.format_markdown(result))
+    _write_reports(result, args)
     if args.plot:
         try:
             report.write_plot(result, args.plot)

@@ -2,7 +2,9 @@
 
 A :class:`Problem` is one benchmark point: ``n`` rows (tokens) of ``v`` entries (vocabulary) in one dtype on one
 device, plus suite-specific extras (``hidden`` for linear cross-entropy, ``softcap`` for Gemma-2 style capped
-logits). Suites that do not use an extra ignore it, so one preset can feed every suite.
+logits). Suites that do not use an extra ignore it, so one preset can feed every suite. A problem may also name
+the suites it is meant for (``suites``: the gpu-quick preset runs linear cross-entropy on the model head's shape
+only); a preset may bring command-line defaults of its own (:data:`PRESET_OPTIONS`).
 
 Presets depend on the device because the same name has to mean something runnable on a 2-core CPU and something
 representative on an H100: the LLM presets use N=8192 tokens on CUDA but fewer on CPU.
@@ -11,7 +13,7 @@ representative on an H100: the LLM presets use N=8192 tokens on CUDA but fewer o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -52,6 +54,12 @@ class Problem:
     dtype: torch.dtype
     device: str
     extras: tuple[tuple[str, Any], ...] = field(default=())
+    suites: tuple[str, ...] = field(default=())
+    """The suites this point is meant for (a preset's choice, e.g. linear cross-entropy only on a model's head
+    shape); empty: every selected suite. ``--suite`` selects among them; other suites skip the point silently."""
+
+    def runs(self, suite: str) -> bool:
+        return not self.suites or suite in self.suites
 
     @property
     def extra(self) -> Mapping[str, Any]:
@@ -67,11 +75,14 @@ class Problem:
 
     def label(self) -> str:
         ex = "".join(f" {k}={v}" for k, v in self.extras)
-        return f"N={self.n} V={self.v} {dtype_name(self.dtype)} {self.device}{ex}"
+        only = f" (suites: {','.join(self.suites)})" if self.suites else ""
+        return f"N={self.n} V={self.v} {dtype_name(self.dtype)} {self.device}{ex}{only}"
 
 
-def make_problem(n: int, v: int, dtype: torch.dtype, device: str, **extras: Any) -> Problem:
-    return Problem(n=n, v=v, dtype=dtype, device=device, extras=tuple(sorted(extras.items())))
+def make_problem(n: int, v: int, dtype: torch.dtype, device: str, *, suites: Sequence[str] = (),
+                 **extras: Any) -> Problem:
+    return Problem(n=n, v=v, dtype=dtype, device=device, extras=tuple(sorted(extras.items())),
+                   suites=tuple(suites))
 
 
 # ---------------------------------------------------------------- presets
@@ -111,6 +122,21 @@ def _gpu_sweep(device: str) -> list[Problem]:
     return out
 
 
+LOGITS_SUITES = ("softmax", "logsumexp", "cross_entropy")
+
+
+def _gpu_quick(device: str) -> list[Problem]:
+    # bench/gpu_check.sh's benchmark, sized to about 2 minutes of an H200 with torch.compile and the peers: bf16
+    # logits of the Llama 3 and Gemma vocabularies (softmax, logsumexp, cross-entropy), and linear cross-entropy
+    # on the Llama-3-8B head (D=4096). Every torch.compile entry compiles once per (shape, suite, mode), which is
+    # most of the time: hence two logits shapes, and the preset's options (PRESET_OPTIONS) keep fwd+bwd only.
+    n = 8192 if device == "cuda" else 256
+    bf16 = torch.bfloat16
+    return [make_problem(n, 128256, bf16, device, suites=LOGITS_SUITES),
+            make_problem(n, 128256, bf16, device, hidden=4096, suites=("linear_cross_entropy",)),
+            make_problem(n, 256000, bf16, device, suites=LOGITS_SUITES)]
+
+
 def _topk(device: str) -> list[Problem]:
     # Milakov & Gimelshein's softmax + top-k regime: LLM vocabularies, k = 1 / 5 / 50; N * V = 2^25 on CPU (128
     # MiB of fp32), 2^28 on CUDA.
@@ -128,10 +154,27 @@ PRESETS: dict[str, tuple[str, Callable[[str], list[Problem]]]] = {
     "gpt2": ("GPT-2 vocabulary V=50257 (hidden 768), N=8192 on CUDA", _model(50257, 768)),
     "gpu-sweep": ("V in 128..262144 with N*V ~ 2^28, bf16 and fp32 (CUDA)", _gpu_sweep),
     "topk": ("softmax_topk: V = 32K / 128K / 256K x k = 1 / 5 / 50, fp32", _topk),
+    "gpu-quick": ("bench/gpu_check.sh's ~2 min GPU run: softmax, logsumexp, cross-entropy at N=8192 x V=128256 / "
+                  "256000, linear CE on the Llama-3-8B head (D=4096), bf16, fwd+bwd", _gpu_quick),
 }
 
-PRESET_DEVICE: dict[str, str] = {"cpu-goal": "cpu", "gpu-sweep": "cuda"}
+PRESET_DEVICE: dict[str, str] = {"cpu-goal": "cpu", "gpu-sweep": "cuda", "gpu-quick": "cuda"}
 """Presets that only make sense on one device pick it when ``--device`` is not given."""
+
+PRESET_OPTIONS: dict[str, dict[str, Any]] = {
+    "gpu-quick": {"suite": ",".join(LOGITS_SUITES + ("linear_cross_entropy",)), "mode": "fwdbwd",
+                  "min_time": 0.05, "max_repeats": 30},
+}
+"""Command-line defaults a preset brings (``suite``, ``mode``, ``min_time``, ``max_repeats``): used for the
+options not given on the command line; with several presets the first that sets one wins."""
+
+
+def preset_options(names: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        for key, value in PRESET_OPTIONS.get(name, {}).items():
+            out.setdefault(key, value)
+    return out
 
 
 def preset_problems(name: str, device: str) -> list[Problem]:

@@ -69,6 +69,8 @@ def _header_lines(report: RunReport) -> list[str]:
         f"CPU threads (torch.get_num_threads): {m.get('threads')}"
         + (f"; CUDA {cuda.get('version')}" if cuda.get("available") else ""),
     ]
+    if m.get("complete") is False:
+        lines.append(f"INCOMPLETE: written during the run, {m.get('wall_s', '?')} s in; later measurements are missing")
     peers = m.get("peers") or {}
     if peers:
         lines.append("peers: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in peers.items()))

@@ -47,6 +47,9 @@ class RunConfig:
     memory_cap_bytes: Optional[int] = None
     """Upper bound on the bytes of rotated input buffers; None: 2 GiB on CPU, 8 GiB on CUDA."""
     argv: list[str] = field(default_factory=list)
+    on_group: Optional[Callable[[RunReport], None]] = None
+    """Called with the report so far (``meta.complete`` false) after every (problem, suite, mode) group: the CLI
+    rewrites its --json / --md files there, so a run cut short still leaves what it measured."""
 
 
 def _short(e: BaseException) -> str:
@@ -123,7 +126,7 @@ class Runner:
         self.done = 0
         self.total = sum(
             len(select_impls(s, cfg.include, cfg.exclude, cfg.no_compile)) * len(cfg.modes)
-            for _ in cfg.problems for s in cfg.suites
+            for p in cfg.problems for s in cfg.suites if p.runs(s.name)
         )
 
     # ------------------------------------------------------------ budget
@@ -158,8 +161,10 @@ class Runner:
         report = RunReport(meta=collect_meta([p.device for p in cfg.problems], peers, cfg.argv))
         report.meta["config"] = {
             "modes": list(cfg.modes), "repeats": cfg.repeats, "warmup": cfg.warmup, "min_time_s": cfg.min_time_s,
-            "flush_l2": cfg.flush_l2, "seed": cfg.seed, "suites": [s.name for s in cfg.suites],
+            "max_repeats": cfg.max_repeats, "flush_l2": cfg.flush_l2, "seed": cfg.seed,
+            "suites": [s.name for s in cfg.suites], "time_budget_s": cfg.time_budget_s,
         }
+        report.meta["complete"] = False
         old_handler = None
         try:
             old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -173,7 +178,17 @@ class Runner:
                 signal.signal(signal.SIGTERM, old_handler)
             self.flusher = None
         report.meta["wall_s"] = round(time.monotonic() - self.start, 1)
+        report.meta["complete"] = True
         return report
+
+    def _checkpoint(self, report: RunReport) -> None:
+        if self.cfg.on_group is None:
+            return
+        report.meta["wall_s"] = round(time.monotonic() - self.start, 1)
+        try:
+            self.cfg.on_group(report)
+        except Exception as e:  # noqa: BLE001 (a failed intermediate write must not stop the measurements)
+            self.progress(f"   writing the partial report failed: {_short(e)}")
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         # `timeout` sends SIGTERM: finish the measurement under way, skip the rest, and still write the reports.
@@ -187,15 +202,23 @@ class Runner:
                 return
             if self.cfg.flush_l2 and self.flusher is None:
                 self.flusher = L2Flusher("cuda")
+        suites = [s for s in self.cfg.suites if problem.runs(s.name)]
+        if not suites:
+            return
         self.progress(f"== {problem.label()}")
-        copy_gbps = self._copy_bandwidth(problem)
-        if copy_gbps is not None:
-            report.copy_bandwidth_gbps[copy_key(problem)] = copy_gbps
-        for suite in self.cfg.suites:
+        # One copy-bandwidth measurement per (device, dtype, shape), shared by the problems that have that shape.
+        copy_gbps = report.copy_bandwidth_gbps.get(copy_key(problem))
+        if copy_gbps is None:
+            copy_gbps = self._copy_bandwidth(problem)
+            if copy_gbps is not None:
+                report.copy_bandwidth_gbps[copy_key(problem)] = copy_gbps
+        for suite in suites:
             self._run_suite(suite, problem, copy_gbps, report)
 
     def _skip_all(self, problem: Problem, report: RunReport, reason: str) -> None:
         for suite in self.cfg.suites:
+            if not problem.runs(suite.name):
+                continue
             for mode in self.cfg.modes:
                 for impl in select_impls(suite, self.cfg.include, self.cfg.exclude, self.cfg.no_compile):
                     report.results.append(Result.for_problem(suite.name, mode, impl.name, problem, status="skipped",
@@ -262,6 +285,7 @@ class Runner:
                     self.progress(_progress_line(self.done, self.total, time.monotonic() - self.start, res))
                 _fill_speedups(group, suite.baseline_name())
                 report.results.extend(group)
+                self._checkpoint(report)
         finally:
             bufs = []
             pristine = []
