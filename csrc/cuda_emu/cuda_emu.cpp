@@ -157,10 +157,11 @@ bool pow2_width(int w) { return w >= 1 && w <= kWarp && (w & (w - 1)) == 0; }
 
 // Resolve the warp ops the fibers wait at; returns whether any fiber was released. Throws on a mask or
 // divergence error.
-bool resolve_warps(Runtime& r) {
+bool resolve_warps(Runtime& r, int only_warp = -1) {
   const int n = static_cast<int>(r.fibers.size());
   bool released = false;
   for (int w0 = 0; w0 < n; w0 += kWarp) {
+    if (only_warp >= 0 && w0 != only_warp * kWarp) continue;
     const int lanes = std::min(kWarp, n - w0);
     Fiber* lane[kWarp];
     for (int l = 0; l < lanes; ++l) lane[l] = &r.fibers[w0 + l];
@@ -304,12 +305,37 @@ void run_block(Runtime& r) {
   for (auto& [p, size] : r.shared) std::memset(p, kPoison, size);
   const uint64_t seed = schedule();
   uint64_t state = seed * 0x9E3779B97F4A7C15ull ^ (uint64_t(r.bidx.x) << 32) ^ (uint64_t(r.bidx.y) << 16) ^ r.bidx.z;
+  const int nwarps = (n + kWarp - 1) / kWarp;
+  const bool warp_greedy = seed >= 2 && seed % 2 == 0;
   for (;;) {
-    for (int i : order_for(seed, state, n)) {
-      Fiber& f = r.fibers[static_cast<size_t>(i)];
-      if (f.state != State::Runnable) continue;
-      switch_to(r, f);
-      if (r.error) std::rethrow_exception(r.error);
+    if (warp_greedy) {
+      // Warps in random order, each run as far as it can go (its shuffles released as soon as its lanes arrive)
+      // before the next starts: one warp runs ahead of the others up to the next block barrier, which exposes
+      // shared slots rewritten while other warps still read them.
+      for (int w : order_for(seed, state, nwarps)) {
+        bool ran = true;
+        while (ran) {
+          ran = false;
+          const int lo = w * kWarp, hi = std::min(n, lo + kWarp);
+          for (int i : order_for(seed, state, hi - lo)) {
+            Fiber& f = r.fibers[static_cast<size_t>(lo + i)];
+            if (f.state != State::Runnable) continue;
+            switch_to(r, f);
+            if (r.error) std::rethrow_exception(r.error);
+            ran = true;
+          }
+          if (resolve_warps(r, w)) ran = true;
+        }
+      }
+    } else {
+      // Breadth first: every runnable thread to its next synchronisation point, in lane order (seed 0), reverse
+      // (1) or a fresh random permutation per round (odd seeds >= 3).
+      for (int i : order_for(seed, state, n)) {
+        Fiber& f = r.fibers[static_cast<size_t>(i)];
+        if (f.state != State::Runnable) continue;
+        switch_to(r, f);
+        if (r.error) std::rethrow_exception(r.error);
+      }
     }
     if (resolve_warps(r)) continue;
     if (!resolve_barrier(r)) break;

@@ -3,8 +3,9 @@
 //
 // Every CUDA thread of a block is a fiber (ucontext) on one OS thread; the block's fibers really interleave between
 // synchronisation points, and the order in which they are resumed is a *schedule* chosen by a seed
-// (FASTLOSS_EMU_SCHEDULE or set_schedule()): 0 = lane order, 1 = reverse lane order, >= 2 = a fresh random
-// permutation at every round. A missing __syncthreads, a shuffle with the wrong width or mask, or a shared slot read
+// (FASTLOSS_EMU_SCHEDULE or set_schedule()): 0 = lane order, 1 = reverse lane order, odd seeds >= 3 = a fresh
+// random permutation at every round (all threads advance one synchronisation point per round), even seeds >= 2 =
+// warps in random order, each run as far as it can before the next (one warp runs ahead to the next barrier). A missing __syncthreads, a shuffle with the wrong width or mask, or a shared slot read
 // before it is written therefore changes the result under some schedule instead of passing by luck.
 //
 // What is modelled:
@@ -64,7 +65,8 @@ const uint3& block_idx();
 const dim3& block_dim();
 const dim3& grid_dim();
 
-// Schedule: 0 lane order, 1 reverse, >= 2 random (seeded). Read from FASTLOSS_EMU_SCHEDULE at first use.
+// Schedule: 0 lane order, 1 reverse, odd >= 3 random rounds, even >= 2 random warp-greedy (seeded). Read from
+// FASTLOSS_EMU_SCHEDULE at first use.
 void set_schedule(uint64_t seed);
 uint64_t schedule();
 

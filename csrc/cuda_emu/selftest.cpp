@@ -62,6 +62,23 @@ __global__ void row_sum(const float* x, long long V, float* out) {
   }
 }
 
+// Several rounds through the same shared slots (as a block arg-best does): without the leading barrier, a warp that
+// runs ahead rewrites its slot while slower warps still read the previous round's.
+template <bool kLeadingBarrier>
+__global__ void rounds(const float* x, int nrounds, float* out) {
+  FL_SHARED(float, part, [32]);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  float acc = 0.f;
+  for (int q = 0; q < nrounds; ++q) {
+    float v = warp_sum<32>(x[q * blockDim.x + threadIdx.x]);
+    if (kLeadingBarrier) __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    for (int w = 0; w < nwarps; ++w) acc += part[w];
+  }
+  out[threadIdx.x] = acc;
+}
+
 __global__ void barrier_in_branch(int* out) {
   if (threadIdx.x < 16) __syncthreads();
   out[threadIdx.x] = 1;
@@ -178,6 +195,25 @@ int main() {
   CHECK(!close_all(run_row_sum<1>(x, rows, V, 256), want), "lane order must expose the missing barrier");
   emu::set_schedule(2);
   CHECK(!close_all(run_row_sum<1>(x, rows, V, 256), want), "a random schedule must expose the missing barrier");
+
+  // Shared slots reused across rounds: caught without the leading barrier (by the warp-greedy schedule), exact
+  // with it under every schedule.
+  {
+    const int threads = 128, nr = 4;
+    std::vector<float> xr(static_cast<size_t>(threads * nr)), o(static_cast<size_t>(threads));
+    double total = 0;
+    for (size_t i = 0; i < xr.size(); ++i) total += (xr[i] = static_cast<float>(i % 13) - 6.f + 0.25f * (i / threads));
+    bool ok_with = true, caught_without = false;
+    for (uint64_t s : kSchedules) {
+      emu::set_schedule(s);
+      emu::launch("rounds", rounds<true>, dim3(1), dim3(threads), 0, xr.data(), nr, o.data());
+      for (float v : o) ok_with &= std::fabs(v - total) <= 1e-3;
+      emu::launch("rounds", rounds<false>, dim3(1), dim3(threads), 0, xr.data(), nr, o.data());
+      for (float v : o) caught_without |= !(std::fabs(v - total) <= 1e-3);
+    }
+    CHECK(ok_with, "rounds with the leading barrier must be exact");
+    CHECK(caught_without, "slot rewritten before the other warps read it: not caught");
+  }
 
   // Deadlocks are errors, not hangs.
   std::vector<int> out(64, 0);

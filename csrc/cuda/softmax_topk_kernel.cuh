@@ -1,0 +1,97 @@
+// softmax_topk's CUDA kernel body: one block per row (grid-stride), every thread keeps a running top-k list of its
+// strided elements beside the online (m, d) normaliser; the block then picks the k winners one round at a time
+// (warp shuffles + shared-memory arg-best), and only they are exponentiated, p = exp(x - lse) with the row's lse in
+// double. One template on the accumulator type: float for float / half / bfloat16 rows, double for double rows.
+//
+// Device code only (fastloss/math.h, fastloss/topk.h, row_reduce.cuh): csrc/cuda/softmax_topk_cuda.cu launches
+// it, and the CUDA execution layer for the CPU (csrc/cuda_emu) runs the same body in its tests.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "fastloss/math.h"
+#include "fastloss/topk.h"
+#include "row_reduce.cuh"
+
+namespace fastloss {
+namespace cuda {
+
+constexpr int kTopKThreads = 256;
+constexpr int64_t kTopKMaxGrid = 65535;
+
+// A (value, index, owner thread) candidate of the block-wide merge; `owner < 0` is "none".
+template <typename T>
+struct Cand {
+  T v;
+  int64_t i;
+  int owner;
+};
+
+template <typename T>
+__device__ __forceinline__ bool cand_before(const Cand<T>& a, const Cand<T>& b) {
+  if (b.owner < 0) return a.owner >= 0;
+  if (a.owner < 0) return false;
+  return fm::topk_before(a.v, a.i, b.v, b.i);
+}
+
+template <typename T>
+__device__ __forceinline__ Cand<T> shfl_cand(const Cand<T>& c, int off) {
+  return {__shfl_xor_sync(kFullMask, c.v, off), __shfl_xor_sync(kFullMask, c.i, off),
+          __shfl_xor_sync(kFullMask, c.owner, off)};
+}
+
+// The block's best candidate, on every thread.
+template <typename T>
+__device__ __forceinline__ Cand<T> block_best(Cand<T> c, Cand<T>* slots) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off /= 2) {
+    const Cand<T> o = shfl_cand(c, off);
+    if (cand_before(o, c)) c = o;
+  }
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  __syncthreads();  // slots may still be read by the previous round
+  if (lane == 0) slots[warp] = c;
+  __syncthreads();
+  Cand<T> best = slots[0];
+  for (int w = 1; w < kTopKThreads / kWarpSize; ++w)
+    if (cand_before(slots[w], best)) best = slots[w];
+  return best;
+}
+
+// kMax: the list capacity (8, 32 or kMaxTopK), so registers are sized for the k asked.
+template <typename scalar_t, int kMax>
+__global__ void __launch_bounds__(kTopKThreads)
+    softmax_topk_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t V, int k, scalar_t* __restrict__ out_v,
+                        int64_t* __restrict__ out_i) {
+  using acc = acc_t<scalar_t>;
+  __shared__ Cand<acc> slots[kTopKThreads / kWarpSize];
+  acc val[kMax];
+  int64_t idx[kMax];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const scalar_t* xr = x + r * V;
+    fm::TopKList<acc> list(val, idx, k);
+    fm::OnlineState<acc> s = fm::online_init<acc>();
+    for (int64_t j = threadIdx.x; j < V; j += kTopKThreads) {
+      const acc v = static_cast<acc>(xr[j]);
+      s = fm::online_update(s, v);
+      list.push(v, j);
+    }
+    s = block_allreduce(s);
+    const double lse = finish_lse(s);
+    int head = 0;
+    for (int q = 0; q < k; ++q) {
+      Cand<acc> c{acc(0), 0, -1};
+      if (head < list.n) c = {list.val[head], list.idx[head], static_cast<int>(threadIdx.x)};
+      const Cand<acc> best = block_best(c, slots);
+      if (best.owner == static_cast<int>(threadIdx.x)) {
+        ++head;
+        out_v[r * k + q] = static_cast<scalar_t>(fm::topk_probability(best.v, lse));
+        out_i[r * k + q] = best.i;
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastloss
