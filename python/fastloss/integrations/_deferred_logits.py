@@ -57,9 +57,6 @@ class DeferredLogits:
         self._owner = owner  # the model's class name, for messages
         self._options = options  # chunk_size, filter_eps, algorithm for linear_cross_entropy
         self._ops: list = []  # elementwise ops in order, replayed by materialize(): ("mul"|"div", s), ("tanh",), ("to", dtype)
-        self._pre = 1.0  # canonical form: post * tanh(pre * z) when _tanh, else pre * z
-        self._tanh = False
-        self._post = 1.0
         self._dtype = torch.promote_types(hidden.dtype, weight.dtype)
         self._materialized: Optional[torch.Tensor] = None
 
@@ -112,12 +109,25 @@ class DeferredLogits:
     def _scaled(self, s: float, op: str) -> "DeferredLogits":
         out = self._derive()
         out._ops.append((op, s))
-        factor = s if op == "mul" else 1.0 / s
-        if out._tanh:
-            out._post *= factor
-        else:
-            out._pre *= factor
         return out
+
+    def _has_tanh(self) -> bool:
+        return any(op[0] == "tanh" for op in self._ops)
+
+    def _canonical(self):
+        """The recorded ops as (pre, softcap): logits = post * tanh(pre * z) with softcap = post, or pre * z with
+        softcap None (dtype casts do not change values)."""
+        pre, post, tanh = 1.0, 1.0, False
+        for op in self._ops:
+            if op[0] in ("mul", "div"):
+                factor = op[1] if op[0] == "mul" else 1.0 / op[1]
+                if tanh:
+                    post *= factor
+                else:
+                    pre *= factor
+            elif op[0] == "tanh":
+                tanh = True
+        return pre, (post if tanh else None)
 
     def __mul__(self, other):
         s = _scalar(other)
@@ -134,11 +144,10 @@ class DeferredLogits:
         return self._scaled(s, "div")
 
     def tanh(self):
-        if self._tanh:
+        if self._has_tanh():
             return self._fallback("second tanh", torch.tanh)
         out = self._derive()
         out._ops.append(("tanh",))
-        out._tanh = True
         return out
 
     def to(self, *args, **kwargs):
@@ -275,11 +284,8 @@ class DeferredLogits:
         from .. import functional as fl_functional
 
         legacy = size_average is not None or reduce is not None
-        softcap = None
-        scale = self._pre
-        if self._tanh:
-            softcap = self._post
-            scale = self._pre * self._post
+        pre, softcap = self._canonical()
+        scale = pre if softcap is None else pre * softcap  # c * tanh(pre z) = c * tanh((pre c) z / c)
         if self.ndim != 2 or legacy or (softcap is not None and not softcap > 0) \
                 or not torch.is_tensor(target) or target.is_floating_point() \
                 or self._dtype not in (torch.float32, torch.float64, self._hidden.dtype):

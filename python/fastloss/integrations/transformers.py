@@ -132,7 +132,7 @@ def _replace_deferred(out, return_logits: bool):
 
     if isinstance(out, tuple):
         items = [fix(v) if isinstance(v, DeferredLogits) else v for v in out]
-        return type(out)(v for v in items if v is not None) if type(out) is tuple else out
+        return tuple(v for v in items if v is not None)
     keys = list(out.keys()) if hasattr(out, "keys") else []
     if not any(isinstance(out[k], DeferredLogits) for k in keys):
         return out
