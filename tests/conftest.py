@@ -34,3 +34,40 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 # Relative-error-norm tolerances against a float64 reference, per input dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+# ---------------------------------------------------------------- emulated CUDA builds (make test-emu)
+# There the "cpu" device runs the CUDA kernels on the CPU execution layer. The run ends with the launch report;
+# with FASTLOSS_EMU_REQUIRE_ALL=1 (make test-emu, whole suite) a compiled kernel that never launched fails the run.
+EMULATED = fastloss.cuda_emulated
+
+
+def pytest_report_header(config):
+    if EMULATED:
+        from fastloss import _cuda_emu
+
+        return f"fastloss: emulated CUDA build (CUDA kernels on the CPU execution layer), schedule {_cuda_emu.schedule()}"
+    return None
+
+
+def _emu_report():
+    from fastloss import _cuda_emu
+
+    return _cuda_emu.report()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not EMULATED:
+        return
+    line, never = _emu_report()
+    terminalreporter.write_sep("-", "CUDA execution layer")
+    for k in never:
+        terminalreporter.write_line(f"cuda-emu: never launched: {k}")
+    terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if EMULATED and os.environ.get("FASTLOSS_EMU_REQUIRE_ALL") == "1" and exitstatus == 0:
+        _, never = _emu_report()
+        if never:
+            session.exitstatus = 1

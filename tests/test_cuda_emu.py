@@ -50,3 +50,123 @@ def test_emulated(program, flavour, tmp_path):
     run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 failed" in run.stdout and "runtime error" not in run.stderr, run.stdout + run.stderr
+
+
+# ---------------------------------------------------------------- the library's own CUDA kernels (emulated build)
+# In a FASTLOSS_CUDA_EMU=ON build (make test-emu) the whole suite runs the CUDA kernels on the "cpu" device; these
+# tests check what only that build can: which kernel each problem selects, and that the result does not depend on
+# the order in which the emulated threads run.
+
+import torch  # noqa: E402
+
+import fastloss  # noqa: E402
+
+emulated = pytest.mark.skipif(not fastloss.cuda_emulated, reason="needs a FASTLOSS_CUDA_EMU=ON build (make test-emu)")
+
+
+def _launched(fn):
+    """Names of the kernel instantiations fn() launched."""
+    from fastloss import _cuda_emu
+
+    before = _cuda_emu.launch_counts()
+    fn()
+    after = _cuda_emu.launch_counts()
+    return {k for k, n in after.items() if n > before.get(k, 0)}
+
+
+def _x(rows, v, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, v, generator=g, dtype=torch.float64) * 3).to(dtype)
+
+
+# (problem, the kernels it must launch) -- the kernel selection of csrc/cuda/*.cu, branch by branch.
+SELECTION = [
+    ("softmax V=7", lambda: fastloss.softmax(_x(5, 7), -1), {"warp_forward_kernel<float, 8, 1>"}),
+    ("softmax V=13", lambda: fastloss.softmax(_x(5, 13), -1), {"warp_forward_kernel<float, 16, 1>"}),
+    ("softmax V=31", lambda: fastloss.softmax(_x(5, 31), -1), {"warp_forward_kernel<float, 32, 1>"}),
+    ("softmax V=100", lambda: fastloss.softmax(_x(5, 100), -1), {"warp_forward_kernel<float, 32, 4>"}),
+    ("softmax V=1000", lambda: fastloss.softmax(_x(3, 1000), -1), {"warp_forward_kernel<float, 32, 32>"}),
+    ("softmax V=1000 double", lambda: fastloss.softmax(_x(3, 1000, torch.float64), -1),
+     {"block_forward_kernel<double>"}),
+    ("logsumexp V=5000 bf16", lambda: fastloss.logsumexp(_x(3, 5000, torch.bfloat16), -1),
+     {"block_forward_kernel<c10::BFloat16>"}),
+    ("softmax split", lambda: fastloss.softmax(_x(2, 262147), -1),
+     {"split_state_kernel<float>", "split_merge_kernel<float>", "split_softmax_kernel<float>"}),
+    ("logsumexp split", lambda: fastloss.logsumexp(_x(2, 262147), -1),
+     {"split_state_kernel<float>", "split_merge_kernel<float>"}),
+    ("softmax backward warp", lambda: torch.ops.fastloss.softmax_backward(_x(4, 300), _x(4, 300, seed=1), -1),
+     {"warp_backward_kernel<float, 32, 16>"}),
+    ("log_softmax backward block", lambda: torch.ops.fastloss.log_softmax_backward(_x(2, 3000), _x(2, 3000), -1),
+     {"block_backward_kernel<float>"}),
+    ("softmax backward split",
+     lambda: torch.ops.fastloss.softmax_backward(_x(2, 262147), _x(2, 262147, seed=1), -1),
+     {"split_backward_sum_kernel<float>", "split_backward_apply_kernel<float>"}),
+    ("logsumexp backward", lambda: torch.ops.fastloss.logsumexp_backward(
+        _x(1, 3)[0], _x(3, 70), torch.logsumexp(_x(3, 70), -1), -1, False), {"logsumexp_backward_kernel<float>"}),
+    ("softmax_topk k=5", lambda: fastloss.softmax_topk(_x(3, 300), 5), {"softmax_topk_kernel<float, 8>"}),
+    ("softmax_topk k=20 half", lambda: fastloss.softmax_topk(_x(3, 300, torch.float16), 20),
+     {"softmax_topk_kernel<c10::Half, 32>"}),
+    ("softmax_topk k=128", lambda: fastloss.softmax_topk(_x(2, 300), 128), {"softmax_topk_kernel<float, 128>"}),
+    ("cross_entropy", lambda: fastloss.cross_entropy(_x(6, 13), torch.arange(6) % 13),
+     {"ce_index_kernel<float, Identity, Mode::Forward>"}),
+]
+
+
+@emulated
+@pytest.mark.parametrize("name,fn,kernels", SELECTION, ids=[s[0] for s in SELECTION])
+def test_kernel_selection(name, fn, kernels):
+    launched = _launched(fn)
+    assert kernels <= launched, f"{name}: expected {sorted(kernels)}, launched {sorted(launched)}"
+
+
+@emulated
+def test_topk_past_the_fused_limit_takes_the_composite_path():
+    # k > 128: the op layer's CUDA branch (softmax, then top-k), which before this layer only a GPU reached.
+    x = _x(3, 400)
+    launched = _launched(lambda: fastloss.softmax_topk(x, 129))
+    assert not any(k.startswith("softmax_topk_kernel") for k in launched), launched
+    assert any(k.startswith("warp_forward_kernel") or k.startswith("block_forward_kernel") for k in launched)
+    v, i = fastloss.softmax_topk(x, 129)
+    want_v, want_i = torch.softmax(x.double(), -1).topk(129)
+    assert torch.allclose(v.double(), want_v, rtol=1e-5) and torch.equal(i, want_i)
+
+
+def _every_path():
+    """Forward and backward of every kernel family, in float32 and bfloat16: the outputs, for a bitwise comparison."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, v in [(5, 7), (5, 100), (3, 1000), (2, 5000), (2, 262147)]:
+            x = _x(rows, v, dtype).requires_grad_(True)
+            for alg in ("online", "two_pass"):
+                for f in (fastloss.softmax, fastloss.log_softmax, fastloss.logsumexp):
+                    y = f(x, -1, algorithm=alg)
+                    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+                    out += [y.detach(), g]
+        x = _x(4, 3000, dtype)
+        out += list(fastloss.softmax_topk(x, 40))
+        xc = _x(8, 3000, dtype).requires_grad_(True)
+        t = torch.arange(8) * 7 % 3000
+        t[3] = -100
+        loss = fastloss.cross_entropy(xc, t, label_smoothing=0.1, softcap=20.0)
+        out += [loss.detach(), torch.autograd.grad(loss, xc)[0]]
+    return out
+
+
+@emulated
+def test_results_do_not_depend_on_the_thread_schedule():
+    # A race (a missing barrier, a shared slot reused too early, a shuffle that reads a lane that has not written)
+    # makes the result depend on the order the threads run in. Every schedule must give bit-identical outputs.
+    from fastloss import _cuda_emu
+
+    saved = _cuda_emu.schedule()
+    try:
+        _cuda_emu.set_schedule(0)
+        ref = _every_path()
+        for seed in (1, 2, 3, 4, 5):  # reverse, warp-greedy, random rounds, ...
+            _cuda_emu.set_schedule(seed)
+            got = _every_path()
+            for i, (a, b) in enumerate(zip(got, ref)):
+                assert torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(
+                    a.nan_to_num(), b.nan_to_num()), f"schedule {seed}: output {i} differs from lane order"
+    finally:
+        _cuda_emu.set_schedule(saved)

@@ -107,6 +107,31 @@ def test_two_pass_exponent_range_fallback(alg, device):
     assert torch.allclose(sm, torch.softmax(x.double().cpu(), -1), atol=1e-6)
 
 
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("alg", ["online", "two_pass"])
+def test_few_long_rows(op, alg, device):
+    # Few rows past 256K elements: on a GPU (and the emulated one) each row is split over several blocks whose
+    # partial states are merged (csrc/cuda/softmax_cuda.cu's split path), forward and backward. Row 1 lies past the
+    # two-pass split's exact range (the merge kernel's online fallback), row 2 holds a -inf.
+    V = 262147
+    x = _rand((3, V), torch.float32, device, seed=3)
+    x[1] = x[1] + 3.0e6
+    x[2, 5] = -math.inf
+    x.requires_grad_(True)
+    fl, ref, _ = OPS[op]
+    y = fl(x, alg)
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    want = ref(x64)
+    assert rel_err(y.detach(), want.detach()) <= TOL[torch.float32]
+    g = _rand(y.shape, torch.float32, device, seed=4)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gw,) = torch.autograd.grad(want, x64, g.double().cpu())
+    # logsumexp's backward is exp(x - lse) with the lse rounded to float32: near 3e6 its ulp (0.25) is the error.
+    exact = [0, 2] if op == "logsumexp" else [0, 1, 2]
+    assert rel_err(gx[exact], gw[exact]) <= 4 * TOL[torch.float32]
+    assert rel_err(gx[1], gw[1]) <= (0.25 if op == "logsumexp" else 4 * TOL[torch.float32])
+
+
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("alg", ["online", "two_pass"])
 def test_any_dim_and_layout(op, alg, device):

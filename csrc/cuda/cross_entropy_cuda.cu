@@ -26,9 +26,6 @@
 // synchronises the host (the class-weight sum is read through its pointer on the device); indices are int64_t.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
@@ -39,6 +36,7 @@
 #include "fastloss/cross_entropy_kernels.h"
 #include "fastloss/loss_math.h"
 #include "fastloss/math.h"
+#include "launch.cuh"
 #include "row_reduce.cuh"
 
 namespace fastloss {
@@ -278,7 +276,7 @@ __device__ __forceinline__ S group_allreduce(S s, int gsize) {
   }
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   if (gsize <= kWarpSize) return shfl<false>(s, lane & ~(gsize - 1));
-  __shared__ S part[kMaxWarps];
+  FL_SHARED(S, part, [kMaxWarps]);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   __syncthreads();
   if (lane == 0) part[warp] = s;
@@ -798,10 +796,9 @@ template <Mode kMode, typename scalar_t>
 void launch_index(IndexArgs<scalar_t> args, const CrossEntropyParams& p) {
   args.gshift = group_shift<scalar_t>(args.C, kIndexLoads);
   const unsigned blocks = row_blocks(args.N, args.gshift);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   with_transform<scalar_t>(p, [&](auto tx) {
-    ce_index_kernel<scalar_t, decltype(tx), kMode><<<blocks, kThreads, 0, stream>>>(args, tx);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<&ce_index_kernel<scalar_t, decltype(tx), kMode>>(blocks, kThreads, 0, stream, args, tx);
   });
 }
 
@@ -835,7 +832,7 @@ void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p,
                       const at::Tensor& lse, const at::Tensor& grad_scale, const at::Tensor& grad_logits) {
   const int64_t N = in.logits.size(0), C = in.logits.size(1);
   if (N == 0 || C == 0) return;
-  const c10::cuda::CUDAGuard guard(in.logits.device());
+  const DeviceGuard guard(in.logits.device());
   const bool fused = grad_logits.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_fwd_cuda", [&] {
     auto a = index_args<scalar_t>(in, p);
@@ -857,7 +854,7 @@ void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p
                        const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& grad_logits) {
   const int64_t N = in.logits.size(0), C = in.logits.size(1);
   if (N == 0 || C == 0) return;
-  const c10::cuda::CUDAGuard guard(in.logits.device());
+  const DeviceGuard guard(in.logits.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_bwd_cuda", [&] {
     auto a = index_args<scalar_t>(in, p);
     a.grad = grad_logits.mutable_data_ptr<scalar_t>();
@@ -889,7 +886,7 @@ void ce_prob_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, 
                      const at::Tensor& lse, const at::Tensor& sum_wy) {
   const int64_t N = in.logits.size(0), C = in.logits.size(1);
   if (N == 0 || C == 0) return;
-  const c10::cuda::CUDAGuard guard(in.logits.device());
+  const DeviceGuard guard(in.logits.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_prob_fwd_cuda",
                                   [&] {
     auto a = prob_args<scalar_t>(in, p);
@@ -897,10 +894,9 @@ void ce_prob_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, 
     a.lse = lse.mutable_data_ptr<double>();
     a.sum_wy = sum_wy.mutable_data_ptr<double>();
     const unsigned blocks = row_blocks(N, a.gshift);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const Stream stream = current_stream();
     with_transform<scalar_t>(p, [&](auto tx) {
-      ce_prob_forward_kernel<scalar_t, decltype(tx)><<<blocks, kThreads, 0, stream>>>(a, tx);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel<&ce_prob_forward_kernel<scalar_t, decltype(tx)>>(blocks, kThreads, 0, stream, a, tx);
     });
   });
 }
@@ -910,7 +906,7 @@ void ce_prob_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p,
                       const at::Tensor& grad_logits) {
   const int64_t N = in.logits.size(0), C = in.logits.size(1);
   if (N == 0 || C == 0) return;
-  const c10::cuda::CUDAGuard guard(in.logits.device());
+  const DeviceGuard guard(in.logits.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_prob_bwd_cuda",
                                   [&] {
     auto a = prob_args<scalar_t>(in, p);
@@ -920,10 +916,9 @@ void ce_prob_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p,
     a.lse_in = lse.const_data_ptr<double>();
     a.sum_wy_in = sum_wy.const_data_ptr<double>();
     const unsigned blocks = row_blocks(N, a.gshift);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const Stream stream = current_stream();
     with_transform<scalar_t>(p, [&](auto tx) {
-      ce_prob_backward_kernel<scalar_t, decltype(tx)><<<blocks, kThreads, 0, stream>>>(a, tx);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel<&ce_prob_backward_kernel<scalar_t, decltype(tx)>>(blocks, kThreads, 0, stream, a, tx);
     });
   });
 }
@@ -931,13 +926,12 @@ void ce_prob_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p,
 void ce_scale_rows(const at::Tensor& x, const at::Tensor& scale) {
   const int64_t N = x.size(0), C = x.size(1);
   if (N == 0 || C == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const bool per_row = scale.numel() == N && scale.dim() == 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastloss_scale_rows_cuda", [&] {
     const int gshift = group_shift<scalar_t>(C, kIndexLoads);
-    scale_rows_kernel<scalar_t><<<row_blocks(N, gshift), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    launch_kernel<&scale_rows_kernel<scalar_t>>(row_blocks(N, gshift), kThreads, 0, current_stream(),
         x.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<double>(), N, C, per_row, gshift);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -201,7 +201,7 @@ __device__ __forceinline__ S warp_allreduce(S s) {
 // lets the block call this again (next row of a grid-stride loop) without overwriting slots still being read.
 template <typename S>
 __device__ __forceinline__ S block_allreduce(S s) {
-  __shared__ S warp_part[kWarpSize];
+  FL_SHARED(S, warp_part, [kWarpSize]);
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int nwarps = blockDim.x / kWarpSize;

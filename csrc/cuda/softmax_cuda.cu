@@ -22,17 +22,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
 #include "fastloss/math.h"
 #include "fastloss/softmax_kernels.h"
+#include "launch.cuh"
 #include "row_reduce.cuh"
 
 namespace fastloss {
@@ -65,21 +62,6 @@ constexpr int64_t kWarpMaxV = std::is_same_v<scalar_t, double> ? 512 : 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline unsigned grid_size(int64_t blocks) { return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kMaxGrid)); }
-
-// Streaming multiprocessors of the current device, cached per device (an attribute query, no synchronisation).
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  const int dev = c10::cuda::current_device();
-  if (dev >= 0 && dev < kMaxDevices) {
-    if (int n = cache[dev].load(std::memory_order_relaxed)) return n;
-  }
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  n = std::max(n, 1);
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
-  return n;
-}
 
 // Block path threads: enough that each thread has about two unrolled iterations of the reduction loop.
 template <typename scalar_t>
@@ -515,23 +497,22 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, Mode mode, Algorit
   if (rows == 0 || V == 0) return;
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   scalar_t* po = out.mutable_data_ptr<scalar_t>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
 
   if (V <= kWarpMaxV<scalar_t>) {
     with_warp_shape<scalar_t>(V, [&](auto lanes, auto items) {
       constexpr int kLanes = decltype(lanes)::value, kItems = decltype(items)::value;
       const unsigned blocks = grid_size(ceil_div(rows, kWarpThreads / kLanes));
-      warp_forward_kernel<scalar_t, kLanes, kItems><<<blocks, kWarpThreads, 0, stream>>>(px, po, rows, V, mode, alg);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel<&warp_forward_kernel<scalar_t, kLanes, kItems>>(blocks, kWarpThreads, 0, stream, px, po, rows, V,
+                                                                     mode, alg);
     });
     return;
   }
 
   const SplitPlan plan = plan_split(rows, V);
   if (plan.chunks == 1) {
-    block_forward_kernel<scalar_t><<<grid_size(rows), block_threads<scalar_t>(V), 0, stream>>>(px, po, rows, V, mode,
-                                                                                            alg);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<&block_forward_kernel<scalar_t>>(grid_size(rows), block_threads<scalar_t>(V), 0, stream, px, po,
+                                                   rows, V, mode, alg);
     return;
   }
 
@@ -541,17 +522,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, Mode mode, Algorit
   at::Tensor ws = at::empty({2 * parts + 2 * rows}, x.options().dtype(c10::CppTypeToScalarType<acc>::value));
   acc* pws = ws.mutable_data_ptr<acc>();
   acc* prow = pws + 2 * parts;
-  split_state_kernel<scalar_t><<<grid_size(parts), kSplitThreads, 0, stream>>>(px, pws, rows, V, plan.chunks,
-                                                                               plan.chunk_len, alg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel<&split_state_kernel<scalar_t>>(grid_size(parts), kSplitThreads, 0, stream, px, pws, rows, V,
+                                               plan.chunks, plan.chunk_len, alg);
   const bool lse_only = mode == Mode::Lse;
-  split_merge_kernel<scalar_t><<<grid_size(rows), kSplitThreads, 0, stream>>>(
+  launch_kernel<&split_merge_kernel<scalar_t>>(grid_size(rows), kSplitThreads, 0, stream,
       px, pws, lse_only ? po : nullptr, lse_only ? nullptr : prow, rows, V, plan.chunks, alg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (lse_only) return;
-  split_softmax_kernel<scalar_t><<<grid_size(parts), kSplitThreads, 0, stream>>>(
+  launch_kernel<&split_softmax_kernel<scalar_t>>(grid_size(parts), kSplitThreads, 0, stream,
       px, prow, po, rows, V, plan.chunks, plan.chunk_len, mode == Mode::LogSoftmax);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
@@ -562,35 +540,32 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& out, const at::Tens
   const scalar_t* pg = grad.const_data_ptr<scalar_t>();
   const scalar_t* py = out.const_data_ptr<scalar_t>();
   scalar_t* pi = gin.mutable_data_ptr<scalar_t>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
 
   if (V <= kWarpMaxV<scalar_t>) {
     with_warp_shape<scalar_t>(V, [&](auto lanes, auto items) {
       constexpr int kLanes = decltype(lanes)::value, kItems = decltype(items)::value;
       const unsigned blocks = grid_size(ceil_div(rows, kWarpThreads / kLanes));
-      warp_backward_kernel<scalar_t, kLanes, kItems><<<blocks, kWarpThreads, 0, stream>>>(pg, py, pi, rows, V, log);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel<&warp_backward_kernel<scalar_t, kLanes, kItems>>(blocks, kWarpThreads, 0, stream, pg, py, pi,
+                                                                      rows, V, log);
     });
     return;
   }
 
   const SplitPlan plan = plan_split(rows, V);
   if (plan.chunks == 1) {
-    block_backward_kernel<scalar_t><<<grid_size(rows), block_threads<scalar_t>(V), 0, stream>>>(pg, py, pi, rows, V,
-                                                                                             log);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<&block_backward_kernel<scalar_t>>(grid_size(rows), block_threads<scalar_t>(V), 0, stream, pg, py,
+                                                    pi, rows, V, log);
     return;
   }
 
   const int64_t parts = rows * plan.chunks;
   at::Tensor ws = at::empty({parts}, out.options().dtype(c10::CppTypeToScalarType<acc>::value));
   acc* pws = ws.mutable_data_ptr<acc>();
-  split_backward_sum_kernel<scalar_t><<<grid_size(parts), kSplitThreads, 0, stream>>>(
+  launch_kernel<&split_backward_sum_kernel<scalar_t>>(grid_size(parts), kSplitThreads, 0, stream,
       pg, py, pws, rows, V, plan.chunks, plan.chunk_len, log);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  split_backward_apply_kernel<scalar_t><<<grid_size(parts), kSplitThreads, 0, stream>>>(
+  launch_kernel<&split_backward_apply_kernel<scalar_t>>(grid_size(parts), kSplitThreads, 0, stream,
       pg, py, pws, pi, rows, V, plan.chunks, plan.chunk_len, log);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
@@ -604,35 +579,34 @@ void logsumexp_backward_impl(const at::Tensor& grad, const at::Tensor& x, const 
   const int64_t work = vec_ok ? ceil_div(rows * V, kVecOf<scalar_t>) : rows * V;
   // Enough blocks to fill the GPU several times over; beyond that threads loop (grid-stride).
   const int64_t blocks = std::min<int64_t>(ceil_div(work, kEltThreads), static_cast<int64_t>(sm_count()) * 32);
-  logsumexp_backward_kernel<scalar_t><<<grid_size(blocks), kEltThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  launch_kernel<&logsumexp_backward_kernel<scalar_t>>(grid_size(blocks), kEltThreads, 0, current_stream(),
       grad.const_data_ptr<scalar_t>(), px, lse.const_data_ptr<scalar_t>(), pi, rows, V, vec_ok);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---------------------------------------------------------------- the kernel table
 
 void logsumexp_kernel(const at::Tensor& x, const at::Tensor& out, Algorithm alg) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastloss_logsumexp_cuda",
                                   [&] { forward_impl<scalar_t>(x, out, Mode::Lse, alg); });
 }
 
 void softmax_kernel(const at::Tensor& x, const at::Tensor& out, bool log, Algorithm alg) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastloss_softmax_cuda", [&] {
     forward_impl<scalar_t>(x, out, log ? Mode::LogSoftmax : Mode::Softmax, alg);
   });
 }
 
 void softmax_backward_kernel(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& gin, bool log) {
-  const c10::cuda::CUDAGuard guard(out.device());
+  const DeviceGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fastloss_softmax_backward_cuda",
                                   [&] { backward_impl<scalar_t>(grad, out, gin, log); });
 }
 
 void logsumexp_backward_kernel_host(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lse,
                                     const at::Tensor& gin) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastloss_logsumexp_backward_cuda",
                                   [&] { logsumexp_backward_impl<scalar_t>(grad, x, lse, gin); });
 }

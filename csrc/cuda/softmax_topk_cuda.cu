@@ -9,14 +9,12 @@
 // k <= kMaxTopK (128) here; larger k is answered by the op layer's composite path. Indexing is int64 throughout.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
 
 #include "fastloss/softmax_kernels.h"
+#include "launch.cuh"
 #include "softmax_topk_kernel.cuh"
 
 namespace fastloss {
@@ -26,18 +24,17 @@ template <int kMax>
 void launch(const at::Tensor& x, int64_t k, const at::Tensor& values, const at::Tensor& indices) {
   const int64_t rows = x.size(0), V = x.size(1);
   const unsigned grid = static_cast<unsigned>(std::clamp<int64_t>(rows, 1, kTopKMaxGrid));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastloss_softmax_topk_cuda", [&] {
-    softmax_topk_kernel<scalar_t, kMax><<<grid, kTopKThreads, 0, stream>>>(
+    launch_kernel<&softmax_topk_kernel<scalar_t, kMax>>(grid, kTopKThreads, 0, stream,
         x.const_data_ptr<scalar_t>(), rows, V, static_cast<int>(k), values.mutable_data_ptr<scalar_t>(),
         indices.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void softmax_topk_cuda(const at::Tensor& x, int64_t k, const at::Tensor& values, const at::Tensor& indices,
                        Algorithm /*online only: the running top-k needs no second pass either way*/) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   TORCH_CHECK(k <= kMaxTopK, "fastloss.softmax_topk: CUDA kernel handles k <= ", kMaxTopK, ", got ", k);
   if (k <= 8) return launch<8>(x, k, values, indices);
   if (k <= 32) return launch<32>(x, k, values, indices);

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     softmax_topk_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t V, int k, scalar_t* __restrict__ out_v,
                         int64_t* __restrict__ out_i) {
   using acc = acc_t<scalar_t>;
-  __shared__ Cand<acc> slots[kTopKThreads / kWarpSize];
+  FL_SHARED(Cand<acc>, slots, [kTopKThreads / kWarpSize]);
   acc val[kMax];
   int64_t idx[kMax];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {

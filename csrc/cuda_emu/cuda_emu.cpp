@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <set>
 #include <sstream>
 #include <vector>
 
@@ -68,6 +69,7 @@ struct Runtime {
   std::exception_ptr error;
   std::vector<std::pair<void*, size_t>> shared;
   bool in_kernel = false;
+  uint64_t seed = 0;  // schedule of the launch in progress
 #ifdef FL_EMU_ASAN
   void* fake_stack = nullptr;
   const void* sched_bottom = nullptr;  // the OS thread's stack, learnt when the first fiber starts
@@ -303,7 +305,7 @@ void run_block(Runtime& r) {
     makecontext(&f.ctx, fiber_entry, 0);
   }
   for (auto& [p, size] : r.shared) std::memset(p, kPoison, size);
-  const uint64_t seed = schedule();
+  const uint64_t seed = r.seed;
   uint64_t state = seed * 0x9E3779B97F4A7C15ull ^ (uint64_t(r.bidx.x) << 32) ^ (uint64_t(r.bidx.y) << 16) ^ r.bidx.z;
   const int nwarps = (n + kWarp - 1) / kWarp;
   const bool warp_greedy = seed >= 2 && seed % 2 == 0;
@@ -353,9 +355,47 @@ void set_schedule(uint64_t seed) { g_seed = seed; }
 uint64_t schedule() {
   if (g_seed == ~uint64_t(0)) {
     const char* env = std::getenv("FASTLOSS_EMU_SCHEDULE");
-    g_seed = (env != nullptr && *env != '\0') ? std::strtoull(env, nullptr, 10) : 0;
+    if (env != nullptr && std::string(env) == "mix") g_seed = kMix;
+    else g_seed = (env != nullptr && *env != '\0') ? std::strtoull(env, nullptr, 10) : 0;
   }
   return g_seed;
+}
+
+namespace {
+uint64_t g_launch_serial = 0;  // launches so far (under g_mutex), for the mixed schedule
+std::set<std::string>& compiled() {
+  static std::set<std::string> c;
+  return c;
+}
+}  // namespace
+
+uint64_t launch_schedule() { return rt().seed; }
+
+const char* register_kernel(const char* signature) {
+  // GCC: "... [with auto Kernel = fastloss::cuda::{anonymous}::warp_forward_kernel<float, 8, 1>]"; clang:
+  // "... [Kernel = &fastloss::cuda::(anonymous namespace)::warp_forward_kernel<float, 8, 1>]".
+  std::string s(signature);
+  const size_t eq = s.find("Kernel = ");
+  std::string name = eq == std::string::npos ? s : s.substr(eq + 9);
+  const size_t end = name.find_first_of(";]");
+  if (end != std::string::npos) name.resize(end);
+  if (!name.empty() && name[0] == '&') name.erase(0, 1);
+  // Drop the namespaces of the kernel itself (before its template arguments).
+  const size_t lt = name.find('<');
+  const size_t colon = name.rfind("::", lt);
+  if (colon != std::string::npos) name.erase(0, colon + 2);
+  // ... and of enumerators among its template arguments (fastloss::cuda::{anonymous}::Mode::Backward -> Mode::...).
+  for (const char* ns : {"fastloss::cuda::{anonymous}::", "fastloss::cuda::(anonymous namespace)::",
+                         "fastloss::cuda::<unnamed>::", "fastloss::cuda::"}) {
+    for (size_t at; (at = name.find(ns)) != std::string::npos;) name.erase(at, std::strlen(ns));
+  }
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return compiled().insert(name).first->c_str();
+}
+
+std::vector<std::string> compiled_kernels() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return {compiled().begin(), compiled().end()};
 }
 
 std::map<std::string, uint64_t> launch_counts() {
@@ -408,12 +448,20 @@ void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void(
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
     fail(std::string("invalid grid size for kernel ") + name);
   }
+  uint64_t serial = 0;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     ++counts()[name];
+    serial = g_launch_serial++;
   }
   Runtime& r = rt();
   if (r.in_kernel) fail("nested kernel launch from inside a kernel");
+  r.seed = schedule();
+  if (r.seed == kMix) {
+    // reverse, random rounds (odd >= 3), warp-greedy (even >= 2), each with a seed of its own
+    const uint64_t k = serial % 3, s = 2 * (serial / 3) + 4;
+    r.seed = k == 0 ? 1 : k == 1 ? s + 1 : s;
+  }
   r.body = &body;
   r.kernel = name;
   r.grid = grid;

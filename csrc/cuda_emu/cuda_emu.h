@@ -29,11 +29,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <math.h>  // CUDA declares its math functions (isfinite, expf, ...) in the global namespace
 #include <functional>
 #include <map>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace fastloss {
 namespace emu {
@@ -70,9 +72,20 @@ const dim3& grid_dim();
 void set_schedule(uint64_t seed);
 uint64_t schedule();
 
-// Launch counts per kernel name (demangled signature of the kernel function).
+// The schedule of the launch in progress: schedule() itself, or for FASTLOSS_EMU_SCHEDULE=mix (kMix) a different
+// one per launch, cycling reverse / random rounds / warp-greedy with a seed that changes at every launch.
+constexpr uint64_t kMix = ~uint64_t(0) - 1;
+uint64_t launch_schedule();
+
+// Launch counts per kernel name.
 std::map<std::string, uint64_t> launch_counts();
 void reset_launch_counts();
+
+// Kernel instantiations compiled into the program (registered at load by the launch helper of
+// csrc/cuda/launch.cuh): `signature` is the helper's __PRETTY_FUNCTION__, from which the kernel's name with its
+// template arguments is taken; returns that name (stable storage), the key of launch_counts().
+const char* register_kernel(const char* signature);
+std::vector<std::string> compiled_kernels();
 
 namespace detail {
 

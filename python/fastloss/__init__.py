@@ -45,6 +45,11 @@ cuda_built: bool = hasattr(torch.ops.fastloss, "softmax") and torch._C._dispatch
 )
 """True when the library was compiled with its CUDA kernels."""
 
+from . import _cuda_emu  # noqa: E402
+
+cuda_emulated: bool = _cuda_emu.available
+"""True for a ``FASTLOSS_CUDA_EMU=ON`` build: the CUDA kernels run on the CPU in place of the CPU kernels."""
+
 __all__ = [
     "softmax",
     "log_softmax",
@@ -56,5 +61,6 @@ __all__ = [
     "CrossEntropyOutput",
     "nn",
     "cuda_built",
+    "cuda_emulated",
     "__version__",
 ]

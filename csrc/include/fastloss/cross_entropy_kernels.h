@@ -54,7 +54,7 @@ struct CrossEntropyKernels {
 };
 
 const CrossEntropyKernels& cpu_cross_entropy_kernels();
-#ifdef FASTLOSS_WITH_CUDA
+#if defined(FASTLOSS_WITH_CUDA) || defined(FASTLOSS_CUDA_EMU)  // the emulated build runs these on the CPU
 const CrossEntropyKernels& cuda_cross_entropy_kernels();
 #endif
 

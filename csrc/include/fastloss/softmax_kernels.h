@@ -33,7 +33,7 @@ struct SoftmaxKernels {
 };
 
 const SoftmaxKernels& cpu_softmax_kernels();
-#ifdef FASTLOSS_WITH_CUDA
+#if defined(FASTLOSS_WITH_CUDA) || defined(FASTLOSS_CUDA_EMU)  // the emulated build runs these on the CPU
 const SoftmaxKernels& cuda_softmax_kernels();
 #endif
 

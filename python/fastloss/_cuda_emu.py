@@ -1,0 +1,75 @@
+"""The CUDA execution layer of an emulated build (``FASTLOSS_CUDA_EMU=ON``, ``make test-emu``): launch counts per
+kernel and the thread schedule, read through the library's C entry points (csrc/cuda_emu/register_emu.cpp).
+
+In such a build the CUDA kernels run on the CPU, registered for CPU tensors in place of the CPU kernels; in any
+other build :data:`available` is False and the functions here raise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+from . import _library_path
+
+_lib = ctypes.CDLL(_library_path)
+available: bool = hasattr(_lib, "fastloss_cuda_emu_report")
+
+if available:
+    _lib.fastloss_cuda_emu_report.restype = ctypes.c_size_t
+    _lib.fastloss_cuda_emu_report.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    _lib.fastloss_cuda_emu_set_schedule.argtypes = [ctypes.c_uint64]
+    _lib.fastloss_cuda_emu_schedule.restype = ctypes.c_uint64
+
+MIX = 2**64 - 2
+"""Schedule value: a different schedule at every launch (reverse, random rounds, warp-greedy), as ``mix`` in
+FASTLOSS_EMU_SCHEDULE."""
+
+
+def _need() -> None:
+    if not available:
+        raise RuntimeError("fastloss was not built with FASTLOSS_CUDA_EMU=ON (make test-emu builds it)")
+
+
+def launch_counts() -> dict[str, int]:
+    """Launches per kernel instantiation compiled into the library (0 for those never launched)."""
+    _need()
+    n = _lib.fastloss_cuda_emu_report(None, 0)
+    buf = ctypes.create_string_buffer(n + 1)
+    _lib.fastloss_cuda_emu_report(buf, n + 1)
+    out: dict[str, int] = {}
+    for line in buf.value.decode().splitlines():
+        count, name = line.split("\t", 1)
+        out[name] = int(count)
+    return out
+
+
+def kernel_of(instantiation: str) -> str:
+    """``warp_forward_kernel<float, 8, 1>`` -> ``warp_forward_kernel``."""
+    return re.split(r"<", instantiation, maxsplit=1)[0]
+
+
+def report() -> tuple[str, list[str]]:
+    """The summary line (``cuda-emu: N of M kernels launched ...``) and the kernels never launched."""
+    counts = launch_counts()
+    kernels: dict[str, int] = {}
+    for inst, n in counts.items():
+        kernels[kernel_of(inst)] = kernels.get(kernel_of(inst), 0) + n
+    never = sorted(k for k, n in kernels.items() if n == 0)
+    inst_run = sum(1 for n in counts.values() if n > 0)
+    line = (
+        f"cuda-emu: {len(kernels) - len(never)} of {len(kernels)} kernels launched "
+        f"({inst_run} of {len(counts)} compiled instantiations, {sum(counts.values())} launches)"
+    )
+    return line, never
+
+
+def set_schedule(seed: int) -> None:
+    """0 lane order, 1 reverse, odd >= 3 random rounds, even >= 2 warp-greedy, :data:`MIX` one per launch."""
+    _need()
+    _lib.fastloss_cuda_emu_set_schedule(seed)
+
+
+def schedule() -> int:
+    _need()
+    return int(_lib.fastloss_cuda_emu_schedule())
