@@ -4,6 +4,11 @@
 # Variables: VENV (default .venv), TORCH_SPEC (which torch to install into a new venv), FASTLOSS_CUDA (ON/OFF/AUTO),
 # HF_SPEC (the optional Hugging Face stack the integration tests and the example use; empty to leave it out),
 # BUILD_DIR (CMake's build folder, default build/<venv name>), PYTEST_ARGS, BENCH_ARGS.
+#
+#   make test-emu  the CUDA kernels run on the CPU (csrc/cuda_emu): a FASTLOSS_CUDA_EMU=ON build in its own venv
+#                  (EMU_VENV, default .venv-emu) and build folder, the test suite on it (every compiled kernel must
+#                  launch), bench/gpu_workload.py (every compiled kernel instantiation must launch), and the workload
+#                  again on a build with AddressSanitizer + UndefinedBehaviorSanitizer (EMU_SANITIZE, empty to skip).
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -16,7 +21,12 @@ STAMP       := $(VENV)/.fastloss-deps
 
 export FASTLOSS_CUDA
 
-.PHONY: all install test bench clean
+EMU_VENV    ?= .venv-emu
+EMU_SANITIZE ?= address,undefined
+EMU_SCHEDULE ?= mix
+CXX         ?= g++
+
+.PHONY: all install test bench clean test-emu
 
 all: test
 
@@ -34,6 +44,20 @@ test: install
 
 bench: install
 	$(VENV)/bin/fastloss-bench $(BENCH_ARGS)
+
+# Threads of a block run as fibers in a changing order (EMU_SCHEDULE: mix = reverse / random / warp-greedy, a
+# different one per launch), so a race changes the result instead of passing by luck.
+test-emu:
+	$(MAKE) install VENV=$(EMU_VENV) BUILD_DIR=build/emu FASTLOSS_CUDA_EMU=ON
+	FASTLOSS_EMU_SCHEDULE=$(EMU_SCHEDULE) FASTLOSS_EMU_REQUIRE_ALL=1 $(EMU_VENV)/bin/python -m pytest tests -q $(PYTEST_ARGS)
+	FASTLOSS_EMU_SCHEDULE=$(EMU_SCHEDULE) $(EMU_VENV)/bin/python bench/gpu_workload.py --device cpu --size small
+ifneq ($(EMU_SANITIZE),)
+	FASTLOSS_CUDA_EMU=ON FASTLOSS_SANITIZE=$(EMU_SANITIZE) $(EMU_VENV)/bin/python -m pip install -q --no-build-isolation \
+	  --no-deps --upgrade -C build-dir=build/emu-sanitize --target build/emu-sanitize/site .
+	PYTHONPATH=build/emu-sanitize/site LD_PRELOAD=$$($(CXX) -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  FASTLOSS_EMU_SCHEDULE=$(EMU_SCHEDULE) $(EMU_VENV)/bin/python bench/gpu_workload.py --device cpu --size small
+endif
 
 clean:
 	rm -rf build dist
