@@ -51,10 +51,8 @@ constexpr int kMinGroupShift = 3;  // rows get at least 8 threads
 constexpr int kMaxWarps = kThreads / kWarpSize;
 constexpr int kIndexLoads = 2;  // 16-byte loads in flight per thread: one stream (logits), 32 bytes
 constexpr int kProbLoads = 1;   // two streams (logits and probabilities): 2 x 16 bytes
-constexpr int64_t kMaxGrid = 2147483647;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline unsigned grid_size(int64_t blocks) { return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kMaxGrid)); }
 
 // log2 of the threads per row: the smallest group (>= 8) whose threads each get two body iterations or more.
 template <typename scalar_t>

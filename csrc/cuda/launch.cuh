@@ -61,6 +61,11 @@ struct EmuKernel {
   static inline const char* const name = name_from_signature();
 };
 
+// The largest grid (x) a launch uses; the kernels loop over the rest (grid-stride). On a GPU that is CUDA's limit,
+// reached only past 2^31 blocks; the emulator can lower it (FASTLOSS_EMU_MAX_GRID, set_max_grid_x) so that the
+// grid-stride loops, where a block handles several rows one after another, run in tests.
+inline int64_t max_grid_x() { return ::fastloss::emu::max_grid_x(); }
+
 template <auto Kernel, typename... Args>
 void launch_kernel(dim3 grid, dim3 block, size_t smem, Stream, Args... args) {
   ::fastloss::emu::launch(EmuKernel<Kernel>::name, Kernel, grid, block, smem, args...);
@@ -87,6 +92,8 @@ inline int sm_count() {
   return n;
 }
 
+inline int64_t max_grid_x() { return 2147483647; }  // gridDim.x limit
+
 template <auto Kernel, typename... Args>
 void launch_kernel(dim3 grid, dim3 block, size_t smem, Stream stream, Args... args) {
   Kernel<<<grid, block, smem, stream>>>(args...);
@@ -94,6 +101,11 @@ void launch_kernel(dim3 grid, dim3 block, size_t smem, Stream stream, Args... ar
 }
 
 #endif
+
+// Blocks for a launch that wants `blocks` of them: at least 1, at most max_grid_x() (the kernels loop).
+inline unsigned grid_size(int64_t blocks) {
+  return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, max_grid_x()));
+}
 
 }  // namespace cuda
 }  // namespace fastloss

@@ -54,14 +54,12 @@ constexpr int64_t kSplitMinV = 256 * 1024;  // split rows only from this length.
 constexpr int64_t kSplitMinChunk = 16 * 1024;  // ...into chunks of at least this many elements
 constexpr int64_t kSplitChunkAlign = 1024;  // chunk lengths are multiples of this (keeps chunk starts congruent)
 constexpr int kSplitBlocksPerSm = 4;        // 4 x 512 threads = a full sm_80 / sm_90 SM
-constexpr int64_t kMaxGrid = 2147483647;    // gridDim.x limit; larger problems loop (grid-stride)
 
 // Longest row of the warp path: 32 elements per lane (16 for double, to stay clear of register spills).
 template <typename scalar_t>
 constexpr int64_t kWarpMaxV = std::is_same_v<scalar_t, double> ? 512 : 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline unsigned grid_size(int64_t blocks) { return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kMaxGrid)); }
 
 // Block path threads: enough that each thread has about two unrolled iterations of the reduction loop.
 template <typename scalar_t>

@@ -23,7 +23,7 @@ namespace cuda {
 template <int kMax>
 void launch(const at::Tensor& x, int64_t k, const at::Tensor& values, const at::Tensor& indices) {
   const int64_t rows = x.size(0), V = x.size(1);
-  const unsigned grid = static_cast<unsigned>(std::clamp<int64_t>(rows, 1, kTopKMaxGrid));
+  const unsigned grid = grid_size(std::min<int64_t>(rows, kTopKMaxGrid));
   const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastloss_softmax_topk_cuda", [&] {
     launch_kernel<&softmax_topk_kernel<scalar_t, kMax>>(grid, kTopKThreads, 0, stream,

@@ -6,6 +6,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <exception>
 #include <memory>
@@ -458,6 +459,22 @@ std::set<std::string>& compiled() {
 }  // namespace
 
 uint64_t launch_schedule() { return rt().seed; }
+
+namespace {
+std::atomic<int64_t> g_max_grid{0};  // 0: not read yet
+}  // namespace
+
+int64_t max_grid_x() {
+  int64_t n = g_max_grid.load(std::memory_order_relaxed);
+  if (n == 0) {
+    const char* env = std::getenv("FASTLOSS_EMU_MAX_GRID");
+    const long long v = env != nullptr ? std::atoll(env) : 0;
+    n = v > 0 && v < 2147483647 ? v : 2147483647;
+    g_max_grid.store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+void set_max_grid_x(int64_t n) { g_max_grid.store(n > 0 && n < 2147483647 ? n : 2147483647); }
 
 const char* register_kernel(const char* signature) {
   // GCC: "... [with auto Kernel = fastloss::cuda::{anonymous}::warp_forward_kernel<float, 8, 1>]"; clang:

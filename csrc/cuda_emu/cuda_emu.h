@@ -77,6 +77,11 @@ uint64_t schedule();
 constexpr uint64_t kMix = ~uint64_t(0) - 1;
 uint64_t launch_schedule();
 
+// The largest grid.x the launch helper uses (csrc/cuda/launch.cuh); lowering it makes kernels run their grid-stride
+// loops. FASTLOSS_EMU_MAX_GRID at first use, else CUDA's 2^31 - 1.
+int64_t max_grid_x();
+void set_max_grid_x(int64_t n);
+
 // Launch counts per kernel name.
 std::map<std::string, uint64_t> launch_counts();
 void reset_launch_counts();

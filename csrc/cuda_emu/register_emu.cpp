@@ -46,6 +46,10 @@ __attribute__((visibility("default"))) void fastloss_cuda_emu_set_schedule(uint6
 
 __attribute__((visibility("default"))) uint64_t fastloss_cuda_emu_schedule() { return fastloss::emu::schedule(); }
 
+__attribute__((visibility("default"))) void fastloss_cuda_emu_set_max_grid(int64_t n) { fastloss::emu::set_max_grid_x(n); }
+
+__attribute__((visibility("default"))) int64_t fastloss_cuda_emu_max_grid() { return fastloss::emu::max_grid_x(); }
+
 __attribute__((visibility("default"))) void fastloss_cuda_emu_reset_counts() { fastloss::emu::reset_launch_counts(); }
 
 }  // extern "C"

@@ -20,6 +20,8 @@ if available:
     _lib.fastloss_cuda_emu_report.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     _lib.fastloss_cuda_emu_set_schedule.argtypes = [ctypes.c_uint64]
     _lib.fastloss_cuda_emu_schedule.restype = ctypes.c_uint64
+    _lib.fastloss_cuda_emu_set_max_grid.argtypes = [ctypes.c_int64]
+    _lib.fastloss_cuda_emu_max_grid.restype = ctypes.c_int64
 
 MIX = 2**64 - 2
 """Schedule value: a different schedule at every launch (reverse, random rounds, warp-greedy), as ``mix`` in
@@ -73,3 +75,15 @@ def set_schedule(seed: int) -> None:
 def schedule() -> int:
     _need()
     return int(_lib.fastloss_cuda_emu_schedule())
+
+
+def set_max_grid(n: int) -> None:
+    """Cap every launch at n blocks (grid.x), so the kernels run their grid-stride loops (a block handles several
+    rows one after another); n >= 2^31 - 1 or <= 0 restores CUDA's limit. FASTLOSS_EMU_MAX_GRID sets it at start."""
+    _need()
+    _lib.fastloss_cuda_emu_set_max_grid(n)
+
+
+def max_grid() -> int:
+    _need()
+    return int(_lib.fastloss_cuda_emu_max_grid())
