@@ -9,7 +9,11 @@ built with FASTLOSS_CUDA_EMU=ON (one build folder for all, so only the changed f
 tests run on it with the mixed schedule until the first failure. Nothing here touches the working tree; the
 mutants are never committed.
 
-Usage:  python bench/emu_mutants.py [--python PY] [--only NAME,...] [--tests "pytest args"] [--keep DIR]
+With --sanitize the scratch copy is built with AddressSanitizer + UndefinedBehaviorSanitizer and the mutants are
+those that leave results right but touch memory they must not (a write past a row, misaligned vector loads); the
+kernel workload (bench/gpu_workload.py, as in make test-emu) runs under the sanitizers.
+
+Usage:  python bench/emu_mutants.py [--python PY] [--only NAME,...] [--tests "pytest args"] [--keep DIR] [--sanitize]
 Exit:   0 every mutant caught (and the unmutated copy passes), 1 otherwise.
 """
 
@@ -82,7 +86,22 @@ MUTANTS = {
         "if (lane == 0) slots[lane] = c;",
         "softmax_topk block arg-best: the per-warp slot indexed by the lane instead of the warp",
     ),
+    # For the sanitizer run (--sanitize): defects that leave the results right on x86 but touch memory they must not.
+    "row-tail-writes-past-the-end": (
+        "csrc/cuda/row_reduce.cuh",
+        "  for (int64_t j = head + nvec * kVec + tid; j < n; j += nthreads) scalar(j);\n}\n\n// -----",
+        "  for (int64_t j = head + nvec * kVec + tid; j <= n; j += nthreads) scalar(j);\n}\n\n// -----",
+        "segment_map: the scalar tail writes one element past the segment (the next row's first, or past the tensor)",
+    ),
+    "vector-loads-misaligned": (
+        "csrc/cuda/row_reduce.cuh",
+        "  return head < n ? head : n;",
+        "  return 0;",
+        "aligned_head: no scalar head, so a row that does not start on a 16-byte boundary is read with misaligned "
+        "16-byte vector loads",
+    ),
 }
+SANITIZE_ONLY = {"row-tail-writes-past-the-end", "vector-loads-misaligned"}
 
 DEFAULT_TESTS = ["tests/test_cuda_emu.py", "tests/test_softmax.py", "tests/test_cross_entropy.py",
                  "tests/test_softmax_topk.py", "-x", "-q", "-p", "no:cacheprovider", "-k", "not test_emulated"]
@@ -99,22 +118,36 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma list of mutant names (default: all)")
     p.add_argument("--tests", default=None, help="pytest arguments (default: the kernel tests, -x)")
     p.add_argument("--keep", default=None, help="scratch folder to use and keep (default: a temporary one)")
+    p.add_argument("--sanitize", action="store_true",
+                   help="build with -fsanitize=address,undefined and run bench/gpu_workload.py under it instead of "
+                        "the tests (make test-emu's sanitizer run); default mutants: the memory ones")
     args = p.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or list(MUTANTS)
+    names = [n for n in args.only.split(",") if n] or [
+        n for n in MUTANTS if (n in SANITIZE_ONLY) == args.sanitize]
     bad = [n for n in names if n not in MUTANTS]
     if bad:
         p.error(f"unknown mutants {bad}; known: {list(MUTANTS)}")
     tests = args.tests.split() if args.tests else DEFAULT_TESTS
+    args.python = os.path.abspath(args.python)  # (not resolved: a venv's python is a symlink)
 
     scratch = Path(args.keep or tempfile.mkdtemp(prefix="fastloss-mutants-"))
     src, site, build = scratch / "src", scratch / "site", scratch / "build"
     if src.exists():
         shutil.rmtree(src)
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__",
+    # copy (not copy2): fresh modification times, so a kept build folder recompiles what differs from its last build
+    shutil.copytree(ROOT, src, copy_function=shutil.copy, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__",
                                                                 ".whl", "results"))
     originals = {f: (src / f).read_text() for f, *_ in MUTANTS.values()}
     env = dict(os.environ, FASTLOSS_CUDA_EMU="ON", FASTLOSS_EMU_SCHEDULE="mix", PYTHONPATH=str(site))
     env.pop("FASTLOSS_SANITIZE", None)
+    run_env = env
+    if args.sanitize:
+        env["FASTLOSS_SANITIZE"] = "address,undefined"
+        cxx = os.environ.get("CXX") or shutil.which("g++") or "c++"
+        libasan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+        run_env = dict(env, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
+                       UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+        tests = None
 
     def build_and_test(label: str) -> tuple[str, float]:
         t0 = time.monotonic()
@@ -122,7 +155,13 @@ def main(argv=None) -> int:
                   "-C", f"build-dir={build}", "--target", str(site), str(src)], env=env)
         if b.returncode != 0:
             return f"build failed: {b.stderr[-400:]}", time.monotonic() - t0
-        t = _run([args.python, "-m", "pytest", *tests], env=env, cwd=src)
+        if tests is None:  # the sanitizer's workload
+            t = _run([args.python, "bench/gpu_workload.py", "--device", "cpu", "--size", "small"], env=run_env, cwd=src)
+            out = t.stdout + t.stderr
+            report = next((ln.strip() for ln in out.splitlines() if "ERROR: AddressSanitizer" in ln
+                           or "runtime error:" in ln or ln.startswith("gpu_workload:") and "failure" in ln), "")
+            return ("passed" if t.returncode == 0 else f"failed: {report[:250]}"), time.monotonic() - t0
+        t = _run([args.python, "-m", "pytest", *tests], env=run_env, cwd=src)
         last = [ln for ln in t.stdout.splitlines() if ln.strip()][-1:] or ["(no output)"]
         first_fail = next((ln for ln in t.stdout.splitlines() if ln.startswith("FAILED") or ln.startswith("ERROR")),
                           "")
