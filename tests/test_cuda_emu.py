@@ -3,7 +3,10 @@ more under AddressSanitizer + UndefinedBehaviorSanitizer:
 * its self-test: CUDA's shuffle, vote and barrier semantics under every schedule, deadlocks reported as errors, and
   the planted bugs (missing __syncthreads, skipped warp exchange, wrong shuffle width, off-by-one row tail, shared
   slot by lane instead of warp, slot reused without a leading barrier) caught;
-* fastloss's own CUDA kernel bodies run on it (softmax_topk today) against a long-double reference."""
+* the softmax_topk kernel body run on it against a long-double reference;
+* in an emulated build of the library (FASTLOSS_CUDA_EMU=ON, make test-emu), where the rest of the suite runs the
+  CUDA kernels on the "cpu" device: the kernel each problem selects, and bit-identical results under every thread
+  schedule, with and without grid-stride loops."""
 
 import os
 import shutil
