@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         cxx = os.environ.get("CXX") or shutil.which("g++") or "c++"
         # libstdc++ preloaded too: ASan's __cxa_throw interceptor must find it at start-up (python does not link it)
         libs = [subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
-                for lib in ("libasan.so", "libstdc++.so")]
+                for lib in ("libasan.so", "libstdc++.so.6")]
         run_env = dict(env, LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0",
                        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
         tests = None

@@ -67,9 +67,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    opt = session.config.option
-    if getattr(opt, "collectonly", False) or getattr(opt, "keyword", "") or getattr(opt, "markexpr", ""):
-        return  # not a run of the whole suite (also the suite's own collect-only subprocesses)
+    # Only a run of the whole suite (`pytest tests`, nothing selected or deselected) must launch every kernel; not a
+    # selection, a re-run of failures, or the suite's own collect-only subprocesses.
+    opt, cfg = session.config.option, session.config
+    partial = (getattr(opt, "collectonly", False) or getattr(opt, "keyword", "") or getattr(opt, "markexpr", "")
+               or getattr(opt, "deselect", None) or getattr(opt, "lf", False) or getattr(opt, "failedfirst", False)
+               or [os.path.normpath(a) for a in cfg.args] != ["tests"])
+    if partial:
+        return
     if EMULATED and os.environ.get("FASTLOSS_EMU_REQUIRE_ALL") == "1" and exitstatus == 0:
         _, never = _emu_report()
         if never:

@@ -3,6 +3,8 @@
 // compiled by the host C++ compiler against the CPU execution layer (csrc/cuda_emu/cuda_emu.h), which runs every
 // launch block by block with fibers for threads, so CI executes the kernels the GPU would (make test-emu).
 //
+// Block-shared arrays are declared with FL_SHARED (row_reduce.cuh): the emulator poisons them before every block.
+//
 // Every launch goes through launch_kernel<&kernel>(grid, block, smem, stream, args...): `kernel<<<...>>>` plus the
 // launch check under nvcc; under the emulator also a per-kernel launch count, and a list of every kernel
 // instantiation compiled into the library (so a run can say which kernels it never launched).
@@ -26,11 +28,7 @@
 #include <atomic>
 #endif
 
-// `FL_SHARED(T, name, [N]);` declares a block-shared array. The emulator poisons it before every block (NaN for
-// floats), so a slot read before any thread of the block wrote it gives a wrong result instead of a stale one.
-#ifndef FL_SHARED
-#define FL_SHARED(type, name, dims) __shared__ type name dims
-#endif
+#include "row_reduce.cuh"  // FL_SHARED
 
 namespace fastloss {
 namespace cuda {

@@ -11,6 +11,12 @@
 
 #include "fastloss/math.h"
 
+// `FL_SHARED(T, name, [N]);` declares a block-shared array (the CUDA execution layer defines its own, which poisons
+// the array before every block; csrc/cuda_emu/cuda_emu.h).
+#ifndef FL_SHARED
+#define FL_SHARED(type, name, dims) __shared__ type name dims
+#endif
+
 namespace fastloss {
 namespace cuda {
 

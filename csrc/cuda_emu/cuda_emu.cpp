@@ -31,19 +31,19 @@
 // Context switches. On x86-64 a few instructions of our own (callee-saved registers, the SSE / x87 control words and
 // the stack pointer): swapcontext also saves the signal mask, a system call at every switch, which made it most of
 // the emulator's time. Elsewhere ucontext.
-#if defined(__x86_64__) && !defined(FASTLOSS_EMU_UCONTEXT)
+// (Not with a CET shadow stack, which this switch does not maintain: ucontext does.)
+#if defined(__x86_64__) && !defined(FASTLOSS_EMU_UCONTEXT) && !(defined(__CET__) && (__CET__ & 2))
 #define FL_EMU_FAST_SWITCH 1
 // fl_emu_switch(&save_sp, load_sp): pushes the callee-saved state on the current stack, stores the stack pointer in
 // *save_sp, switches to load_sp and pops the state saved there (by an earlier switch, or by fast_init).
 extern "C" void fl_emu_switch(void** save_sp, void* load_sp);
 asm(R"(
-  .text
+  .pushsection .text
   .p2align 4
   .hidden fl_emu_switch
   .globl fl_emu_switch
   .type fl_emu_switch, @function
 fl_emu_switch:
-  .cfi_startproc
   pushq %rbp
   pushq %rbx
   pushq %r12
@@ -65,8 +65,8 @@ fl_emu_switch:
   popq %rbx
   popq %rbp
   ret
-  .cfi_endproc
   .size fl_emu_switch, .-fl_emu_switch
+  .popsection
 )");
 #endif
 
@@ -229,7 +229,13 @@ void fast_init(Fiber& f, void (*entry)()) {
   *--sp = nullptr;                                    // fiber_entry's own return address: none
   *--sp = reinterpret_cast<void*>(entry);             // at top - 16
   for (int i = 0; i < 6; ++i) *--sp = nullptr;        // rbp rbx r12 r13 r14 r15
-  *--sp = reinterpret_cast<void*>(uintptr_t(0x037F) << 32 | 0x1F80);  // x87 control word, MXCSR (defaults)
+  // The launching thread's MXCSR and x87 control word (rounding, flush-to-zero as torch.set_flush_denormal set them),
+  // as getcontext would have captured them.
+  uint32_t mxcsr = 0;
+  uint16_t fpucw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  *--sp = reinterpret_cast<void*>(uintptr_t(fpucw) << 32 | mxcsr);
   f.sp = sp;
 }
 #endif
