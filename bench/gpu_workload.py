@@ -515,8 +515,7 @@ def _emu_report() -> list[str]:
     run never launched (the whole small workload must launch them all)."""
     from fastloss import _cuda_emu
 
-    line, _ = _cuda_emu.report()
-    never = sorted(k for k, n in _cuda_emu.launch_counts().items() if n == 0)
+    line, never = _cuda_emu.report(instantiations=True)
     for k in never:
         print(f"  cuda-emu: never launched: {k}")
     print(line)

@@ -50,16 +50,12 @@ def pytest_report_header(config):
     return None
 
 
-def _emu_report():
-    from fastloss import _cuda_emu
-
-    return _cuda_emu.report()
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not EMULATED:
         return
-    line, never = _emu_report()
+    from fastloss import _cuda_emu
+
+    line, never = _cuda_emu.report()
     terminalreporter.write_sep("-", "CUDA execution layer")
     for k in never:
         terminalreporter.write_line(f"cuda-emu: never launched: {k}")
@@ -76,6 +72,7 @@ def pytest_sessionfinish(session, exitstatus):
     if partial:
         return
     if EMULATED and os.environ.get("FASTLOSS_EMU_REQUIRE_ALL") == "1" and exitstatus == 0:
-        _, never = _emu_report()
-        if never:
+        from fastloss import _cuda_emu
+
+        if _cuda_emu.report()[1]:
             session.exitstatus = 1

@@ -464,8 +464,6 @@ std::set<std::string>& compiled() {
 }
 }  // namespace
 
-uint64_t launch_schedule() { return rt().seed; }
-
 namespace {
 std::atomic<int64_t> g_max_grid{0};  // 0: not read yet
 }  // namespace
@@ -513,11 +511,6 @@ std::map<std::string, uint64_t> launch_counts() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return counts();
 }
-void reset_launch_counts() {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  counts().clear();
-}
-
 namespace detail {
 
 [[noreturn]] void fail(const std::string& what) { throw Error("cuda-emu: " + what); }

@@ -5,7 +5,8 @@
 // synchronisation points, and the order in which they are resumed is a *schedule* chosen by a seed
 // (FASTLOSS_EMU_SCHEDULE or set_schedule()): 0 = lane order, 1 = reverse lane order, odd seeds >= 3 = a fresh
 // random permutation at every round (all threads advance one synchronisation point per round), even seeds >= 2 =
-// warps in random order, each run as far as it can before the next (one warp runs ahead to the next barrier). A missing __syncthreads, a shuffle with the wrong width or mask, or a shared slot read
+// warps in random order, each run as far as it can before the next (one warp runs ahead to the next barrier), `mix`
+// a different one per launch. A missing __syncthreads, a shuffle with the wrong width or mask, or a shared slot read
 // before it is written therefore changes the result under some schedule instead of passing by luck.
 //
 // What is modelled:
@@ -72,10 +73,9 @@ const dim3& grid_dim();
 void set_schedule(uint64_t seed);
 uint64_t schedule();
 
-// The schedule of the launch in progress: schedule() itself, or for FASTLOSS_EMU_SCHEDULE=mix (kMix) a different
-// one per launch, cycling reverse / random rounds / warp-greedy with a seed that changes at every launch.
+// schedule() under FASTLOSS_EMU_SCHEDULE=mix: a different schedule per launch, cycling reverse / random rounds /
+// warp-greedy with a seed that changes at every launch.
 constexpr uint64_t kMix = ~uint64_t(0) - 1;
-uint64_t launch_schedule();
 
 // The largest grid.x the launch helper uses (csrc/cuda/launch.cuh); lowering it makes kernels run their grid-stride
 // loops. FASTLOSS_EMU_MAX_GRID at first use, else CUDA's 2^31 - 1.
@@ -84,7 +84,6 @@ void set_max_grid_x(int64_t n);
 
 // Launch counts per kernel name.
 std::map<std::string, uint64_t> launch_counts();
-void reset_launch_counts();
 
 // Kernel instantiations compiled into the program (registered at load by the launch helper of
 // csrc/cuda/launch.cuh): `signature` is the helper's __PRETTY_FUNCTION__, from which the kernel's name with its

@@ -2,7 +2,8 @@
 // execution layer) registered for CPU tensors in place of the CPU kernels, so the test suite, unchanged, runs the
 // CUDA kernels and the op layer's CUDA branches against its float64 references.
 //
-// Two C entry points for Python (python/fastloss/_cuda_emu.py, through ctypes): the launch report and the schedule.
+// C entry points for Python (python/fastloss/_cuda_emu.py, through ctypes): the launch report, the schedule and the
+// grid cap.
 #include <cstdint>
 #include <cstring>
 #include <sstream>
@@ -39,7 +40,7 @@ __attribute__((visibility("default"))) size_t fastloss_cuda_emu_report(char* buf
   return s.size();
 }
 
-// 0 lane order, 1 reverse, odd >= 3 random rounds, even >= 2 warp-greedy, ~1 - 1 = mixed (cuda_emu.h).
+// 0 lane order, 1 reverse, odd >= 3 random rounds, even >= 2 warp-greedy, kMix = mixed (cuda_emu.h).
 __attribute__((visibility("default"))) void fastloss_cuda_emu_set_schedule(uint64_t seed) {
   fastloss::emu::set_schedule(seed);
 }
@@ -49,7 +50,5 @@ __attribute__((visibility("default"))) uint64_t fastloss_cuda_emu_schedule() { r
 __attribute__((visibility("default"))) void fastloss_cuda_emu_set_max_grid(int64_t n) { fastloss::emu::set_max_grid_x(n); }
 
 __attribute__((visibility("default"))) int64_t fastloss_cuda_emu_max_grid() { return fastloss::emu::max_grid_x(); }
-
-__attribute__((visibility("default"))) void fastloss_cuda_emu_reset_counts() { fastloss::emu::reset_launch_counts(); }
 
 }  // extern "C"

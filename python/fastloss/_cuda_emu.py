@@ -23,11 +23,6 @@ if available:
     _lib.fastloss_cuda_emu_set_max_grid.argtypes = [ctypes.c_int64]
     _lib.fastloss_cuda_emu_max_grid.restype = ctypes.c_int64
 
-MIX = 2**64 - 2
-"""Schedule value: a different schedule at every launch (reverse, random rounds, warp-greedy), as ``mix`` in
-FASTLOSS_EMU_SCHEDULE."""
-
-
 def _need() -> None:
     if not available:
         raise RuntimeError("fastloss was not built with FASTLOSS_CUDA_EMU=ON (make test-emu builds it)")
@@ -51,23 +46,25 @@ def kernel_of(instantiation: str) -> str:
     return re.split(r"<", instantiation, maxsplit=1)[0]
 
 
-def report() -> tuple[str, list[str]]:
-    """The summary line (``cuda-emu: N of M kernels launched ...``) and the kernels never launched."""
+def report(instantiations: bool = False) -> tuple[str, list[str]]:
+    """The summary line (``cuda-emu: N of M kernels launched ...``) and what never launched: the kernels, or with
+    ``instantiations`` every compiled instantiation (``warp_forward_kernel<float, 8, 1>``)."""
     counts = launch_counts()
     kernels: dict[str, int] = {}
     for inst, n in counts.items():
         kernels[kernel_of(inst)] = kernels.get(kernel_of(inst), 0) + n
-    never = sorted(k for k, n in kernels.items() if n == 0)
-    inst_run = sum(1 for n in counts.values() if n > 0)
+    never_kernels = sorted(k for k, n in kernels.items() if n == 0)
+    never_inst = sorted(k for k, n in counts.items() if n == 0)
     line = (
-        f"cuda-emu: {len(kernels) - len(never)} of {len(kernels)} kernels launched "
-        f"({inst_run} of {len(counts)} compiled instantiations, {sum(counts.values())} launches)"
+        f"cuda-emu: {len(kernels) - len(never_kernels)} of {len(kernels)} kernels launched "
+        f"({len(counts) - len(never_inst)} of {len(counts)} compiled instantiations, {sum(counts.values())} launches)"
     )
-    return line, never
+    return line, never_inst if instantiations else never_kernels
 
 
 def set_schedule(seed: int) -> None:
-    """0 lane order, 1 reverse, odd >= 3 random rounds, even >= 2 warp-greedy, :data:`MIX` one per launch."""
+    """0 lane order, 1 reverse, odd >= 3 random rounds, even >= 2 warp-greedy (FASTLOSS_EMU_SCHEDULE=mix sets a
+    value that picks one per launch; :func:`schedule` returns it, to restore)."""
     _need()
     _lib.fastloss_cuda_emu_set_schedule(seed)
 
