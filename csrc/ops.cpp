@@ -47,3 +47,32 @@ TORCH_LIBRARY_FRAGMENT(fastloss, m) {
   // self[r, :] *= scale[r] (scale [N] or a single value), skipping rows whose scale is exactly 1.
   m.def("scale_rows_(Tensor(a!) self, Tensor scale) -> ()");
 }
+
+TORCH_LIBRARY_FRAGMENT(fastloss, m) {
+  // RL policy terms from logits [N, V]: log softmax(logits / T)[tokens] per row and (entropy=True) the entropy of the
+  // tempered softmax; float64 rows (entropy empty when not requested) and the per-row lse for the backward.
+  m.def(
+      "token_logprobs_fwd(Tensor logits, Tensor tokens, float temperature, bool entropy) "
+      "-> (Tensor logprobs, Tensor entropy, Tensor lse)");
+  m.def(
+      "token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor tokens, Tensor lse, "
+      "Tensor entropy, float temperature) -> Tensor");
+  // The same gradient written over the logits (the chunked linear version's recomputed logits).
+  m.def(
+      "token_logprobs_bwd_(Tensor(a!) logits, Tensor? grad_logprobs, Tensor? grad_entropy, Tensor tokens, "
+      "Tensor lse, Tensor entropy, float temperature) -> ()");
+  // Distillation from student and teacher logits [N, V]: per-row divergence ("forward_kl" = KL(teacher || student),
+  // "reverse_kl", "jsd" with GKD's beta) of the tempered softmaxes, plus hard_weight * cross-entropy of the untempered
+  // student against `target` (rows with target == ignore_index: 0). stats: float64 [N, 4] for the backward.
+  m.def(
+      "distill_fwd(Tensor student, Tensor teacher, Tensor? target, str divergence, float beta, float temperature, "
+      "int ignore_index, float hard_weight) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "distill_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, str divergence, "
+      "float beta, float temperature, int ignore_index, float hard_weight) -> Tensor");
+  // Forward that also writes d loss_r / d student * grad_scale[r] over the student logits (destroyed).
+  m.def(
+      "distill_fwd_inplace_grad(Tensor(a!) student, Tensor teacher, Tensor? target, Tensor grad_scale, "
+      "str divergence, float beta, float temperature, int ignore_index, float hard_weight) "
+      "-> (Tensor loss, Tensor stats)");
+}

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cross_entropy_ops.h"
+#include "policy_ops.h"
 #include "softmax_ops.h"
 
 namespace fastloss {
@@ -87,6 +88,48 @@ struct CrossEntropyDeviceOps {
     m.impl("cross_entropy_prob_fwd", &prob_fwd);
     m.impl("cross_entropy_prob_bwd", &prob_bwd);
     m.impl("scale_rows_", &scale_rows);
+  }
+};
+
+template <const PolicyKernels& (*K)()>
+struct PolicyDeviceOps {
+  using OptT = std::optional<at::Tensor>;
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(const at::Tensor& x, const at::Tensor& tok,
+                                                                     double temp, bool ent) {
+    return token_logprobs_fwd_op(x, tok, temp, ent, K());
+  }
+  static at::Tensor logprobs_bwd(const OptT& glp, const OptT& gh, const at::Tensor& x, const at::Tensor& tok,
+                                 const at::Tensor& lse, const at::Tensor& ent, double temp) {
+    return token_logprobs_bwd_op(glp, gh, x, tok, lse, ent, temp, K());
+  }
+  static void logprobs_bwd_(const at::Tensor& x, const OptT& glp, const OptT& gh, const at::Tensor& tok,
+                            const at::Tensor& lse, const at::Tensor& ent, double temp) {
+    token_logprobs_bwd_inplace_op(x, glp, gh, tok, lse, ent, temp, K());
+  }
+  static std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Tensor& t, const OptT& y,
+                                                        c10::string_view div, double beta, double temp, int64_t ii,
+                                                        double hw) {
+    return distill_fwd_op(s, t, y, div, beta, temp, ii, hw, K());
+  }
+  static at::Tensor distill_bwd(const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, const OptT& y,
+                                const at::Tensor& stats, c10::string_view div, double beta, double temp, int64_t ii,
+                                double hw) {
+    return distill_bwd_op(g, s, t, y, stats, div, beta, temp, ii, hw, K());
+  }
+  static std::tuple<at::Tensor, at::Tensor> distill_fwd_inplace(const at::Tensor& s, const at::Tensor& t,
+                                                                const OptT& y, const at::Tensor& gs,
+                                                                c10::string_view div, double beta, double temp,
+                                                                int64_t ii, double hw) {
+    return distill_fwd_inplace_grad_op(s, t, y, gs, div, beta, temp, ii, hw, K());
+  }
+
+  static void register_all(torch::Library& m) {
+    m.impl("token_logprobs_fwd", &logprobs_fwd);
+    m.impl("token_logprobs_bwd", &logprobs_bwd);
+    m.impl("token_logprobs_bwd_", &logprobs_bwd_);
+    m.impl("distill_fwd", &distill_fwd);
+    m.impl("distill_bwd", &distill_bwd);
+    m.impl("distill_fwd_inplace_grad", &distill_fwd_inplace);
   }
 };
 

@@ -1,5 +1,6 @@
 // Picks the CPU kernel table for the running processor: AVX2+FMA when the CPU has them, else the portable build.
 #include "fastloss/cross_entropy_kernels.h"
+#include "fastloss/policy_kernels.h"
 #include "fastloss/softmax_kernels.h"
 
 namespace fastloss {
@@ -7,11 +8,13 @@ namespace cpu {
 namespace DEFAULT {
 const SoftmaxKernels& kernel_table();
 const CrossEntropyKernels& ce_kernel_table();
+const PolicyKernels& policy_kernel_table();
 }  // namespace DEFAULT
 #ifdef FASTLOSS_HAVE_AVX2
 namespace AVX2 {
 const SoftmaxKernels& kernel_table();
 const CrossEntropyKernels& ce_kernel_table();
+const PolicyKernels& policy_kernel_table();
 }  // namespace AVX2
 #endif
 
@@ -38,6 +41,13 @@ const CrossEntropyKernels& cpu_cross_entropy_kernels() {
   if (cpu::use_avx2()) return cpu::AVX2::ce_kernel_table();
 #endif
   return cpu::DEFAULT::ce_kernel_table();
+}
+
+const PolicyKernels& cpu_policy_kernels() {
+#ifdef FASTLOSS_HAVE_AVX2
+  if (cpu::use_avx2()) return cpu::AVX2::policy_kernel_table();
+#endif
+  return cpu::DEFAULT::policy_kernel_table();
 }
 
 }  // namespace fastloss

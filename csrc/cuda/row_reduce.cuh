@@ -125,9 +125,10 @@ __device__ __forceinline__ void segment_visit(const T* __restrict__ a, const T* 
 }
 
 // Elementwise visit: out[j] = f(a[j], b[j]) (b[j] reads as 0 unless kTwo), computed in acc. `head` must align
-// a, b (when kTwo) and out alike; pass head = n when they do not.
+// a, b (when kTwo) and out alike; pass head = n when they do not. out may alias a (in-place gradients): each
+// element is loaded before it is stored, by the same thread, so the pointers are not __restrict__.
 template <bool kTwo, typename T, typename F>
-__device__ __forceinline__ void segment_map(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
+__device__ __forceinline__ void segment_map(const T* a, const T* b, T* out,
                                             int64_t n, int64_t head, int tid, int nthreads, F&& f) {
   using acc = acc_t<T>;
   constexpr int kVec = kVecOf<T>;

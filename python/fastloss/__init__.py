@@ -38,6 +38,13 @@ from .functional import (  # noqa: E402
     softmax,
     softmax_topk,
 )
+from .policy import (  # noqa: E402
+    TokenLogprobs,
+    distillation_loss,
+    linear_distillation_loss,
+    linear_token_logprobs,
+    token_logprobs,
+)
 from . import nn  # noqa: E402,F401
 
 cuda_built: bool = hasattr(torch.ops.fastloss, "softmax") and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -59,6 +66,11 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "CrossEntropyOutput",
+    "distillation_loss",
+    "linear_distillation_loss",
+    "token_logprobs",
+    "linear_token_logprobs",
+    "TokenLogprobs",
     "nn",
     "cuda_built",
     "cuda_emulated",

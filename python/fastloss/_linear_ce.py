@@ -26,16 +26,21 @@ from .functional import _reduce as reduce_rows
 CHUNK_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 256 << 20}
 
 
-def resolve_chunk_rows(chunk_size, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+def resolve_chunk_rows(chunk_size, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, *,
+                       fn: str = "linear_cross_entropy", buffers: int = 1) -> int:
+    """Tokens per chunk: ``chunk_size``, or for "auto" as many as fit the device's budget with ``buffers`` logits
+    rows of ``vocab`` entries each per token (distillation holds the student's and the teacher's)."""
     if chunk_size == "auto":
         budget = CHUNK_BUDGET_BYTES.get(device.type, 64 << 20)
         itemsize = torch.empty((), dtype=_compute_dtype(dtype, device)).element_size()
-        rows = budget // max(1, vocab * itemsize)
+        rows = budget // max(1, buffers * vocab * itemsize)
     else:
-        rows = int(chunk_size)
+        try:
+            rows = int(chunk_size)
+        except (TypeError, ValueError):
+            rows = 0
         if rows <= 0:
-            raise ValueError(f"fastloss.linear_cross_entropy: `chunk_size` must be a positive int or 'auto', got "
-                             f"{chunk_size!r}")
+            raise ValueError(f"fastloss.{fn}: `chunk_size` must be a positive int or 'auto', got {chunk_size!r}")
     return max(1, min(rows, max(n_rows, 1)))
 
 

@@ -209,3 +209,74 @@ def _ce_prob_bwd(ctx, grad_loss, grad_lse, _grad_sum_wy):
 
 torch.library.register_autograd("fastloss::cross_entropy_fwd", _ce_bwd, setup_context=_ce_setup)
 torch.library.register_autograd("fastloss::cross_entropy_prob_fwd", _ce_prob_bwd, setup_context=_ce_prob_setup)
+
+
+# ---------------------------------------------------------------- distillation and token log-probabilities
+
+
+@torch.library.register_fake("fastloss::token_logprobs_fwd")
+def _logprobs_fwd_fake(logits, tokens, temperature, entropy):
+    n_ent = logits.shape[0] if entropy else 0
+    return _rows(logits), logits.new_empty((n_ent,), dtype=torch.float64), _rows(logits)
+
+
+@torch.library.register_fake("fastloss::token_logprobs_bwd")
+def _logprobs_bwd_fake(grad_logprobs, grad_entropy, logits, tokens, lse, entropy, temperature):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.register_fake("fastloss::token_logprobs_bwd_")
+def _logprobs_bwd_inplace_fake(logits, grad_logprobs, grad_entropy, tokens, lse, entropy, temperature):
+    return None
+
+
+def _stats(logits):
+    return logits.new_empty((logits.shape[0], 4), dtype=torch.float64)
+
+
+@torch.library.register_fake("fastloss::distill_fwd")
+def _distill_fwd_fake(student, teacher, target, divergence, beta, temperature, ignore_index, hard_weight):
+    return _rows(student), _stats(student)
+
+
+@torch.library.register_fake("fastloss::distill_bwd")
+def _distill_bwd_fake(grad_loss, student, teacher, target, stats, divergence, beta, temperature, ignore_index,
+                      hard_weight):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+@torch.library.register_fake("fastloss::distill_fwd_inplace_grad")
+def _distill_fwd_inplace_fake(student, teacher, target, grad_scale, divergence, beta, temperature, ignore_index,
+                              hard_weight):
+    return _rows(student), _stats(student)
+
+
+def _logprobs_setup(ctx, inputs, output):
+    logits, tokens, temperature, _entropy = inputs
+    ctx.temperature = temperature
+    ctx.save_for_backward(logits, tokens, output[2], output[1])
+
+
+def _logprobs_bwd(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    logits, tokens, lse, entropy = ctx.saved_tensors
+    if grad_entropy is not None and entropy.shape[0] != logits.shape[0]:
+        grad_entropy = None  # the entropy was not computed (an empty output): nothing flows from it
+    grad = _lib.token_logprobs_bwd(grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature)
+    return grad, None, None, None
+
+
+def _distill_setup(ctx, inputs, output):
+    student, teacher, target = inputs[:3]
+    ctx.args = tuple(inputs[3:])
+    ctx.save_for_backward(student, teacher, target, output[1])
+
+
+def _distill_bwd(ctx, grad_loss, _grad_stats):
+    student, teacher, target, stats = ctx.saved_tensors
+    grad = _lib.distill_bwd(grad_loss, student, teacher, target, stats, *ctx.args)
+    # The teacher is a constant: its logits get no gradient even when they require one.
+    return grad, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastloss::token_logprobs_fwd", _logprobs_bwd, setup_context=_logprobs_setup)
+torch.library.register_autograd("fastloss::distill_fwd", _distill_bwd, setup_context=_distill_setup)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import functional as F
+from . import policy as fastloss_policy
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -91,3 +92,38 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size, algorithm=self.algorithm,
             filter_eps=self.filter_eps, loss=self.loss, gamma=self.gamma, epsilon=self.epsilon,
         )
+
+
+class DistillationLoss(torch.nn.Module):
+    """:func:`fastloss.distillation_loss` as a module: ``loss(student_logits, teacher_logits, target=None)``."""
+
+    def __init__(self, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                 ignore_index: int = -100, reduction: str = "mean", hard_weight: float = 0.0):
+        super().__init__()
+        self.divergence, self.beta, self.temperature = divergence, beta, temperature
+        self.ignore_index, self.reduction, self.hard_weight = ignore_index, reduction, hard_weight
+
+    def _options(self) -> dict:
+        return dict(divergence=self.divergence, beta=self.beta, temperature=self.temperature,
+                    ignore_index=self.ignore_index, reduction=self.reduction, hard_weight=self.hard_weight)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                target: Optional[torch.Tensor] = None):
+        return fastloss_policy.distillation_loss(student_logits, teacher_logits, target=target, **self._options())
+
+
+class LinearDistillationLoss(DistillationLoss):
+    """:func:`fastloss.linear_distillation_loss` as a module: neither head's N x V logits are materialised. Holds
+    no parameters: pass both LM heads' weights (and biases) in."""
+
+    def __init__(self, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                 ignore_index: int = -100, reduction: str = "mean", hard_weight: float = 0.0, chunk_size="auto"):
+        super().__init__(divergence, beta, temperature, ignore_index, reduction, hard_weight)
+        self.chunk_size = chunk_size
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None,
+                student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None):
+        return fastloss_policy.linear_distillation_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, target=target, chunk_size=self.chunk_size, **self._options())

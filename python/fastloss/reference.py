@@ -94,3 +94,118 @@ def comp_sum_loss_reference(logits: torch.Tensor, target: torch.Tensor, loss: st
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / w.sum()
+
+
+# ---------------------------------------------------------------- distillation and policy log-probs (issue #14)
+#
+# Everything below runs in float64 whatever the input dtype (the inputs are upcast; a float64 leaf keeps its graph,
+# so autograd through these functions gives the reference gradients). Zero-probability entries (-inf log-probs,
+# from -inf logits: a masked vocabulary) contribute 0 to every p log p / p log q sum, in the value and in the
+# gradient: the differences are replaced by 0 *before* the product (a where on the product alone would send
+# 0 * nan into the backward).
+
+
+def _masked_kl_rows(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p (log p - log q) over the last dim, from log-probabilities; 0 log 0 = 0 (also when
+    log q = -inf there); p > 0 where q = 0 gives +inf. Equals F.kl_div(lq, lp, reduction="none", log_target=True)
+    .sum(-1) wherever that is finite."""
+    live = lp > -math.inf
+    diff = torch.where(live, lp - lq, torch.zeros((), dtype=lp.dtype, device=lp.device))
+    return (torch.exp(lp) * diff).sum(-1)
+
+
+def _mixture_log_probs(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
+    """log((1 - beta) p_s + beta p_t) as TRL's generalized_jsd_loss forms it (logsumexp of the shifted log-probs),
+    0 < beta < 1; entries where both are -inf stay -inf with a zero (not NaN) gradient."""
+    a = ls + math.log(1.0 - beta)
+    b = lt + math.log(beta)
+    dead = (a == -math.inf) & (b == -math.inf)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    m = torch.logsumexp(torch.stack([torch.where(dead, zero, a), torch.where(dead, zero, b)]), dim=0)
+    return torch.where(dead, torch.full((), -math.inf, dtype=a.dtype, device=a.device), m)
+
+
+def distillation_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                                divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                                target=None, ignore_index: int = -100, reduction: str = "mean",
+                                hard_weight: float = 0.0) -> torch.Tensor:
+    """fastloss.distillation_loss in plain float64 PyTorch (the result is float64 whatever the inputs' dtype).
+
+    ls, lt = log_softmax(student / T), log_softmax(teacher / T) (teacher detached: a constant), per token
+      forward_kl: KL(teacher || student) = sum pt (lt - ls)
+      reverse_kl: KL(student || teacher) = sum ps (ls - lt)
+      jsd:        TRL's generalized JSD, M = (1 - beta) ps + beta pt, beta KL(pt || M) + (1 - beta) KL(ps || M);
+                  beta == 0 is forward_kl and beta == 1 reverse_kl (TRL's special cases)
+    plus hard_weight * cross-entropy(untempered student logits, target); no T^2 rescaling. Tokens whose target is
+    ignore_index have loss 0 and no gradient (their logits are not even looked at); "mean" divides by the number
+    of unmasked tokens (all tokens without a target; 0 / 0 = nan when there are none).
+    """
+    if divergence not in ("forward_kl", "reverse_kl", "jsd"):
+        raise ValueError(f"divergence: unknown {divergence!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction: unknown {reduction!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if hard_weight != 0 and target is None:
+        raise ValueError("hard_weight != 0 needs a target")
+    s = student_logits.double()
+    t = teacher_logits.detach().double()
+    if s.shape != t.shape:
+        raise ValueError(f"student_logits {tuple(s.shape)} and teacher_logits {tuple(t.shape)} differ")
+    lead = s.shape[:-1]
+    if target is not None:
+        if target.shape != lead:
+            raise ValueError(f"target shape {tuple(target.shape)} != {tuple(lead)}")
+        valid = target != ignore_index
+        # masked tokens: replace their logits by zeros, so nothing in them (inf, nan) reaches the value or gradient
+        keep = valid.unsqueeze(-1)
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        s = torch.where(keep, s, zero)
+        t = torch.where(keep, t, zero)
+    else:
+        valid = torch.ones(lead, dtype=torch.bool, device=s.device)
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    ls = torch.log_softmax(s / temperature, -1)
+    lt = torch.log_softmax(t / temperature, -1)
+    if divergence == "forward_kl":
+        rows = _masked_kl_rows(lt, ls)
+    elif divergence == "reverse_kl":
+        rows = _masked_kl_rows(ls, lt)
+    else:
+        lm = _mixture_log_probs(ls, lt, beta)
+        rows = beta * _masked_kl_rows(lt, lm) + (1.0 - beta) * _masked_kl_rows(ls, lm)
+    if hard_weight != 0:
+        tt = target.masked_fill(~valid, 0).unsqueeze(-1)
+        ce = -torch.log_softmax(s, -1).gather(-1, tt).squeeze(-1)
+        rows = rows + hard_weight * ce
+    rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum()
+
+
+def token_logprobs_reference(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
+                             return_entropy: bool = False):
+    """fastloss.token_logprobs in plain float64 PyTorch: log softmax(logits / T)[token] per position (shape
+    tokens.shape == logits.shape[:-1]) and, with return_entropy, the tuple (logprobs, entropy) with
+    entropy = -sum p log p of the same tempered softmax (0 log 0 = 0, with a zero gradient there)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    x = logits.double()
+    if tokens.shape != x.shape[:-1]:
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} != {tuple(x.shape[:-1])}")
+    lp = torch.log_softmax(x / temperature, -1)
+    out = lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return out
+    live = lp > -math.inf
+    lp_safe = torch.where(live, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+    entropy = -(torch.exp(lp) * lp_safe).sum(-1)
+    return out, entropy

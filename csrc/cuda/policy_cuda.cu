@@ -1,0 +1,403 @@
+// CUDA row kernels for distillation and token log-probabilities (the table of fastloss/policy_kernels.h; compiled
+// by nvcc and run by the CPU execution layer in CI, never yet on a GPU).
+//
+// The CPU kernels (csrc/cpu/policy_cpu_kernels.h) are the reference: the same states and formulas from
+// fastloss/policy_math.h, the same float64 per-row outputs, the same per-element p = e^(x - m) * scale from the saved
+// float64 lse. One block of kThreads threads per row, rows grid-stride; each thread reads its share of the row with
+// 16-byte vector loads (segment_visit / segment_map, row_reduce.cuh), keeps float states, and the block merges them
+// (block_allreduce, with merge / shfl_xor for the new states below). Every thread ends with the same merged state,
+// so every thread knows the row's normalisers; thread 0 writes the per-row outputs.
+//
+//  * logprob_forward_kernel<T, kEntropy>: (m, d) or (m, d, w) of x / T; log p(token), lse, entropy.
+//  * logprob_backward_kernel<T>: one elementwise pass from the saved lse (and entropy); the token's + g_lp written
+//    last by thread 0 from the value it read before the pass (the gradient may alias the logits).
+//  * distill_kernel<T, kDiv, kMode>: forward (pass 1: the weighted state of a, the normaliser of b, and of the raw
+//    student for the hard term when T != 1; the JSD's pass 2), forward + in-place gradient, or backward from the
+//    saved statistics.
+//
+// Block-per-row only: there is no warp-per-row variant for short rows (V below a few thousand) as the softmax and
+// cross-entropy kernels have; LLM vocabularies are the target. Indices are int64_t; nothing synchronises the host.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "fastloss/policy_kernels.h"
+#include "fastloss/policy_math.h"
+#include "launch.cuh"
+#include "row_reduce.cuh"
+
+namespace fastloss {
+namespace math {
+inline namespace FL_ISA_NAMESPACE {
+// Block all-reductions of the policy states (found by block_allreduce through argument-dependent lookup).
+template <typename T>
+__device__ __forceinline__ EntState<T> merge(EntState<T> a, EntState<T> b) {
+  return ent_merge(a, b);
+}
+template <typename T>
+__device__ __forceinline__ WState<T> merge(WState<T> a, WState<T> b) {
+  return w_merge(a, b);
+}
+template <typename T>
+__device__ __forceinline__ JsdTerms<T> merge(JsdTerms<T> a, JsdTerms<T> b) {
+  return {a.loss + b.loss, a.kl_sm + b.kl_sm};
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ EntState<T> shfl_xor(EntState<T> s, int off) {
+  return {__shfl_xor_sync(0xffffffffu, s.m, off, kWidth), __shfl_xor_sync(0xffffffffu, s.d, off, kWidth),
+          __shfl_xor_sync(0xffffffffu, s.w, off, kWidth)};
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ WState<T> shfl_xor(WState<T> s, int off) {
+  return {__shfl_xor_sync(0xffffffffu, s.m, off, kWidth), __shfl_xor_sync(0xffffffffu, s.d, off, kWidth),
+          __shfl_xor_sync(0xffffffffu, s.u, off, kWidth)};
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ JsdTerms<T> shfl_xor(JsdTerms<T> s, int off) {
+  return {__shfl_xor_sync(0xffffffffu, s.loss, off, kWidth), __shfl_xor_sync(0xffffffffu, s.kl_sm, off, kWidth)};
+}
+}  // namespace FL_ISA_NAMESPACE
+}  // namespace math
+
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kLoads = 2;  // vectors in flight per thread and stream in the reduction passes
+
+template <int M, typename A>
+__device__ __forceinline__ void scale_into(const A (&v)[M], A s, A (&out)[M]) {
+#pragma unroll
+  for (int k = 0; k < M; ++k) out[k] = v[k] * s;
+}
+
+// Scalar head that aligns every pointer at once, or the whole row scalar when they disagree.
+template <typename T>
+__device__ __forceinline__ int64_t common_head(const T* a, const T* b, const T* c, int64_t n) {
+  return same_alignment(a, b) && same_alignment(a, c) ? aligned_head(a, n) : n;
+}
+
+template <typename acc>
+__device__ __forceinline__ double lse_of(fm::OnlineState<acc> s) {
+  return static_cast<double>(s.m) + ::log(static_cast<double>(s.d));
+}
+
+// ---------------------------------------------------------------- token log-probabilities
+
+template <typename T>
+struct LogprobArgs {
+  const T* x;
+  const int64_t* tokens;
+  int64_t N, V;
+  double inv_t;
+  double* logp;
+  double* entropy;
+  double* lse;
+  const double* g_lp;
+  const double* g_h;
+  T* grad;
+};
+
+template <typename T, bool kEntropy>
+__global__ void __launch_bounds__(kThreads) logprob_forward_kernel(const LogprobArgs<T> a) {
+  using acc = acc_t<T>;
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  const acc it = static_cast<acc>(a.inv_t);
+#pragma unroll 1
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const T* xr = a.x + row * a.V;
+    const int64_t tok = a.tokens[row];
+    if (tid == 0) {
+      CUDA_KERNEL_ASSERT(tok >= 0 && tok < a.V);
+    }
+    const bool ok = tok >= 0 && tok < a.V;
+    using State = std::conditional_t<kEntropy, fm::EntState<acc>, fm::OnlineState<acc>>;
+    State st;
+    if constexpr (kEntropy) st = fm::ent_init<acc>();
+    else st = fm::online_init<acc>();
+    segment_visit<kLoads, false>(xr, xr, a.V, aligned_head(xr, a.V), tid, nt, [&](auto& v, auto&) {
+      constexpr int M = sizeof(v) / sizeof(v[0]);
+      acc z[M];
+      scale_into(v, it, z);
+      if constexpr (kEntropy) st = fm::ent_update_block(st, z);
+      else st = fm::online_update_block(st, z);
+    });
+    st = block_allreduce(st);
+    if (tid == 0) {
+      const double l = lse_of(fm::OnlineState<acc>{st.m, st.d});
+      a.lse[row] = l;
+      a.logp[row] = ok ? static_cast<double>(xr[tok]) * a.inv_t - l : std::numeric_limits<double>::quiet_NaN();
+      if constexpr (kEntropy) {
+        a.entropy[row] = ::log(static_cast<double>(st.d)) - static_cast<double>(st.w) / static_cast<double>(st.d);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) logprob_backward_kernel(const LogprobArgs<T> a) {
+  using acc = acc_t<T>;
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  const acc it = static_cast<acc>(a.inv_t);
+#pragma unroll 1
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const T* xr = a.x + row * a.V;
+    T* out = a.grad + row * a.V;
+    const int64_t tok = a.tokens[row];
+    if (tid == 0) {
+      CUDA_KERNEL_ASSERT(tok >= 0 && tok < a.V);
+    }
+    const bool ok = tok >= 0 && tok < a.V;
+    const acc glp = a.g_lp != nullptr ? static_cast<acc>(a.g_lp[row]) : acc(0);
+    const acc gh = a.g_h != nullptr ? static_cast<acc>(a.g_h[row]) : acc(0);
+    const acc h = a.g_h != nullptr ? static_cast<acc>(a.entropy[row]) : acc(0);
+    const auto parts = fm::lse_parts<acc>(a.lse[row]);
+    auto f = [&](acc v, acc) {
+      const acc lp = fm::logprob_at(v * it, parts.m, parts.log_scale);
+      return fm::logprob_entropy_grad(lp, glp, gh, h) * it;
+    };
+    const acc x_k = tid == 0 && ok ? static_cast<acc>(xr[tok]) : acc(0);
+    __syncthreads();  // x_k read before any thread overwrites the row (grad may alias x)
+    segment_map<false>(xr, xr, out, a.V, common_head(xr, xr, static_cast<const T*>(out), a.V), tid, nt, f);
+    __syncthreads();
+    if (tid == 0 && ok) out[tok] = static_cast<T>(f(x_k, x_k) + glp * it);
+  }
+}
+
+// ---------------------------------------------------------------- distillation
+
+enum class Mode : int { Forward = 0, ForwardGrad = 1, Backward = 2 };
+
+template <typename T>
+struct DistillArgs {
+  const T* s;
+  const T* t;
+  const int64_t* target;  // nullptr: no masking, no hard term
+  int64_t N, V, ignore_index;
+  double inv_t, beta, hard_weight;
+  bool raw;  // the hard term needs the untempered student's own lse (T != 1)
+  double* loss;
+  double* stats;      // [N, kDistillStats]: written by the forward, read by the backward
+  const double* scale;  // ForwardGrad: grad_scale; Backward: grad_loss
+  T* grad;
+};
+
+template <typename T, int kDiv, Mode kMode>
+__global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> a) {
+  using acc = acc_t<T>;
+  constexpr bool kStudentIsA = kDiv == fm::kReverseKL;
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  const acc it = static_cast<acc>(a.inv_t), beta = static_cast<acc>(a.beta);
+  const int64_t V = a.V;
+#pragma unroll 1
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const T* s = a.s + row * V;
+    const T* t = a.t + row * V;
+    double* st = a.stats + row * kDistillStats;
+    const int64_t target = a.target != nullptr ? a.target[row] : -1;
+    const bool masked = a.target != nullptr && target == a.ignore_index;
+    if (a.target != nullptr && !masked && tid == 0) {
+      CUDA_KERNEL_ASSERT(target >= 0 && target < V);
+    }
+    const bool bad = a.target != nullptr && !masked && !(target >= 0 && target < V);
+    if (masked || bad) {  // uniform over the block
+      const double fill = bad ? std::numeric_limits<double>::quiet_NaN() : 0.0;
+      if (tid == 0 && kMode != Mode::Backward) {
+        a.loss[row] = fill;
+        for (int i = 0; i < kDistillStats; ++i) st[i] = 0.0;
+      }
+      if constexpr (kMode != Mode::Forward) {
+        T* out = a.grad + row * V;
+        for (int64_t j = tid; j < V; j += nt) out[j] = static_cast<T>(fill);
+      }
+      continue;
+    }
+    const bool hard = a.hard_weight != 0.0 && a.target != nullptr;
+
+    if constexpr (kMode != Mode::Backward) {
+      fm::WState<acc> wa = fm::w_init<acc>();
+      fm::OnlineState<acc> ob = fm::online_init<acc>(), ox = fm::online_init<acc>();
+      const bool raw = a.raw && hard;
+      segment_visit<kLoads, true>(s, t, V, common_head(s, t, t, V), tid, nt, [&](auto& vs, auto& vt) {
+        constexpr int M = sizeof(vs) / sizeof(vs[0]);
+        acc za[M], zb[M], y[M];
+#pragma unroll
+        for (int k = 0; k < M; ++k) {
+          const acc zs = vs[k] * it, zt = vt[k] * it;
+          za[k] = kStudentIsA ? zs : zt;
+          zb[k] = kStudentIsA ? zt : zs;
+          y[k] = za[k] - zb[k];
+        }
+        wa = fm::w_update_block(wa, za, y);
+        ob = fm::online_update_block(ob, zb);
+        if (raw) ox = fm::online_update_block(ox, vs);
+      });
+      wa = block_allreduce(wa);
+      ob = block_allreduce(ob);
+      if (raw) ox = block_allreduce(ox);
+      const double lse_a = lse_of(fm::OnlineState<acc>{wa.m, wa.d}), lse_b = lse_of(ob);
+      const double lse_s = kStudentIsA ? lse_a : lse_b, lse_t = kStudentIsA ? lse_b : lse_a;
+      double row_loss, aux = 0.0;
+      if constexpr (kDiv == fm::kJSD) {
+        const auto ps = fm::lse_parts<acc>(lse_s), pt = fm::lse_parts<acc>(lse_t);
+        fm::JsdTerms<acc> sums{acc(0), acc(0)};
+        segment_visit<kLoads, true>(s, t, V, common_head(s, t, t, V), tid, nt, [&](auto& vs, auto& vt) {
+          constexpr int M = sizeof(vs) / sizeof(vs[0]);
+#pragma unroll
+          for (int k = 0; k < M; ++k) {
+            const auto terms = fm::jsd_terms(fm::logprob_at(vs[k] * it, ps.m, ps.log_scale),
+                                             fm::logprob_at(vt[k] * it, pt.m, pt.log_scale), beta);
+            sums.loss += terms.loss;
+            sums.kl_sm += terms.kl_sm;
+          }
+        });
+        sums = block_allreduce(sums);
+        row_loss = static_cast<double>(sums.loss);
+        aux = static_cast<double>(sums.kl_sm);
+      } else {
+        row_loss = fm::kl_from_states(fm::WState<double>{static_cast<double>(wa.m), static_cast<double>(wa.d),
+                                                         static_cast<double>(wa.u)},
+                                      fm::OnlineState<double>{static_cast<double>(ob.m), static_cast<double>(ob.d)});
+        if (kDiv == fm::kReverseKL) aux = row_loss;
+      }
+      double lse_x = 0.0;
+      if (hard) {
+        lse_x = raw ? lse_of(ox) : lse_s;
+        row_loss += a.hard_weight * (lse_x - static_cast<double>(s[target]));
+      }
+      __syncthreads();  // every thread has read s[target] before the gradient pass may overwrite it
+      if (tid == 0) {
+        a.loss[row] = row_loss;
+        st[kLseStudent] = lse_s;
+        st[kLseTeacher] = lse_t;
+        st[kRowAux] = aux;
+        st[kLseHard] = lse_x;
+      }
+      __syncthreads();  // the statistics are in memory for the gradient pass below
+    }
+
+    if constexpr (kMode != Mode::Forward) {
+      const auto ps = fm::lse_parts<acc>(st[kLseStudent]), pt = fm::lse_parts<acc>(st[kLseTeacher]);
+      const auto px = fm::lse_parts<acc>(st[kLseHard]);
+      const acc aux = static_cast<acc>(st[kRowAux]);
+      const double scale = a.scale[row];
+      const acc g = static_cast<acc>(scale * a.inv_t), gh = static_cast<acc>(scale * a.hard_weight);
+      auto f = [&](acc vs, acc vt) {
+        const acc ls = fm::logprob_at(vs * it, ps.m, ps.log_scale), lt = fm::logprob_at(vt * it, pt.m, pt.log_scale);
+        acc d = fm::divergence_grad<kDiv>(ls, lt, beta, aux) * g;
+        if (hard) d += gh * fm::exp_nonpos(fm::logprob_at(vs, px.m, px.log_scale));
+        return d;
+      };
+      T* out = a.grad + row * V;
+      const acc s_k = hard && tid == 0 ? static_cast<acc>(s[target]) : acc(0);
+      const acc t_k = hard && tid == 0 ? static_cast<acc>(t[target]) : acc(0);
+      __syncthreads();  // s_k read before the row is overwritten (grad may alias the student logits)
+      segment_map<true>(s, t, out, V, common_head(s, t, static_cast<const T*>(out), V), tid, nt, f);
+      __syncthreads();
+      if (hard && tid == 0) out[target] = static_cast<T>(f(s_k, t_k) - gh);
+    }
+  }
+}
+
+unsigned row_grid(int64_t N) { return grid_size(N); }
+
+// ---------------------------------------------------------------- launchers
+
+void logprob_forward(const at::Tensor& x, const at::Tensor& tokens, double inv_t, const at::Tensor& logp,
+                     const at::Tensor& entropy, const at::Tensor& lse) {
+  const DeviceGuard guard(x.device());
+  const Stream stream = current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastloss_logprob_fwd_cuda", [&] {
+    const LogprobArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), tokens.const_data_ptr<int64_t>(), x.size(0),
+                                     x.size(1), inv_t, logp.mutable_data_ptr<double>(),
+                                     entropy.defined() ? entropy.mutable_data_ptr<double>() : nullptr,
+                                     lse.mutable_data_ptr<double>(), nullptr, nullptr, nullptr};
+    if (entropy.defined()) {
+      launch_kernel<&logprob_forward_kernel<scalar_t, true>>(row_grid(x.size(0)), kThreads, 0, stream, args);
+    } else {
+      launch_kernel<&logprob_forward_kernel<scalar_t, false>>(row_grid(x.size(0)), kThreads, 0, stream, args);
+    }
+  });
+}
+
+void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, double inv_t, const at::Tensor& g_lp,
+                      const at::Tensor& g_h, const at::Tensor& lse, const at::Tensor& entropy,
+                      const at::Tensor& grad) {
+  const DeviceGuard guard(x.device());
+  const Stream stream = current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastloss_logprob_bwd_cuda", [&] {
+    const LogprobArgs<scalar_t> args{x.const_data_ptr<scalar_t>(),
+                                     tokens.const_data_ptr<int64_t>(),
+                                     x.size(0),
+                                     x.size(1),
+                                     inv_t,
+                                     nullptr,
+                                     g_h.defined() ? const_cast<double*>(entropy.const_data_ptr<double>()) : nullptr,
+                                     const_cast<double*>(lse.const_data_ptr<double>()),
+                                     g_lp.defined() ? g_lp.const_data_ptr<double>() : nullptr,
+                                     g_h.defined() ? g_h.const_data_ptr<double>() : nullptr,
+                                     grad.mutable_data_ptr<scalar_t>()};
+    launch_kernel<&logprob_backward_kernel<scalar_t>>(row_grid(x.size(0)), kThreads, 0, stream, args);
+  });
+}
+
+template <Mode kMode>
+void launch_distill(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& target,
+                    const DistillParams& p, const at::Tensor& loss, const at::Tensor& stats, const at::Tensor& scale,
+                    const at::Tensor& grad) {
+  const DeviceGuard guard(student.device());
+  const Stream stream = current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "fastloss_distill_cuda", [&] {
+    const DistillArgs<scalar_t> args{
+        student.const_data_ptr<scalar_t>(),
+        teacher.const_data_ptr<scalar_t>(),
+        target.defined() ? target.const_data_ptr<int64_t>() : nullptr,
+        student.size(0),
+        student.size(1),
+        p.ignore_index,
+        p.inv_temperature,
+        p.beta,
+        p.hard_weight,
+        p.inv_temperature != 1.0,
+        loss.defined() ? loss.mutable_data_ptr<double>() : nullptr,
+        const_cast<double*>(stats.const_data_ptr<double>()),
+        scale.defined() ? scale.const_data_ptr<double>() : nullptr,
+        grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr};
+    const unsigned grid = row_grid(student.size(0));
+    if (p.divergence == fm::kForwardKL) {
+      launch_kernel<&distill_kernel<scalar_t, fm::kForwardKL, kMode>>(grid, kThreads, 0, stream, args);
+    } else if (p.divergence == fm::kReverseKL) {
+      launch_kernel<&distill_kernel<scalar_t, fm::kReverseKL, kMode>>(grid, kThreads, 0, stream, args);
+    } else {
+      launch_kernel<&distill_kernel<scalar_t, fm::kJSD, kMode>>(grid, kThreads, 0, stream, args);
+    }
+  });
+}
+
+void distill_forward(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& target,
+                     const DistillParams& p, const at::Tensor& loss, const at::Tensor& stats,
+                     const at::Tensor& grad_scale, const at::Tensor& grad) {
+  if (grad.defined()) launch_distill<Mode::ForwardGrad>(student, teacher, target, p, loss, stats, grad_scale, grad);
+  else launch_distill<Mode::Forward>(student, teacher, target, p, loss, stats, at::Tensor(), at::Tensor());
+}
+
+void distill_backward(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& target,
+                      const DistillParams& p, const at::Tensor& grad_loss, const at::Tensor& stats,
+                      const at::Tensor& grad) {
+  launch_distill<Mode::Backward>(student, teacher, target, p, at::Tensor(), stats, grad_loss, grad);
+}
+
+}  // namespace
+}  // namespace cuda
+
+const PolicyKernels& cuda_policy_kernels() {
+  static const PolicyKernels table{&cuda::logprob_forward, &cuda::logprob_backward, &cuda::distill_forward,
+                                   &cuda::distill_backward};
+  return table;
+}
+
+}  // namespace fastloss

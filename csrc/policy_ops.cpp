@@ -1,0 +1,216 @@
+#include "policy_ops.h"
+
+#include "fastloss/policy_math.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+
+namespace fastloss {
+namespace {
+
+constexpr const char* kLogprobOp = "fastloss.token_logprobs";
+constexpr const char* kDistillOp = "fastloss.distillation_loss";
+
+void check_logits(const at::Tensor& x, const char* op, const char* name) {
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": `", name,
+              "` must be a floating-point tensor (float32, float64, bfloat16 or float16), got ", st);
+  TORCH_CHECK(x.dim() == 2, op, ": the op expects `", name, "` of shape [N, V], got ", x.sizes(),
+              " (the Python functions flatten the leading dimensions for you)");
+  TORCH_CHECK(x.size(1) > 0 || x.size(0) == 0, op, ": `", name, "` has an empty vocabulary (V = 0)");
+}
+
+void check_temperature(double temperature, const char* op) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+              ": `temperature` must be a finite value > 0, got ", temperature);
+}
+
+// int64 [N] on the logits' device; on the CPU every entry is checked (CUDA kernels assert on the device).
+at::Tensor check_indices(const at::Tensor& idx, const at::Tensor& logits, const char* op, const char* name,
+                         std::optional<int64_t> ignore_index) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": `", name, "` must be int64 (torch.long), got ",
+              idx.scalar_type());
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == logits.size(0), op, ": `", name, "` must have shape [N] = [",
+              logits.size(0), "], got ", idx.sizes());
+  TORCH_CHECK(idx.device() == logits.device(), op, ": `", name, "` is on ", idx.device(), " but the logits are on ",
+              logits.device());
+  at::Tensor c = idx.contiguous();
+  if (c.is_cpu()) {
+    const int64_t* t = c.const_data_ptr<int64_t>();
+    const int64_t V = logits.size(1);
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      if (ignore_index && t[i] == *ignore_index) continue;
+      TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < V, op, ": `", name, "` value ", t[i], " at position ", i,
+                        " is out of bounds for a vocabulary of ", V,
+                        ignore_index ? " (and is not ignore_index=" + std::to_string(*ignore_index) + ")" : "");
+    }
+  }
+  return c;
+}
+
+at::Tensor new_rows(const at::Tensor& like, int64_t n) { return at::empty({n}, like.options().dtype(at::kDouble)); }
+
+// An optional per-row incoming gradient as contiguous float64 [N] (undefined when absent).
+at::Tensor as_rows(const std::optional<at::Tensor>& t, const at::Tensor& logits, const char* op, const char* name) {
+  if (!t || !t->defined()) return at::Tensor();
+  const int64_t n = logits.size(0);
+  TORCH_CHECK(t->numel() == n, op, ": `", name, "` must have one value per row (", n, "), got ", t->sizes());
+  TORCH_CHECK(t->device() == logits.device(), op, ": `", name, "` is on ", t->device(), " but the logits are on ",
+              logits.device());
+  return t->to(at::kDouble).contiguous().view({n});
+}
+
+DistillParams make_distill_params(c10::string_view divergence, double beta, double temperature, int64_t ignore_index,
+                                  double hard_weight, bool has_target) {
+  check_temperature(temperature, kDistillOp);
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, kDistillOp, ": `beta` must be in [0, 1], got ", beta);
+  TORCH_CHECK(std::isfinite(hard_weight) && hard_weight >= 0.0, kDistillOp,
+              ": `hard_weight` must be a finite value >= 0, got ", hard_weight);
+  TORCH_CHECK(hard_weight == 0.0 || has_target, kDistillOp,
+              ": `hard_weight` > 0 adds the cross-entropy against `target`, which is None");
+  DistillParams p;
+  if (divergence == "forward_kl") {
+    p.divergence = math::kForwardKL;
+  } else if (divergence == "reverse_kl") {
+    p.divergence = math::kReverseKL;
+  } else {
+    TORCH_CHECK(divergence == "jsd", kDistillOp,
+                ": `divergence` must be \"forward_kl\", \"reverse_kl\" or \"jsd\", got \"", std::string(divergence),
+                "\"");
+    // TRL's generalized_jsd_loss special-cases the ends: beta = 0 is KL(teacher || student), beta = 1 is
+    // KL(student || teacher) (the mixture formula itself degenerates to 0 there).
+    p.divergence = beta == 0.0 ? math::kForwardKL : beta == 1.0 ? math::kReverseKL : math::kJSD;
+  }
+  p.beta = beta;
+  p.inv_temperature = 1.0 / temperature;
+  p.ignore_index = ignore_index;
+  p.hard_weight = hard_weight;
+  return p;
+}
+
+struct DistillInputs {
+  at::Tensor student, teacher, target;
+};
+
+DistillInputs distill_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                             const std::optional<at::Tensor>& target, int64_t ignore_index) {
+  check_logits(student, kDistillOp, "student_logits");
+  check_logits(teacher, kDistillOp, "teacher_logits");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), kDistillOp, ": `teacher_logits` must have the shape of "
+              "`student_logits` ", student.sizes(), " (the same vocabulary), got ", teacher.sizes());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), kDistillOp, ": `teacher_logits` (",
+              teacher.scalar_type(), ") must have the dtype of `student_logits` (", student.scalar_type(), ")");
+  TORCH_CHECK(student.device() == teacher.device(), kDistillOp, ": `teacher_logits` is on ", teacher.device(),
+              " but `student_logits` is on ", student.device());
+  DistillInputs in{student.contiguous(), teacher.contiguous(), at::Tensor()};
+  if (target && target->defined()) in.target = check_indices(*target, student, kDistillOp, "target", ignore_index);
+  return in;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_op(const at::Tensor& logits,
+                                                                     const at::Tensor& tokens, double temperature,
+                                                                     bool entropy, const PolicyKernels& k) {
+  check_logits(logits, kLogprobOp, "logits");
+  check_temperature(temperature, kLogprobOp);
+  const at::Tensor tok = check_indices(tokens, logits, kLogprobOp, "tokens", std::nullopt);
+  const int64_t N = logits.size(0);
+  at::Tensor lp = new_rows(logits, N), lse = new_rows(logits, N), ent = new_rows(logits, entropy ? N : 0);
+  if (N == 0) return {lp, ent, lse};
+  k.logprob_forward(logits.contiguous(), tok, 1.0 / temperature, lp, entropy ? ent : at::Tensor(), lse);
+  return {lp, ent, lse};
+}
+
+namespace {
+// The backward's checks and incoming gradients; grad is written by the kernel (it may be the logits).
+void logprob_backward(const at::Tensor& logits, const std::optional<at::Tensor>& g_lp,
+                      const std::optional<at::Tensor>& g_h, const at::Tensor& tokens, const at::Tensor& lse,
+                      const at::Tensor& entropy, double temperature, const at::Tensor& grad, const PolicyKernels& k) {
+  check_temperature(temperature, kLogprobOp);
+  const at::Tensor tok = check_indices(tokens, logits, kLogprobOp, "tokens", std::nullopt);
+  if (logits.numel() == 0) return;
+  at::Tensor glp = as_rows(g_lp, logits, kLogprobOp, "grad_logprobs");
+  at::Tensor gh = as_rows(g_h, logits, kLogprobOp, "grad_entropy");
+  at::Tensor ent;
+  if (gh.defined()) {
+    ent = as_rows(entropy, logits, kLogprobOp, "entropy");
+  }
+  k.logprob_backward(logits.contiguous(), tok, 1.0 / temperature, glp, gh,
+                     as_rows(lse, logits, kLogprobOp, "lse"), ent, grad);
+}
+}  // namespace
+
+at::Tensor token_logprobs_bwd_op(const std::optional<at::Tensor>& grad_logprobs,
+                                 const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                                 const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
+                                 double temperature, const PolicyKernels& k) {
+  check_logits(logits, kLogprobOp, "logits");
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  logprob_backward(logits, grad_logprobs, grad_entropy, tokens, lse, entropy, temperature, grad, k);
+  return grad;
+}
+
+void token_logprobs_bwd_inplace_op(const at::Tensor& logits, const std::optional<at::Tensor>& grad_logprobs,
+                                   const std::optional<at::Tensor>& grad_entropy, const at::Tensor& tokens,
+                                   const at::Tensor& lse, const at::Tensor& entropy, double temperature,
+                                   const PolicyKernels& k) {
+  check_logits(logits, kLogprobOp, "logits");
+  TORCH_CHECK(logits.is_contiguous(), kLogprobOp, ": the in-place gradient needs contiguous logits");
+  logprob_backward(logits, grad_logprobs, grad_entropy, tokens, lse, entropy, temperature, logits, k);
+}
+
+std::tuple<at::Tensor, at::Tensor> distill_fwd_op(const at::Tensor& student, const at::Tensor& teacher,
+                                                  const std::optional<at::Tensor>& target,
+                                                  c10::string_view divergence, double beta, double temperature,
+                                                  int64_t ignore_index, double hard_weight, const PolicyKernels& k) {
+  const bool has_target = target && target->defined();
+  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, has_target);
+  const DistillInputs in = distill_inputs(student, teacher, target, ignore_index);
+  const int64_t N = student.size(0);
+  at::Tensor loss = new_rows(student, N), stats = at::empty({N, kDistillStats}, loss.options());
+  if (N == 0) return {loss, stats};
+  k.distill_forward(in.student, in.teacher, in.target, p, loss, stats, at::Tensor(), at::Tensor());
+  return {loss, stats};
+}
+
+at::Tensor distill_bwd_op(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                          const std::optional<at::Tensor>& target, const at::Tensor& stats,
+                          c10::string_view divergence, double beta, double temperature, int64_t ignore_index,
+                          double hard_weight, const PolicyKernels& k) {
+  const bool has_target = target && target->defined();
+  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, has_target);
+  const DistillInputs in = distill_inputs(student, teacher, target, ignore_index);
+  const int64_t N = student.size(0);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == kDistillStats, kDistillOp,
+              ": `stats` must have shape [", N, ", ", kDistillStats, "], got ", stats.sizes());
+  at::Tensor grad = at::empty_like(in.student);
+  if (grad.numel() == 0) return grad;
+  k.distill_backward(in.student, in.teacher, in.target, p, as_rows(grad_loss, student, kDistillOp, "grad_loss"),
+                     stats.to(at::kDouble).contiguous(), grad);
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> distill_fwd_inplace_grad_op(const at::Tensor& student, const at::Tensor& teacher,
+                                                               const std::optional<at::Tensor>& target,
+                                                               const at::Tensor& grad_scale,
+                                                               c10::string_view divergence, double beta,
+                                                               double temperature, int64_t ignore_index,
+                                                               double hard_weight, const PolicyKernels& k) {
+  const bool has_target = target && target->defined();
+  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, has_target);
+  TORCH_CHECK(student.is_contiguous(), kDistillOp, ": the in-place gradient needs contiguous student logits");
+  const DistillInputs in = distill_inputs(student, teacher, target, ignore_index);
+  const int64_t N = student.size(0);
+  at::Tensor loss = new_rows(student, N), stats = at::empty({N, kDistillStats}, loss.options());
+  if (N == 0) return {loss, stats};
+  at::Tensor scale = grad_scale.numel() == 1
+                         ? grad_scale.to(at::kDouble).reshape({1}).expand({N}).contiguous()
+                         : as_rows(grad_scale, student, kDistillOp, "grad_scale");
+  k.distill_forward(in.student, in.teacher, in.target, p, loss, stats, scale, student);
+  return {loss, stats};
+}
+
+}  // namespace fastloss

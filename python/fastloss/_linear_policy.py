@@ -1,0 +1,229 @@
+"""Chunked linear distillation and token log-probabilities: the losses of ``hidden @ W.T (+ b)`` without the N x V
+logits, on the chunk machinery of :mod:`fastloss._linear_ce` (chunk sizing, float32 accumulation of d W, the
+backward GEMMs of a chunk).
+
+Distillation with "mean" / "sum" knows its incoming gradient up to one scalar, so each chunk's student logits are
+turned in place into d loss / d logits during the forward (``distill_fwd_inplace_grad``) and the backward only scales
+the stored gradients, as the linear cross-entropy does. "none" and the token log-probabilities (per-token outputs)
+keep what the backward needs -- per-row statistics, never logits -- and recompute each chunk's logits there.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._linear_ce import _acc_dtype, _chunk_backward, _compute_dtype, resolve_chunk_rows
+from .policy import (TokenLogprobs, _check_tensor, _check_temperature, _check_tokens, _distill_options,
+                     _mean_denominator, _out_dtype, _reduce)
+
+
+def _check_head(fn: str, hname: str, wname: str, bname: str, h, W, b) -> None:
+    _check_tensor(hname, fn, h)
+    _check_tensor(wname, fn, W)
+    if W.dim() != 2:
+        raise ValueError(f"fastloss.{fn}: `{wname}` must have shape (V, D), got {tuple(W.shape)}")
+    if h.dim() == 0 or h.shape[-1] != W.shape[1]:
+        raise ValueError(f"fastloss.{fn}: `{hname}` must have shape (..., {W.shape[1]}) to match `{wname}` "
+                         f"{tuple(W.shape)}, got {tuple(h.shape)}")
+    if h.dtype != W.dtype:
+        raise ValueError(f"fastloss.{fn}: `{hname}` ({h.dtype}) and `{wname}` ({W.dtype}) must have the same dtype")
+    if b is not None and tuple(b.shape) != (W.shape[0],):
+        raise ValueError(f"fastloss.{fn}: `{bname}` must have shape ({W.shape[0]},), got {tuple(b.shape)}")
+
+
+def _wants(*tensors) -> tuple:
+    if not torch.is_grad_enabled():
+        return tuple(False for _ in tensors)
+    return tuple(t is not None and t.requires_grad for t in tensors)
+
+
+class _Head:
+    """One LM head in its chunk compute dtype: logits of rows [s, e)."""
+
+    def __init__(self, h, W, b):
+        self.cdt = _compute_dtype(h.dtype, h.device)
+        self.h, self.W = h, W.to(self.cdt)
+        self.b = b.to(self.cdt) if b is not None else None
+
+    def rows(self, s, e):
+        return self.h[s:e].to(self.cdt)
+
+    def logits(self, hc):
+        return torch.nn.functional.linear(hc, self.W, self.b)
+
+
+class _Grads:
+    """d h (rows), d W and d b (float32 / float64 accumulators) of one head, as wanted."""
+
+    def __init__(self, head: _Head, W, want):
+        dev, acc = head.h.device, _acc_dtype(head.h.dtype)
+        self.acc = acc
+        self.gh = torch.empty(head.h.shape, dtype=head.cdt, device=dev) if want[0] else None
+        self.gW = torch.zeros(W.shape, dtype=acc, device=dev) if want[1] else None
+        self.gb = torch.zeros(W.shape[0], dtype=acc, device=dev) if want[2] else None
+
+    def add_chunk(self, g, hc, head: _Head, s, e):
+        _chunk_backward(g, hc, head.W, self.gh[s:e] if self.gh is not None else None, self.gW, self.gb, self.acc,
+                        None)
+
+    def result(self, h, W, b):
+        out = lambda x, like: None if x is None or like is None else x.to(like.dtype)  # noqa: E731
+        return out(self.gh, h), out(self.gW, W), out(self.gb, b)
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, want, W, N):
+    """One pass over token chunks: per-row losses, and (scale given) the student's gradients."""
+    ops = torch.ops.fastloss
+    loss_rows = torch.empty(N, dtype=torch.float64, device=student.h.device)
+    grads = _Grads(student, W, want) if scale is not None else None
+    per_row = scale is not None and scale.numel() == N and N != 1
+    for s in range(0, N, chunk_rows):
+        e = min(N, s + chunk_rows)
+        hc = student.rows(s, e)
+        logits = student.logits(hc)
+        with torch.no_grad():
+            tlogits = teacher.logits(teacher.rows(s, e)).to(logits.dtype)
+        tc = t[s:e] if t is not None else None
+        if grads is not None:
+            sc = scale[s:e] if per_row else scale
+            rows, _ = ops.distill_fwd_inplace_grad(logits, tlogits, tc, sc, *opts)
+            del tlogits
+            grads.add_chunk(logits, hc, student, s, e)  # logits now hold d loss / d logits, scaled
+        else:
+            rows, _ = ops.distill_fwd(logits, tlogits, tc, *opts)
+        loss_rows[s:e] = rows
+        del logits  # one chunk's logits alive at a time
+    return loss_rows, grads
+
+
+class _LinearDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, Ws, bs, ht, Wt, bt, t, opts, reduction, chunk_rows, denom, lead, want):
+        student, teacher = _Head(hs, Ws, bs), _Head(ht, Wt, bt)
+        N = hs.shape[0]
+        precompute = reduction != "none" and any(want)
+        scale = None
+        if precompute:
+            acc = _acc_dtype(hs.dtype)
+            scale = ((1.0 / denom).to(acc).reshape(1) if reduction == "mean"
+                     else torch.ones(1, dtype=acc, device=hs.device))
+        rows, grads = _distill_chunks(student, teacher, t, opts, chunk_rows, scale, want, Ws, N)
+        ctx.precompute, ctx.want, ctx.opts, ctx.chunk_rows = precompute, want, opts, chunk_rows
+        if precompute:
+            ctx.save_for_backward(*grads.result(hs, Ws, bs))
+        elif any(want):
+            ctx.save_for_backward(hs, Ws, bs, ht, Wt, bt, t)
+        return _reduce(rows, reduction, lead, denom)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.precompute:
+            g = grad_loss.reshape(())
+            grads = [None if x is None else x.mul_(g.to(x.dtype)) for x in ctx.saved_tensors]
+        else:
+            hs, Ws, bs, ht, Wt, bt, t = ctx.saved_tensors
+            scale = grad_loss.reshape(-1).to(_acc_dtype(hs.dtype))
+            _, g = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, ctx.opts, ctx.chunk_rows, scale,
+                                   ctx.want, Ws, hs.shape[0])
+            grads = list(g.result(hs, Ws, bs))
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temperature, target, ignore_index,
+                                  reduction, hard_weight, chunk_size):
+    fn = "linear_distillation_loss"
+    _check_head(fn, "student_hidden", "student_weight", "student_bias", hs, Ws, bs)
+    _check_head(fn, "teacher_hidden", "teacher_weight", "teacher_bias", ht, Wt, bt)
+    if Ws.shape[0] != Wt.shape[0]:
+        raise ValueError(f"fastloss.{fn}: the student's vocabulary (`student_weight` {tuple(Ws.shape)}) and the "
+                         f"teacher's (`teacher_weight` {tuple(Wt.shape)}) must have the same size")
+    lead = tuple(hs.shape[:-1])
+    if tuple(ht.shape[:-1]) != lead:
+        raise ValueError(f"fastloss.{fn}: `teacher_hidden` must have the leading shape of `student_hidden` {lead}, "
+                         f"got {tuple(ht.shape[:-1])}")
+    beta, temperature, hard_weight = _distill_options(fn, divergence, beta, temperature, reduction, hard_weight,
+                                                      target)
+    if target is not None:
+        _check_tokens(fn, "target", target, lead)
+    h = hs.reshape(-1, hs.shape[-1]).contiguous()
+    N, V = h.shape[0], Ws.shape[0]
+    t = target.reshape(-1) if target is not None else None
+    want = _wants(hs, Ws, bs)
+    chunk_rows = resolve_chunk_rows(chunk_size, N, V, hs.dtype, h.device, fn=fn, buffers=2)
+    denom = _mean_denominator(reduction, t, int(ignore_index), N, torch.float64, h.device)
+    opts = (divergence, beta, temperature, int(ignore_index), hard_weight)
+    out = _LinearDistillation.apply(h, Ws.contiguous(), bs, ht.detach().reshape(-1, ht.shape[-1]).contiguous(),
+                                    Wt.detach().contiguous(), bt.detach() if bt is not None else None, t, opts,
+                                    reduction, chunk_rows, denom, lead, want)
+    return out.to(hs.dtype)
+
+
+# ---------------------------------------------------------------- token log-probabilities
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want):
+        ops = torch.ops.fastloss
+        head = _Head(h, W, b)
+        N = h.shape[0]
+        dev = h.device
+        lp = torch.empty(N, dtype=torch.float64, device=dev)
+        ent = torch.empty(N if entropy else 0, dtype=torch.float64, device=dev)
+        lse = torch.empty(N, dtype=torch.float64, device=dev)
+        for s in range(0, N, chunk_rows):
+            e = min(N, s + chunk_rows)
+            logits = head.logits(head.rows(s, e))
+            lp_c, ent_c, lse_c = ops.token_logprobs_fwd(logits, tokens[s:e], temperature, entropy)
+            lp[s:e], lse[s:e] = lp_c, lse_c
+            if entropy:
+                ent[s:e] = ent_c
+            del logits
+        ctx.args = (temperature, chunk_rows, want, entropy)
+        if any(want):
+            ctx.save_for_backward(h, W, b, tokens, lse, ent)
+        ctx.mark_non_differentiable(lse)
+        return lp, ent, lse
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, _g_lse):
+        ops = torch.ops.fastloss
+        temperature, chunk_rows, want, entropy = ctx.args
+        h, W, b, tokens, lse, ent = ctx.saved_tensors
+        head = _Head(h, W, b)
+        grads = _Grads(head, W, want)
+        N = h.shape[0]
+        for s in range(0, N, chunk_rows):
+            e = min(N, s + chunk_rows)
+            hc = head.rows(s, e)
+            logits = head.logits(hc)
+            ops.token_logprobs_bwd_(logits, g_lp[s:e] if g_lp is not None else None,
+                                    g_ent[s:e] if (entropy and g_ent is not None) else None, tokens[s:e], lse[s:e],
+                                    ent[s:e] if entropy else ent, temperature)
+            grads.add_chunk(logits, hc, head, s, e)
+            del logits
+        return (*grads.result(h, W, b), None, None, None, None, None)
+
+
+def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return_entropy, chunk_size):
+    fn = "linear_token_logprobs"
+    _check_head(fn, "hidden", "weight", "bias", hidden, weight, bias)
+    lead = tuple(hidden.shape[:-1])
+    _check_tokens(fn, "tokens", tokens, lead)
+    temperature = _check_temperature(fn, temperature)
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    N, V = h.shape[0], weight.shape[0]
+    chunk_rows = resolve_chunk_rows(chunk_size, N, V, hidden.dtype, h.device, fn=fn)
+    want = _wants(hidden, weight, bias)
+    lp, ent, _ = _LinearTokenLogprobs.apply(h, weight.contiguous(), bias, tokens.reshape(-1), temperature,
+                                            bool(return_entropy), chunk_rows, want)
+    out = _out_dtype(hidden.dtype)
+    lp = lp.to(out).view(lead)
+    if return_entropy:
+        return TokenLogprobs(lp, ent.to(out).view(lead))
+    return lp

@@ -1,0 +1,195 @@
+"""Distillation and RL-policy losses over large vocabularies: from logits, or (``linear_*``) from hidden states and the
+LM head without the N x V logits. The kernels keep every softmax reduction in one pass over a row
+(fastloss/policy_math.h); nothing here builds a log-softmax tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+class TokenLogprobs(NamedTuple):
+    """What :func:`token_logprobs` returns with ``return_entropy=True``."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(name: str, fn: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"fastloss.{fn}: `{name}` must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_temperature(fn: str, temperature) -> float:
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"fastloss.{fn}: `temperature` must be a finite float > 0, got {temperature!r}")
+    return t
+
+
+def _check_tokens(fn: str, name: str, tokens: torch.Tensor, lead: tuple) -> None:
+    _check_tensor(name, fn, tokens)
+    if tokens.dtype != torch.long:
+        raise TypeError(f"fastloss.{fn}: `{name}` must be int64 (torch.long), got {tokens.dtype}")
+    if tuple(tokens.shape) != lead:
+        raise ValueError(f"fastloss.{fn}: `{name}` must have shape {lead} (the logits' leading dimensions), got "
+                         f"{tuple(tokens.shape)}")
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """``log_softmax(logits / temperature)`` at ``tokens``, per position, without the log-softmax tensor (and with
+    ``return_entropy=True`` also the entropy ``-sum p log p`` of the same tempered softmax), as PPO / GRPO need for
+    the policy. logits (..., V), tokens (...) int64 in [0, V).
+
+    Both outputs are differentiable in the logits, with any incoming gradients. They are float32 (float64 for
+    float64 logits) whatever the logits' dtype -- RL frameworks upcast before the log-softmax, since a bf16
+    log-probability would make ``exp(logp - old_logp)`` useless. Returns a tensor, or
+    :class:`TokenLogprobs` ``(logprobs, entropy)``.
+    """
+    fn = "token_logprobs"
+    _check_tensor("logits", fn, logits)
+    if logits.dim() == 0:
+        raise ValueError(f"fastloss.{fn}: `logits` must have at least one dimension (the vocabulary)")
+    lead = tuple(logits.shape[:-1])
+    _check_tokens(fn, "tokens", tokens, lead)
+    temperature = _check_temperature(fn, temperature)
+    V = logits.shape[-1]
+    lp, ent, _ = torch.ops.fastloss.token_logprobs_fwd(logits.reshape(-1, V), tokens.reshape(-1), temperature,
+                                                       bool(return_entropy))
+    out = _out_dtype(logits.dtype)
+    lp = lp.to(out).view(lead)
+    if return_entropy:
+        return TokenLogprobs(lp, ent.to(out).view(lead))
+    return lp
+
+
+def _distill_options(fn: str, divergence, beta, temperature, reduction, hard_weight, target):
+    if divergence not in _DIVERGENCES:
+        raise ValueError(f"fastloss.{fn}: `divergence` must be one of {_DIVERGENCES}, got {divergence!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fastloss.{fn}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"fastloss.{fn}: `beta` must be in [0, 1], got {beta!r}")
+    hard_weight = float(hard_weight)
+    if not (math.isfinite(hard_weight) and hard_weight >= 0):
+        raise ValueError(f"fastloss.{fn}: `hard_weight` must be a finite float >= 0, got {hard_weight!r}")
+    if hard_weight and target is None:
+        raise ValueError(f"fastloss.{fn}: `hard_weight` > 0 adds the cross-entropy against `target`; pass `target`")
+    return beta, _check_temperature(fn, temperature), hard_weight
+
+
+def _mean_denominator(reduction: str, target: Optional[torch.Tensor], ignore_index: int, n: int,
+                      dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+    """Unmasked tokens (all tokens without a target), on the device: no host synchronisation."""
+    if reduction != "mean":
+        return None
+    if target is None:
+        return torch.tensor(float(n), dtype=torch.float64, device=device)
+    return (target != ignore_index).sum().to(torch.float64)
+
+
+def _reduce(rows: torch.Tensor, reduction: str, lead: tuple, denom: Optional[torch.Tensor]) -> torch.Tensor:
+    if reduction == "none":
+        return rows.view(lead)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / denom
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str = "forward_kl",
+                      beta: float = 0.5, temperature: float = 1.0, target: Optional[torch.Tensor] = None,
+                      ignore_index: int = -100, reduction: str = "mean", hard_weight: float = 0.0) -> torch.Tensor:
+    """Knowledge-distillation loss between the student's and the teacher's softmax over the vocabulary, per token,
+    from one pass over each pair of rows (no log-softmax tensors).
+
+    student_logits, teacher_logits: (..., V), the same shape. With s = softmax(student / T), t = softmax(teacher / T):
+
+    * ``"forward_kl"``: KL(t || s) (Hinton's distillation; ``F.kl_div(log s, log t, log_target=True)`` summed over V);
+    * ``"reverse_kl"``: KL(s || t);
+    * ``"jsd"``: the generalized Jensen-Shannon divergence of GKD (TRL's ``generalized_jsd_loss``): with
+      M = (1 - beta) s + beta t, beta KL(t || M) + (1 - beta) KL(s || M). As in TRL, beta = 0 is exactly the forward
+      KL and beta = 1 exactly the reverse KL (the mixture formula itself would give 0 there).
+
+    temperature divides both logits; the loss is **not** multiplied by T^2 -- Hinton-style callers scale it
+    themselves. target (...) int64 with ``ignore_index`` masks tokens (padding, prompt): their loss is 0 and
+    "mean" averages over the unmasked ones (all masked: nan, as ``F.cross_entropy``); without target "mean" is over
+    all tokens. hard_weight adds hard_weight times the cross-entropy of the untempered student logits against
+    target, from the same pass.
+
+    The gradient flows to the student logits only: the teacher's are constants (detached; if they require grad
+    they get none). Teacher logits of another dtype are converted to the student's. Accumulation is float32 for
+    bf16 / fp16 (float64 for float64); the loss has the student's dtype, as ``F.kl_div``'s would.
+    """
+    fn = "distillation_loss"
+    _check_tensor("student_logits", fn, student_logits)
+    _check_tensor("teacher_logits", fn, teacher_logits)
+    beta, temperature, hard_weight = _distill_options(fn, divergence, beta, temperature, reduction, hard_weight,
+                                                      target)
+    if student_logits.dim() == 0:
+        raise ValueError(f"fastloss.{fn}: `student_logits` must have at least one dimension (the vocabulary)")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"fastloss.{fn}: `teacher_logits` must have the shape of `student_logits` "
+                         f"{tuple(student_logits.shape)} (the same vocabulary), got {tuple(teacher_logits.shape)}")
+    lead = tuple(student_logits.shape[:-1])
+    if target is not None:
+        _check_tokens(fn, "target", target, lead)
+    V = student_logits.shape[-1]
+    teacher = teacher_logits.detach()
+    if teacher.is_floating_point() and teacher.dtype != student_logits.dtype:
+        teacher = teacher.to(student_logits.dtype)
+    s2d = student_logits.reshape(-1, V)
+    t = target.reshape(-1) if target is not None else None
+    rows, _ = torch.ops.fastloss.distill_fwd(s2d, teacher.reshape(-1, V), t, divergence, beta, temperature,
+                                             int(ignore_index), hard_weight)
+    denom = _mean_denominator(reduction, t, int(ignore_index), s2d.shape[0], rows.dtype, rows.device)
+    return _reduce(rows, reduction, lead, denom).to(student_logits.dtype)
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
+                          chunk_size="auto"):
+    """:func:`token_logprobs` of ``hidden @ weight.T (+ bias)`` without the N x V logits: token chunks, one chunk's
+    logits alive at a time. hidden (..., D), weight (V, D), bias (V,), tokens (...). Differentiable in hidden,
+    weight and bias; the backward recomputes each chunk's logits (the incoming gradients are per token, unknown
+    before it), so training costs four GEMMs where the materialised logits cost three.
+
+    chunk_size: tokens per chunk, or "auto" (a logits budget of 256 MiB, as :func:`linear_cross_entropy`).
+    """
+    from ._linear_policy import linear_token_logprobs_impl
+
+    return linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return_entropy, chunk_size)
+
+
+def linear_distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                             teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, *,
+                             student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                             divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                             target: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                             reduction: str = "mean", hard_weight: float = 0.0, chunk_size="auto") -> torch.Tensor:
+    """:func:`distillation_loss` of the student's ``student_hidden @ student_weight.T (+ student_bias)`` against the
+    teacher's ``teacher_hidden @ teacher_weight.T (+ teacher_bias)`` without either N x V logits: token chunks, the
+    two heads' logits for one chunk at a time. student_hidden (..., Ds) and teacher_hidden (..., Dt) share their
+    leading shape; the weights are (V, Ds) and (V, Dt) with the same V.
+
+    Gradients flow to student_hidden, student_weight and student_bias (the teacher is a constant). With "mean" or
+    "sum" they are computed during the forward, written over each chunk's logits, and scaled in the backward: three
+    GEMMs for the student as without chunking, plus the teacher's one. "none" recomputes the chunks in the backward.
+    chunk_size: tokens per chunk, or "auto" (a budget of 256 MiB for the chunk's two logits buffers).
+    """
+    from ._linear_policy import linear_distillation_loss_impl
+
+    return linear_distillation_loss_impl(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                         student_bias, teacher_bias, divergence, beta, temperature, target,
+                                         ignore_index, reduction, hard_weight, chunk_size)

@@ -1,0 +1,401 @@
+"""fastloss.token_logprobs / linear_token_logprobs (issue #14: the per-token log-probability of the sampled token
+and the entropy of the tempered softmax, as PPO / GRPO use them) against the plain float64 PyTorch reference
+(fastloss.reference.token_logprobs_reference): values, gradients with upstream gradients on either or both
+outputs, gradcheck, -inf logits, peaked and flat rows, low precision, odd vocabulary sizes, empty batches, the
+chunked linear version against the logits version on materialised logits."""
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOL, rel_err
+
+import fastloss
+from fastloss.reference import token_logprobs_reference as ref_lp
+
+V = 37
+RTOL64 = 1e-10
+GTOL64 = 1e-9
+
+
+def _logits(lead, v=V, dtype=torch.float64, device="cpu", seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(lead + (v,), generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def _tokens(lead, v=V, device="cpu", seed=1):
+    return torch.randint(0, v, lead, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _weights(shape, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64)).to(device)
+
+
+def _objective(lp, ent, a, b, which):
+    """A scalar with upstream gradient a on the log-probs and / or b on the entropy."""
+    out = 0
+    if which in ("logprobs", "both"):
+        out = out + (lp.double() * a).sum()
+    if which in ("entropy", "both"):
+        out = out + (ent.double() * b).sum()
+    return out
+
+
+def _both(fn, x, tok, **kw):
+    out = fn(x, tok, return_entropy=True, **kw)
+    lp, ent = out  # unpacks as a pair
+    return lp, ent
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("lead", [(13,), (2, 5)])
+@pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
+def test_matches_reference_float64(temperature, lead, which, device):
+    x = _logits(lead, device=device)
+    tok = _tokens(lead, device=device)
+    xa, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = fastloss.token_logprobs(xa, tok, temperature=temperature, return_entropy=True)
+    assert isinstance(out, fastloss.TokenLogprobs)
+    lp, ent = out.logprobs, out.entropy
+    rlp, rent = ref_lp(xr, tok, temperature=temperature, return_entropy=True)
+    assert lp.shape == ent.shape == tok.shape and lp.dtype == ent.dtype == torch.float64
+    assert rel_err(lp, rlp) <= RTOL64 and rel_err(ent, rent) <= RTOL64
+    a, b = _weights(lead, device, 2), _weights(lead, device, 3)
+    (g,) = torch.autograd.grad(_objective(lp, ent, a, b, which), xa)
+    (gr,) = torch.autograd.grad(_objective(rlp, rent, a, b, which), xr)
+    assert rel_err(g, gr) <= GTOL64
+    # without the entropy: a plain tensor, the same log-probs and gradient
+    xb, xr2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lp2 = fastloss.token_logprobs(xb, tok, temperature=temperature)
+    rlp2 = ref_lp(xr2, tok, temperature=temperature)
+    assert isinstance(lp2, torch.Tensor) and not isinstance(lp2, tuple)
+    assert lp2.shape == tok.shape and lp2.dtype == torch.float64
+    assert rel_err(lp2, rlp2) <= RTOL64
+    assert rel_err(torch.autograd.grad(lp2, xb, a)[0], torch.autograd.grad(rlp2, xr2, a)[0]) <= GTOL64
+
+
+def test_known_values(device):
+    # logprob = log softmax, entropy = the Categorical's
+    x = _logits((6,), device=device, seed=4)
+    tok = _tokens((6,), device=device)
+    lp, ent = _both(fastloss.token_logprobs, x, tok, temperature=1.3)
+    assert torch.allclose(lp, -F.cross_entropy(x / 1.3, tok, reduction="none"), rtol=1e-12)
+    assert torch.allclose(ent, torch.distributions.Categorical(logits=x / 1.3).entropy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_gradcheck(temperature, device):
+    x = _logits((4,), v=7, device=device, seed=5).requires_grad_()
+    tok = torch.tensor([0, 6, 3, 3], device=device)
+    assert torch.autograd.gradcheck(
+        lambda v: tuple(fastloss.token_logprobs(v, tok, temperature=temperature, return_entropy=True)), (x,))
+    assert torch.autograd.gradcheck(lambda v: fastloss.token_logprobs(v, tok, temperature=temperature), (x,))
+    x3 = _logits((2, 3), v=5, device=device, seed=6).requires_grad_()
+    tok3 = _tokens((2, 3), v=5, device=device)
+    assert torch.autograd.gradcheck(lambda v: fastloss.token_logprobs(v, tok3, return_entropy=True).entropy, (x3,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_within_bounds(dtype, device):
+    """Outputs in float32 (accumulation in float32) against the float64 reference of the same rounded logits;
+    the gradient in the logits' dtype."""
+    lead = (48,)
+    x = _logits(lead, v=1000, dtype=dtype, device=device, seed=7, scale=3.0)
+    tok = _tokens(lead, v=1000, device=device)
+    xa = x.clone().requires_grad_()
+    xr = x.double().requires_grad_()
+    lp, ent = _both(fastloss.token_logprobs, xa, tok, temperature=1.5)
+    rlp, rent = ref_lp(xr, tok, temperature=1.5, return_entropy=True)
+    assert lp.dtype == ent.dtype == torch.float32
+    assert rel_err(lp, rlp) <= 1e-5 and rel_err(ent, rent) <= 1e-5
+    a, b = _weights(lead, device, 2), _weights(lead, device, 3)
+    (g,) = torch.autograd.grad(_objective(lp, ent, a, b, "both"), xa)
+    (gr,) = torch.autograd.grad(_objective(rlp, rent, a, b, "both"), xr)
+    assert g.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: TOL[torch.bfloat16]}[dtype]
+    assert rel_err(g, gr) <= tol
+
+
+def test_masked_vocabulary(device):
+    """-inf logits: 0 log 0 = 0 in the entropy (finite, and a zero gradient there, not 0 * inf = nan); a token on
+    a -inf logit has log-probability -inf."""
+    x = _logits((5,), v=V + 6, device="cpu", seed=8, scale=3.0)
+    x[:, V:] = -math.inf
+    x[3, :10] = -math.inf
+    x = x.to(device)
+    tok = _tokens((5,), device=device)
+    tok[3] = 12  # a finite entry of the partly masked row
+    xa, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lp, ent = _both(fastloss.token_logprobs, xa, tok, temperature=0.8)
+    rlp, rent = ref_lp(xr, tok, temperature=0.8, return_entropy=True)
+    assert lp.isfinite().all() and ent.isfinite().all()
+    assert rel_err(lp, rlp) <= RTOL64 and rel_err(ent, rent) <= RTOL64
+    a, b = _weights((5,), device, 2), _weights((5,), device, 3)
+    (g,) = torch.autograd.grad(_objective(lp, ent, a, b, "both"), xa)
+    (gr,) = torch.autograd.grad(_objective(rlp, rent, a, b, "both"), xr)
+    assert g.isfinite().all() and rel_err(g, gr) <= GTOL64
+    assert torch.equal(g[:, V:], torch.zeros_like(g[:, V:])) and torch.equal(g[3, :10], torch.zeros_like(g[3, :10]))
+    # the masked columns change nothing
+    lp_cut, ent_cut = _both(fastloss.token_logprobs, x[[0, 1, 2, 4], :V], tok[[0, 1, 2, 4]], temperature=0.8)
+    assert rel_err(lp[[0, 1, 2, 4]], lp_cut) <= RTOL64 and rel_err(ent[[0, 1, 2, 4]], ent_cut) <= RTOL64
+    # a token sitting on a -inf logit
+    tok2 = tok.clone()
+    tok2[0] = V + 2
+    lp2, ent2 = _both(fastloss.token_logprobs, x, tok2)
+    assert lp2[0].item() == -math.inf and lp2[1:].isfinite().all() and ent2.isfinite().all()
+    # the entropy alone is differentiable there
+    xe = x.clone().requires_grad_()
+    (ge,) = torch.autograd.grad(fastloss.token_logprobs(xe, tok2, return_entropy=True).entropy.sum(), xe)
+    assert ge.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_peaked_and_flat(dtype, device):
+    v = 300
+    peaked = _logits((4,), v=v, dtype=dtype, device=device, seed=9) * 100
+    tok = _tokens((4,), v=v, device=device)
+    tok[0] = peaked[0].argmax()
+    xa, xr = peaked.clone().requires_grad_(), peaked.double().requires_grad_()
+    lp, ent = _both(fastloss.token_logprobs, xa, tok)
+    rlp, rent = ref_lp(xr, tok, return_entropy=True)
+    tol = RTOL64 if dtype == torch.float64 else 1e-5
+    assert rel_err(lp, rlp) <= tol
+    # the entropies are tiny (down to ~e^-100) next to logits of ~500: a few ulps of the logits, absolutely
+    scale = peaked.abs().max().item()
+    assert (ent.double() - rent).abs().max() <= 64 * torch.finfo(dtype).eps * scale
+    assert (ent >= -64 * torch.finfo(dtype).eps * scale).all()
+    a, b = _weights((4,), device, 2), _weights((4,), device, 3)
+    (g,) = torch.autograd.grad(_objective(lp, ent, a, b, "both"), xa)
+    (gr,) = torch.autograd.grad(_objective(rlp, rent, a, b, "both"), xr)
+    assert g.isfinite().all() and rel_err(g, gr) <= 10 * tol
+    # flat rows (any constant): log p = -log V, entropy = log V, and the entropy's gradient is 0
+    flat = torch.full((3, v), -4.5, dtype=dtype, device=device, requires_grad=True)
+    lp, ent = _both(fastloss.token_logprobs, flat, _tokens((3,), v=v, device=device), temperature=0.6)
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (lp + math.log(v)).abs().max() <= atol and (ent - math.log(v)).abs().max() <= atol
+    (gf,) = torch.autograd.grad(ent.sum(), flat)
+    assert gf.abs().max() <= (1e-14 if dtype == torch.float64 else 1e-7)
+
+
+@pytest.mark.parametrize("v", [1, 7, 33, 1000, 4099])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_vocabulary_sizes(v, dtype, device):
+    lead = (5,)
+    x = _logits(lead, v=v, dtype=dtype, device=device, seed=10)
+    tok = _tokens(lead, v=v, device=device)
+    xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    lp, ent = _both(fastloss.token_logprobs, xa, tok, temperature=0.7)
+    rlp, rent = ref_lp(xr, tok, temperature=0.7, return_entropy=True)
+    assert lp.shape == ent.shape == lead
+    assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    a, b = _weights(lead, device, 2), _weights(lead, device, 3)
+    (g,) = torch.autograd.grad(_objective(lp, ent, a, b, "both"), xa)
+    (gr,) = torch.autograd.grad(_objective(rlp, rent, a, b, "both"), xr)
+    if v == 1:  # one class: log p = 0, entropy 0, no gradient (up to float32 rounding of p = 1: g (1 - p))
+        assert lp.abs().max() <= 1e-6 and ent.abs().max() <= 1e-6 and g.abs().max() <= 1e-6 * a.abs().max()
+        return
+    tol = RTOL64 if dtype == torch.float64 else 1e-5
+    assert rel_err(lp, rlp) <= tol and rel_err(ent, rent) <= tol
+    gtol = {torch.float64: GTOL64, torch.float32: 1e-5, torch.bfloat16: TOL[torch.bfloat16]}[dtype]
+    assert rel_err(g, gr) <= gtol
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_empty_batch(lead, device):
+    x = _logits(lead, device=device).requires_grad_()
+    tok = torch.empty(lead, dtype=torch.long, device=device)
+    lp, ent = _both(fastloss.token_logprobs, x, tok)
+    assert lp.shape == ent.shape == lead
+    (lp.sum() + ent.sum()).backward()
+    assert x.grad.shape == x.shape
+    assert fastloss.token_logprobs(x, tok).shape == lead
+
+
+def test_leading_shapes_and_strides(device):
+    x = _logits((2, 3), device=device, seed=11)
+    tok = _tokens((2, 3), device=device)
+    lp, ent = _both(fastloss.token_logprobs, x, tok, temperature=1.1)
+    lpf, entf = _both(fastloss.token_logprobs, x.reshape(6, V), tok.reshape(6), temperature=1.1)
+    assert lp.shape == (2, 3)
+    assert torch.allclose(lp.reshape(6), lpf, rtol=1e-13, atol=0) and torch.allclose(ent.reshape(6), entf,
+                                                                                      rtol=1e-13, atol=0)
+    one = fastloss.token_logprobs(x[1, 2], tok[1, 2])  # leading shape ()
+    assert one.shape == () and rel_err(one, ref_lp(x[1, 2], tok[1, 2])) <= RTOL64
+    xt = x.transpose(0, 1)  # (3, 2, V), non-contiguous leading dims
+    lpt, entt = _both(fastloss.token_logprobs, xt, tok.t())
+    rlp, rent = ref_lp(xt, tok.t(), return_entropy=True)
+    assert rel_err(lpt, rlp) <= RTOL64 and rel_err(entt, rent) <= RTOL64
+    xs = torch.empty_strided((6, V), (1, 6), dtype=torch.float64, device=device).copy_(x.reshape(6, V))
+    assert not xs.is_contiguous()  # class stride 6
+    assert rel_err(fastloss.token_logprobs(xs, tok.reshape(6)), ref_lp(xs, tok.reshape(6))) <= RTOL64
+
+
+def test_bad_input(device):
+    x = _logits((4,), device=device)
+    tok = _tokens((4,), device=device)
+    E = (ValueError, RuntimeError)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(E, match="temperature"):
+            fastloss.token_logprobs(x, tok, temperature=bad)
+    with pytest.raises(E, match="tokens"):
+        fastloss.token_logprobs(x, tok[:3])
+    with pytest.raises(E + (TypeError,), match="logits"):
+        fastloss.token_logprobs(torch.ones(4, V, dtype=torch.long, device=device), tok)
+    if device == "cpu":  # (on CUDA an out-of-range token may be a device-side assert)
+        for bad_value in (V, -1, -100):  # no ignore_index: every token must be a class
+            bad = tok.clone()
+            bad[2] = bad_value
+            with pytest.raises(E + (IndexError,), match="tokens"):
+                fastloss.token_logprobs(x, bad)
+            with pytest.raises(E + (IndexError,), match="tokens"):
+                fastloss.token_logprobs(x, bad, return_entropy=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_unavailable():
+    """Why torch.compile cannot run here (no C++ compiler for inductor, an unsupported Python), or None."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, fullgraph=True)(torch.ones(3))
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"torch.compile unavailable: {type(e).__name__}: {e}"[:300]
+
+
+def _compiled_or_skip(fn, *args):
+    try:
+        return torch.compile(fn, fullgraph=True)(*args)
+    except Exception:
+        why = _compile_unavailable()
+        if why:
+            pytest.skip(why)
+        raise
+
+
+def test_torch_compile_fullgraph(device):
+    def f(x, tok):
+        out = fastloss.token_logprobs(x, tok, temperature=0.7, return_entropy=True)
+        return (out.logprobs * 0.5).sum() + out.entropy.sum()
+
+    x = _logits((8,), v=300, dtype=torch.float32, device=device, seed=12)
+    tok = _tokens((8,), v=300, device=device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = _compiled_or_skip(f, xa, tok)
+    b = f(xb, tok)
+    a.backward()
+    b.backward()
+    assert torch.allclose(a, b, rtol=1e-5)
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- linear (chunked) version
+
+D = 8
+
+
+def _linear(lead, v=V, dtype=torch.float64, device="cpu", bias=True, seed=20):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(lead + (D,), generator=g, dtype=torch.float64)
+    W = torch.randn(v, D, generator=g, dtype=torch.float64) * 0.7
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    cast = lambda x: None if x is None else x.to(dtype).to(device).requires_grad_()  # noqa: E731
+    return cast(h), cast(W), cast(b)
+
+
+@pytest.mark.parametrize("chunk", [3, 5, "auto"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
+def test_linear_matches_logits_version(chunk, bias, which, device):
+    lead = (10,)
+    h, W, b = _linear(lead, device=device, bias=bias)
+    tok = _tokens(lead, device=device)
+    params = tuple(p for p in (h, W, b) if p is not None)
+    out = fastloss.linear_token_logprobs(h, W, tok, bias=b, temperature=0.7, return_entropy=True, chunk_size=chunk)
+    assert isinstance(out, fastloss.TokenLogprobs)
+    lp, ent = out
+    rlp, rent = ref_lp(F.linear(h, W, b), tok, temperature=0.7, return_entropy=True)
+    assert lp.shape == ent.shape == lead and lp.dtype == torch.float64
+    assert rel_err(lp, rlp) <= RTOL64 and rel_err(ent, rent) <= RTOL64
+    a, bb = _weights(lead, device, 2), _weights(lead, device, 3)
+    ga = torch.autograd.grad(_objective(lp, ent, a, bb, which), params)
+    gr = torch.autograd.grad(_objective(rlp, rent, a, bb, which), params)
+    for x, y in zip(ga, gr):
+        assert x.shape == y.shape and rel_err(x, y) <= GTOL64
+    # the log-probs alone, and the logits version on materialised logits
+    lp1 = fastloss.linear_token_logprobs(h, W, tok, bias=b, temperature=0.7, chunk_size=chunk)
+    assert isinstance(lp1, torch.Tensor) and rel_err(lp1, rlp) <= RTOL64
+    (g1,) = torch.autograd.grad(lp1, h, a)
+    (gr1,) = torch.autograd.grad(ref_lp(F.linear(h, W, b), tok, temperature=0.7), h, a)
+    assert rel_err(g1, gr1) <= GTOL64
+    lpl = fastloss.token_logprobs(F.linear(h, W, b), tok, temperature=0.7)
+    assert rel_err(lp1, lpl) <= RTOL64
+
+
+@pytest.mark.parametrize("chunk", [4, "auto"])
+def test_linear_leading_shape_frozen_weight_no_grad(chunk, device):
+    lead = (2, 5)
+    h, W, b = _linear(lead, device=device, seed=21)
+    tok = _tokens(lead, device=device)
+    lp, ent = fastloss.linear_token_logprobs(h, W, tok, bias=b, return_entropy=True, chunk_size=chunk)
+    rlp, rent = ref_lp(F.linear(h, W, b), tok, return_entropy=True)
+    assert lp.shape == lead and rel_err(lp, rlp) <= RTOL64 and rel_err(ent, rent) <= RTOL64
+    Wf = W.detach()  # a frozen head: gradient to the hidden states only
+    lp, ent = fastloss.linear_token_logprobs(h, Wf, tok, return_entropy=True, chunk_size=chunk)
+    (g,) = torch.autograd.grad(lp.sum() - ent.sum(), h)
+    rlp, rent = ref_lp(F.linear(h, Wf), tok, return_entropy=True)
+    (gr,) = torch.autograd.grad(rlp.sum() - rent.sum(), h)
+    assert rel_err(g, gr) <= GTOL64
+    with torch.no_grad():
+        lp = fastloss.linear_token_logprobs(h, W, tok, bias=b, chunk_size=chunk)
+    assert rel_err(lp, ref_lp(F.linear(h, W, b), tok)) <= RTOL64
+
+
+def test_linear_empty_batch(device):
+    h, W, b = _linear((0,), device=device)
+    tok = torch.empty(0, dtype=torch.long, device=device)
+    lp, ent = fastloss.linear_token_logprobs(h, W, tok, bias=b, return_entropy=True, chunk_size=3)
+    assert lp.shape == ent.shape == (0,)
+    grads = torch.autograd.grad(lp.sum() + ent.sum(), (h, W, b), allow_unused=True)
+    for g_, p in zip(grads, (h, W, b)):
+        assert g_ is None or (g_.shape == p.shape and not g_.any())
+
+
+def test_linear_bf16_within_bounds(device):
+    lead = (32,)
+    h, W, b = _linear(lead, v=300, dtype=torch.bfloat16, device=device, seed=22)
+    tok = _tokens(lead, v=300, device=device)
+    lp, ent = fastloss.linear_token_logprobs(h, W, tok, bias=b, temperature=1.5, return_entropy=True, chunk_size=7)
+    assert lp.dtype == ent.dtype == torch.float32
+    r = [p.detach().double().requires_grad_() for p in (h, W, b)]
+    rlp, rent = ref_lp(F.linear(*r), tok, temperature=1.5, return_entropy=True)
+    # bf16 GEMMs (on CUDA) round the logits to bf16
+    assert rel_err(lp, rlp) <= 2e-2 and rel_err(ent, rent) <= 2e-2
+    a, bb = _weights(lead, device, 2), _weights(lead, device, 3)
+    ga = torch.autograd.grad(_objective(lp, ent, a, bb, "both"), (h, W, b))
+    gr = torch.autograd.grad(_objective(rlp, rent, a, bb, "both"), r)
+    for x, y in zip(ga, gr):
+        assert x.dtype == torch.bfloat16 and rel_err(x, y) <= 3e-2
+
+
+def test_linear_bad_input(device):
+    h, W, b = _linear((4,), device=device)
+    tok = _tokens((4,), device=device)
+    E = (ValueError, RuntimeError)
+    with pytest.raises(E, match="weight|hidden"):
+        fastloss.linear_token_logprobs(h, W[:, :-1], tok)
+    with pytest.raises(E, match="bias"):
+        fastloss.linear_token_logprobs(h, W, tok, bias=b[:-1])
+    with pytest.raises(E, match="tokens"):
+        fastloss.linear_token_logprobs(h, W, tok[:3])
+    for bad in (0, -1):
+        with pytest.raises(E, match="chunk_size"):
+            fastloss.linear_token_logprobs(h, W, tok, chunk_size=bad)
+    with pytest.raises(E, match="temperature"):
+        fastloss.linear_token_logprobs(h, W, tok, temperature=-2.0)
+    if device == "cpu":
+        bad = tok.clone()
+        bad[1] = V
+        with pytest.raises(E + (IndexError,), match="tokens"):
+            fastloss.linear_token_logprobs(h, W, bad, chunk_size=2)
