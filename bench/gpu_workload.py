@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 import fastloss
-from fastloss.reference import comp_sum_loss_reference
+from fastloss.reference import comp_sum_loss_reference, distillation_loss_reference, token_logprobs_reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ALGS = ("online", "two_pass")
@@ -96,10 +96,12 @@ TOPK = {
     "tiny": [(4, 300, (1, 5, 20, 100, 128, 129, 200)), (3, 1031, (5, 129))],
 }
 LCE = {"small": (37, 64, 1000, 8), "tiny": (13, 16, 100, 4)}
+DISTILL = {"small": [(5, 13), (4, 5000), (2, 70001)], "tiny": [(5, 13), (3, 2053)]}
+"""(rows, V) of the distillation and token log-probability calls (block-per-row kernels: short, long, very long)."""
 """(tokens, hidden, vocabulary, chunk_size) of the linear cross-entropy calls."""
 
 
-PARTS = ("row_ops", "topk", "cross_entropy", "linear_cross_entropy")
+PARTS = ("row_ops", "topk", "cross_entropy", "linear_cross_entropy", "distillation")
 
 
 class CudaFailure(Exception):
@@ -452,6 +454,91 @@ class Workload:
         if b is not None:
             checks.append(("d bias", b.grad, b64.grad, dtype))
         return checks
+
+
+    # ------------------------------------------------------------ distillation / token log-probabilities
+
+    def distillation(self) -> None:
+        modes = [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}),
+                 ("forward_kl T=2 hard", {"temperature": 2.0, "hard_weight": 0.5}),
+                 ("jsd T=0.5 hard", {"beta": 0.7, "temperature": 0.5, "hard_weight": 0.3}),
+                 ("reverse_kl none", {"reduction": "none"})]
+        for dtype in DTYPES:
+            for rows, v in DISTILL[self.size]:
+                for mode, kw in modes:
+                    self.run("distillation", f"{mode} ({rows}, {v}) {dtype}",
+                             lambda: self._distill(rows, v, dtype, mode.split()[0], dict(kw)))
+                for ent in (False, True):
+                    self.run("token_logprobs", f"entropy={ent} ({rows}, {v}) {dtype}",
+                             lambda: self._logprobs(rows, v, dtype, ent))
+            self.run("linear_distillation", f"jsd {dtype}", lambda: self._linear_distill(dtype))
+            self.run("linear_token_logprobs", f"{dtype}", lambda: self._linear_logprobs(dtype))
+
+    def _distill(self, rows: int, v: int, dtype: torch.dtype, divergence: str, kw: dict) -> list:
+        s = self.rand((rows, v), dtype).requires_grad_()
+        t = self.rand((rows, v), dtype)
+        target = self.targets(rows, v)
+        loss = fastloss.distillation_loss(s, t, divergence=divergence, target=target, **kw)
+        w = self.rand(loss.shape, torch.float64, scale=1.0).to(loss.dtype)
+        (g,) = torch.autograd.grad((loss * w).sum(), s)
+        s64 = s.detach().double().cpu().requires_grad_()
+        ref = distillation_loss_reference(s64, t.double().cpu(), divergence=divergence, target=target.cpu(), **kw)
+        (g64,) = torch.autograd.grad((ref * w.double().cpu()).sum(), s64)
+        # The in-place variant (what the linear version runs on a GPU): d loss_r / d student * scale_r over a copy.
+        kw.pop("reduction", None)
+        scale = self.rand((rows,), torch.float64, scale=1.0)
+        buf = s.detach().clone()
+        torch.ops.fastloss.distill_fwd_inplace_grad(buf, t, target, scale.to(self.device), divergence,
+                                                    kw.get("beta", 0.5), kw.get("temperature", 1.0), IGNORE,
+                                                    kw.get("hard_weight", 0.0))
+        s64 = s.detach().double().cpu().requires_grad_()
+        rows64 = distillation_loss_reference(s64, t.double().cpu(), divergence=divergence, target=target.cpu(),
+                                             reduction="none", **kw)
+        (gi64,) = torch.autograd.grad((rows64 * scale.cpu()).sum(), s64)
+        return [("loss", loss, ref, dtype), ("d student", g, g64, dtype), ("in-place d student", buf, gi64, dtype)]
+
+    def _logprobs(self, rows: int, v: int, dtype: torch.dtype, entropy: bool) -> list:
+        x = self.rand((rows, v), dtype).requires_grad_()
+        tok = torch.randint(0, v, (rows,), generator=self.gen).to(self.device)
+        out = fastloss.token_logprobs(x, tok, temperature=0.8, return_entropy=entropy)
+        ref = token_logprobs_reference(x.detach().double().cpu().requires_grad_(), tok.cpu(), temperature=0.8,
+                                       return_entropy=entropy)
+        outs, refs = (list(out), list(ref)) if entropy else ([out], [ref])
+        checks = [(f"output {i}", o, r, dtype) for i, (o, r) in enumerate(zip(outs, refs))]
+        if dtype != torch.float64:  # the gradient through a float32 output of reduced-precision logits
+            (g,) = torch.autograd.grad(sum(o.sum() for o in outs), x)
+            checks.append(("gradient is finite", torch.tensor([float(bool(torch.isfinite(g).all()))]),
+                           torch.ones(1, dtype=torch.float64), torch.float64))
+        return checks
+
+    def _linear_distill(self, dtype: torch.dtype) -> list:
+        n, d, v, chunk = LCE[self.size]
+        hs = self.rand((n, d), dtype, scale=1.0).requires_grad_()
+        ws = self.rand((v, d), dtype, scale=3.0 / d**0.5).requires_grad_()
+        ht, wt = self.rand((n, d), dtype, scale=1.0), self.rand((v, d), dtype, scale=3.0 / d**0.5)
+        target = self.targets(n, v)
+        loss = fastloss.linear_distillation_loss(hs, ws, ht, wt, divergence="jsd", beta=0.3, target=target,
+                                                 hard_weight=0.2, chunk_size=chunk)
+        loss.backward()
+        hs64, ws64 = hs.detach().double().cpu().requires_grad_(), ws.detach().double().cpu().requires_grad_()
+        ref = distillation_loss_reference(hs64 @ ws64.t(), ht.double().cpu() @ wt.double().cpu().t(), divergence="jsd",
+                                          beta=0.3, target=target.cpu(), hard_weight=0.2)
+        ref.backward()
+        return [("loss", loss, ref, dtype), ("d hidden", hs.grad, hs64.grad, dtype),
+                ("d weight", ws.grad, ws64.grad, dtype)]
+
+    def _linear_logprobs(self, dtype: torch.dtype) -> list:
+        n, d, v, chunk = LCE[self.size]
+        h = self.rand((n, d), dtype, scale=1.0).requires_grad_()
+        w = self.rand((v, d), dtype, scale=3.0 / d**0.5).requires_grad_()
+        tok = torch.randint(0, v, (n,), generator=self.gen).to(self.device)
+        lp, ent = fastloss.linear_token_logprobs(h, w, tok, return_entropy=True, chunk_size=chunk)
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        h64, w64 = h.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+        rlp, rent = token_logprobs_reference(h64 @ w64.t(), tok.cpu(), return_entropy=True)
+        (rlp.sum() + 0.5 * rent.sum()).backward()
+        return [("logprobs", lp, rlp, dtype), ("entropy", ent, rent, dtype), ("d hidden", h.grad, h64.grad, dtype),
+                ("d weight", w.grad, w64.grad, dtype)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

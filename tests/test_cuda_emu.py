@@ -112,6 +112,15 @@ SELECTION = [
     ("softmax_topk k=128", lambda: fastloss.softmax_topk(_x(2, 300), 128), {"softmax_topk_kernel<float, 128>"}),
     ("cross_entropy", lambda: fastloss.cross_entropy(_x(6, 13), torch.arange(6) % 13),
      {"ce_index_kernel<float, Identity, Mode::Forward>"}),
+    ("token_logprobs", lambda: fastloss.token_logprobs(_x(3, 300), torch.arange(3)),
+     {"logprob_forward_kernel<float, false>"}),
+    ("token_logprobs entropy", lambda: fastloss.token_logprobs(_x(3, 300), torch.arange(3), return_entropy=True),
+     {"logprob_forward_kernel<float, true>"}),
+    ("distillation jsd", lambda: fastloss.distillation_loss(_x(3, 300), _x(3, 300, seed=1), divergence="jsd",
+                                                            beta=0.3), {"distill_kernel<float, 2, Mode::Forward>"}),
+    ("distillation jsd beta=1 is the reverse KL",
+     lambda: fastloss.distillation_loss(_x(3, 300), _x(3, 300, seed=1), divergence="jsd", beta=1.0),
+     {"distill_kernel<float, 1, Mode::Forward>"}),
 ]
 
 
@@ -156,6 +165,16 @@ def _every_path():
         t[3] = -100
         loss = fastloss.cross_entropy(xc, t, label_smoothing=0.1, softcap=20.0)
         out += [loss.detach(), torch.autograd.grad(loss, xc)[0]]
+        xs, xt = _x(8, 3000, dtype, seed=2).requires_grad_(True), _x(8, 3000, dtype, seed=3)
+        for div in ("forward_kl", "reverse_kl", "jsd"):
+            loss = fastloss.distillation_loss(xs, xt, divergence=div, beta=0.3, temperature=2.0, target=t,
+                                              hard_weight=0.5, reduction="none")
+            out += [loss.detach(), torch.autograd.grad(loss.sum(), xs)[0]]
+            buf = xs.detach().clone()
+            out += [*torch.ops.fastloss.distill_fwd_inplace_grad(buf, xt, t, torch.ones(1), div, 0.3, 2.0, -100, 0.5),
+                    buf]
+        lp, ent = fastloss.token_logprobs(xs, t.clamp(min=0), temperature=0.7, return_entropy=True)
+        out += [lp.detach(), ent.detach(), torch.autograd.grad(lp.sum() + ent.sum(), xs)[0]]
     return out
 
 
