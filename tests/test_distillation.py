@@ -4,7 +4,6 @@ tokens, reductions and the hard-label term; gradients (reference autograd and gr
 vocabulary), peaked and flat distributions; low precision; odd vocabulary sizes, empty batches, leading shapes;
 the chunked linear version against the logits on materialised logits, and its extra peak memory."""
 
-import functools
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel_err
+from conftest import compiled_or_skip, TOL, rel_err
 
 import fastloss
 from fastloss.reference import distillation_loss_reference as ref_loss
@@ -452,26 +451,6 @@ def test_nn_module(device):
     assert rel_err(d(s, t), ref_loss(s, t)) <= RTOL64
 
 
-@functools.lru_cache(maxsize=None)
-def _compile_unavailable():
-    """Why torch.compile cannot run here (no C++ compiler for inductor, an unsupported Python), or None."""
-    try:
-        torch.compile(lambda x: x * 2 + 1, fullgraph=True)(torch.ones(3))
-        return None
-    except Exception as e:  # noqa: BLE001
-        return f"torch.compile unavailable: {type(e).__name__}: {e}"[:300]
-
-
-def _compiled_or_skip(fn, *args):
-    try:
-        return torch.compile(fn, fullgraph=True)(*args)
-    except Exception:
-        why = _compile_unavailable()
-        if why:
-            pytest.skip(why)
-        raise
-
-
 def test_torch_compile_fullgraph(device):
     def f(s, t, tgt):
         return fastloss.distillation_loss(s, t, divergence="jsd", beta=0.3, temperature=2.0, target=tgt,
@@ -480,7 +459,7 @@ def test_torch_compile_fullgraph(device):
     s, t = _pair((8,), v=300, dtype=torch.float32, device=device, seed=17)
     tgt = _target((8,), v=300, device=device)
     xa, xb = s.clone().requires_grad_(), s.clone().requires_grad_()
-    a = _compiled_or_skip(f, xa, t, tgt)
+    a = compiled_or_skip(f, xa, t, tgt)
     b = f(xb, t, tgt)
     a.backward()
     b.backward()

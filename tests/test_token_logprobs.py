@@ -4,13 +4,12 @@ and the entropy of the tempered softmax, as PPO / GRPO use them) against the pla
 outputs, gradcheck, -inf logits, peaked and flat rows, low precision, odd vocabulary sizes, empty batches, the
 chunked linear version against the logits version on materialised logits."""
 
-import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, rel_err
+from conftest import compiled_or_skip, TOL, rel_err
 
 import fastloss
 from fastloss.reference import token_logprobs_reference as ref_lp
@@ -254,26 +253,6 @@ def test_bad_input(device):
                 fastloss.token_logprobs(x, bad, return_entropy=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _compile_unavailable():
-    """Why torch.compile cannot run here (no C++ compiler for inductor, an unsupported Python), or None."""
-    try:
-        torch.compile(lambda x: x * 2 + 1, fullgraph=True)(torch.ones(3))
-        return None
-    except Exception as e:  # noqa: BLE001
-        return f"torch.compile unavailable: {type(e).__name__}: {e}"[:300]
-
-
-def _compiled_or_skip(fn, *args):
-    try:
-        return torch.compile(fn, fullgraph=True)(*args)
-    except Exception:
-        why = _compile_unavailable()
-        if why:
-            pytest.skip(why)
-        raise
-
-
 def test_torch_compile_fullgraph(device):
     def f(x, tok):
         out = fastloss.token_logprobs(x, tok, temperature=0.7, return_entropy=True)
@@ -282,7 +261,7 @@ def test_torch_compile_fullgraph(device):
     x = _logits((8,), v=300, dtype=torch.float32, device=device, seed=12)
     tok = _tokens((8,), v=300, device=device)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    a = _compiled_or_skip(f, xa, tok)
+    a = compiled_or_skip(f, xa, tok)
     b = f(xb, tok)
     a.backward()
     b.backward()

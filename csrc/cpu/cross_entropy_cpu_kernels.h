@@ -175,14 +175,11 @@ acc_t<scalar_t> row_shift(const scalar_t* x, int64_t C, const Tx& tx) {
   return std::isfinite(static_cast<double>(v)) ? v : acc(0);
 }
 
-// A float64 lse as (m, 1/d) for softmax_at: m = lse rounded to acc, 1/d = exp(m - lse). Then x - m is exact for
-// logits near the max (Sterbenz), so p keeps full precision even when |lse| ~ 1e4 and one float ulp of lse is
-// 1e-3: exp(x - float(lse)) would carry that error into every gradient entry.
+// A float64 lse as (m, 1/d) for softmax_at (fastloss/math.h lse_parts).
 template <typename acc>
 inline fm::OnlineState<acc> normaliser_from_lse(double lse) {
-  const acc m = static_cast<acc>(lse);
-  if (!std::isfinite(lse)) return {m, acc(1)};
-  return {m, static_cast<acc>(std::exp(double(m) - lse))};
+  const auto p = fm::lse_parts<acc>(lse);
+  return {p.m, p.scale};
 }
 
 // grad[c] = (a p_c - b w_c) * dx'/dx, then the target entry recomputed as (a p_t - b w_t - c_t) * dx'/dx in acc.

@@ -105,12 +105,11 @@ __device__ __forceinline__ acc_t<T> row_shift(const T* x, const Tx& tx) {
   return isfinite(v) ? v : acc_t<T>(0);
 }
 
-// A float64 lse as (m, 1/d) for softmax_at: m = lse rounded to acc, 1/d = exp(m - lse) (see the CPU).
+// A float64 lse as (m, 1/d) for softmax_at (fastloss/math.h lse_parts).
 template <typename acc>
 __device__ __forceinline__ fm::OnlineState<acc> normaliser_from_lse(double lse) {
-  const acc m = static_cast<acc>(lse);
-  if (!isfinite(lse)) return {m, acc(1)};
-  return {m, static_cast<acc>(::exp(static_cast<double>(m) - lse))};
+  const auto p = fm::lse_parts<acc>(lse);
+  return {p.m, p.scale};
 }
 
 // ---------------------------------------------------------------- per-thread row traversal

@@ -102,6 +102,15 @@ struct LogprobArgs {
   T* grad;
 };
 
+// A token outside [0, V) fails CUDA_KERNEL_ASSERT (like nll_loss); were device asserts compiled out, the token is
+// never read (log-probability NaN, no + g_lp in the gradient) and nothing outside the row is touched.
+__device__ __forceinline__ bool token_in_range(int64_t tok, int64_t V, int tid) {
+  if (tid == 0) {
+    CUDA_KERNEL_ASSERT(tok >= 0 && tok < V);
+  }
+  return tok >= 0 && tok < V;
+}
+
 template <typename T, bool kEntropy>
 __global__ void __launch_bounds__(kThreads) logprob_forward_kernel(const LogprobArgs<T> a) {
   using acc = acc_t<T>;
@@ -111,10 +120,7 @@ __global__ void __launch_bounds__(kThreads) logprob_forward_kernel(const Logprob
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
     const T* xr = a.x + row * a.V;
     const int64_t tok = a.tokens[row];
-    if (tid == 0) {
-      CUDA_KERNEL_ASSERT(tok >= 0 && tok < a.V);
-    }
-    const bool ok = tok >= 0 && tok < a.V;
+    const bool ok = token_in_range(tok, a.V, tid);
     using State = std::conditional_t<kEntropy, fm::EntState<acc>, fm::OnlineState<acc>>;
     State st;
     if constexpr (kEntropy) st = fm::ent_init<acc>();
@@ -148,10 +154,7 @@ __global__ void __launch_bounds__(kThreads) logprob_backward_kernel(const Logpro
     const T* xr = a.x + row * a.V;
     T* out = a.grad + row * a.V;
     const int64_t tok = a.tokens[row];
-    if (tid == 0) {
-      CUDA_KERNEL_ASSERT(tok >= 0 && tok < a.V);
-    }
-    const bool ok = tok >= 0 && tok < a.V;
+    const bool ok = token_in_range(tok, a.V, tid);
     const acc glp = a.g_lp != nullptr ? static_cast<acc>(a.g_lp[row]) : acc(0);
     const acc gh = a.g_h != nullptr ? static_cast<acc>(a.g_h[row]) : acc(0);
     const acc h = a.g_h != nullptr ? static_cast<acc>(a.entropy[row]) : acc(0);

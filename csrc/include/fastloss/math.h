@@ -406,6 +406,26 @@ FL_HD V log_softmax_at(V x, V m, V log_d) {
   return (x - m) - log_d;
 }
 
+// A saved float64 lse split for per-element use in the value type T: m = lse rounded to T, log_scale = m - lse
+// (exact in double, small), so p = e^(x - m) * scale and log p = (x - m) + log_scale. Then x - m is exact for
+// logits near the max (Sterbenz) and p keeps full precision even when |lse| ~ 1e4 and one float ulp of lse is
+// 1e-3: exp(x - float(lse)) would carry that error into every gradient entry. An lse of +-inf or NaN gives
+// scale 1, log_scale 0 (every p follows x - m).
+template <class T>
+struct LseParts {
+  T m;
+  T scale;
+  T log_scale;
+};
+
+template <class T>
+FL_HD LseParts<T> lse_parts(double lse) {
+  const T m = static_cast<T>(lse);
+  if (!(lse - lse == 0.0)) return {m, T(1), T(0)};  // not finite
+  const double ls = static_cast<double>(m) - lse;
+  return {m, static_cast<T>(::exp(ls)), static_cast<T>(ls)};
+}
+
 }  // namespace FL_ISA_NAMESPACE
 }  // namespace math
 }  // namespace fastloss

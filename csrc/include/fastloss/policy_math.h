@@ -171,24 +171,6 @@ FL_HD V logprob_at(V x, V m, V log_scale) {
   return (x - m) + log_scale;
 }
 
-// A row's lse (double) split for per-element use in the value type: m = lse rounded, log_scale = m - lse (exact in
-// double, small), so log p = (x - m) + log_scale and p = e^(x - m) * scale without the rounding of a float lse
-// (off by 1e-3 near 1e4). An lse of +-inf or NaN gives scale 1, log_scale 0 (every p follows x - m).
-template <class T>
-struct LseParts {
-  T m;
-  T scale;
-  T log_scale;
-};
-
-template <class T>
-FL_HD LseParts<T> lse_parts(double lse) {
-  const T m = static_cast<T>(lse);
-  if (!(lse - lse == 0.0)) return {m, T(1), T(0)};  // not finite
-  const double ls = static_cast<double>(m) - lse;
-  return {m, static_cast<T>(::exp(ls)), static_cast<T>(ls)};
-}
-
 // d loss / d s_j (tempered student logit) of one divergence, from the element's log-probabilities.
 // row_aux: KL for the reverse KL, KL(s || M) for the JSD (unused by the forward KL).
 template <int kDivergence, class V>
