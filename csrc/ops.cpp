@@ -75,4 +75,9 @@ TORCH_LIBRARY_FRAGMENT(fastloss, m) {
       "distill_fwd_inplace_grad(Tensor(a!) student, Tensor teacher, Tensor? target, Tensor grad_scale, "
       "str divergence, float beta, float temperature, int ignore_index, float hard_weight) "
       "-> (Tensor loss, Tensor stats)");
+  // The same into a new tensor: the gradient of a reduced loss computed in the forward (Liger's trick without
+  // destroying the logits; the backward only rescales it).
+  m.def(
+      "distill_fwd_grad(Tensor student, Tensor teacher, Tensor? target, Tensor grad_scale, str divergence, "
+      "float beta, float temperature, int ignore_index, float hard_weight) -> (Tensor loss, Tensor stats, Tensor grad)");
 }

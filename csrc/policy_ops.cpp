@@ -193,6 +193,26 @@ at::Tensor distill_bwd_op(const at::Tensor& grad_loss, const at::Tensor& student
   return grad;
 }
 
+namespace {
+// The forward that also writes d loss_r / d student * grad_scale[r] into grad (student itself, or a new tensor).
+std::tuple<at::Tensor, at::Tensor> distill_forward_with_grad(const at::Tensor& student, const at::Tensor& teacher,
+                                                             const std::optional<at::Tensor>& target,
+                                                             const at::Tensor& grad_scale, const DistillParams& p,
+                                                             const at::Tensor& grad, const PolicyKernels& k) {
+  const DistillInputs in = distill_inputs(student, teacher, target, p.ignore_index);
+  const int64_t N = student.size(0);
+  at::Tensor loss = new_rows(student, N), stats = at::empty({N, kDistillStats}, loss.options());
+  if (N == 0) return {loss, stats};
+  TORCH_CHECK(grad_scale.device() == student.device(), kDistillOp, ": `grad_scale` is on ", grad_scale.device(),
+              " but `student_logits` is on ", student.device());
+  at::Tensor scale = grad_scale.numel() == 1
+                         ? grad_scale.to(at::kDouble).reshape({1}).expand({N}).contiguous()
+                         : as_rows(grad_scale, student, kDistillOp, "grad_scale");
+  k.distill_forward(in.student, in.teacher, in.target, p, loss, stats, scale, grad);
+  return {loss, stats};
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> distill_fwd_inplace_grad_op(const at::Tensor& student, const at::Tensor& teacher,
                                                                const std::optional<at::Tensor>& target,
                                                                const at::Tensor& grad_scale,
@@ -202,15 +222,22 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_inplace_grad_op(const at::Tensor&
   const bool has_target = target && target->defined();
   const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, has_target);
   TORCH_CHECK(student.is_contiguous(), kDistillOp, ": the in-place gradient needs contiguous student logits");
-  const DistillInputs in = distill_inputs(student, teacher, target, ignore_index);
-  const int64_t N = student.size(0);
-  at::Tensor loss = new_rows(student, N), stats = at::empty({N, kDistillStats}, loss.options());
-  if (N == 0) return {loss, stats};
-  at::Tensor scale = grad_scale.numel() == 1
-                         ? grad_scale.to(at::kDouble).reshape({1}).expand({N}).contiguous()
-                         : as_rows(grad_scale, student, kDistillOp, "grad_scale");
-  k.distill_forward(in.student, in.teacher, in.target, p, loss, stats, scale, student);
-  return {loss, stats};
+  return distill_forward_with_grad(student, teacher, target, grad_scale, p, student, k);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_grad_op(const at::Tensor& student,
+                                                                   const at::Tensor& teacher,
+                                                                   const std::optional<at::Tensor>& target,
+                                                                   const at::Tensor& grad_scale,
+                                                                   c10::string_view divergence, double beta,
+                                                                   double temperature, int64_t ignore_index,
+                                                                   double hard_weight, const PolicyKernels& k) {
+  const bool has_target = target && target->defined();
+  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, has_target);
+  check_logits(student, kDistillOp, "student_logits");
+  at::Tensor grad = at::empty(student.sizes(), student.options());
+  auto [loss, stats] = distill_forward_with_grad(student, teacher, target, grad_scale, p, grad, k);
+  return {loss, stats, grad};
 }
 
 }  // namespace fastloss

@@ -37,4 +37,13 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_inplace_grad_op(const at::Tensor&
                                                                double temperature, int64_t ignore_index,
                                                                double hard_weight, const PolicyKernels& k);
 
+// The same gradient into a new tensor (the logits are kept): loss, stats, grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_grad_op(const at::Tensor& student,
+                                                                   const at::Tensor& teacher,
+                                                                   const std::optional<at::Tensor>& target,
+                                                                   const at::Tensor& grad_scale,
+                                                                   c10::string_view divergence, double beta,
+                                                                   double temperature, int64_t ignore_index,
+                                                                   double hard_weight, const PolicyKernels& k);
+
 }  // namespace fastloss

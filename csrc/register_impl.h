@@ -123,7 +123,15 @@ struct PolicyDeviceOps {
     return distill_fwd_inplace_grad_op(s, t, y, gs, div, beta, temp, ii, hw, K());
   }
 
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_grad(const at::Tensor& s, const at::Tensor& t,
+                                                                         const OptT& y, const at::Tensor& gs,
+                                                                         c10::string_view div, double beta,
+                                                                         double temp, int64_t ii, double hw) {
+    return distill_fwd_grad_op(s, t, y, gs, div, beta, temp, ii, hw, K());
+  }
+
   static void register_all(torch::Library& m) {
+    m.impl("distill_fwd_grad", &distill_fwd_grad);
     m.impl("token_logprobs_fwd", &logprobs_fwd);
     m.impl("token_logprobs_bwd", &logprobs_bwd);
     m.impl("token_logprobs_bwd_", &logprobs_bwd_);

@@ -155,7 +155,7 @@ def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temp
     t = target.reshape(-1) if target is not None else None
     want = _wants(hs, Ws, bs)
     chunk_rows = resolve_chunk_rows(chunk_size, N, V, hs.dtype, h.device, fn=fn, buffers=2)
-    denom = _mean_denominator(reduction, t, int(ignore_index), N, torch.float64, h.device)
+    denom = _mean_denominator(reduction, t, int(ignore_index), N, h.device)
     opts = (divergence, beta, temperature, int(ignore_index), hard_weight)
     out = _LinearDistillation.apply(h, Ws.contiguous(), bs, ht.detach().reshape(-1, ht.shape[-1]).contiguous(),
                                     Wt.detach().contiguous(), bt.detach() if bt is not None else None, t, opts,

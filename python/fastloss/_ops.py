@@ -251,6 +251,12 @@ def _distill_fwd_inplace_fake(student, teacher, target, grad_scale, divergence, 
     return _rows(student), _stats(student)
 
 
+@torch.library.register_fake("fastloss::distill_fwd_grad")
+def _distill_fwd_grad_fake(student, teacher, target, grad_scale, divergence, beta, temperature, ignore_index,
+                           hard_weight):
+    return _rows(student), _stats(student), torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
 def _logprobs_setup(ctx, inputs, output):
     logits, tokens, temperature, _entropy = inputs
     ctx.temperature = temperature

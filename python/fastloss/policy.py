@@ -91,7 +91,7 @@ def _distill_options(fn: str, divergence, beta, temperature, reduction, hard_wei
 
 
 def _mean_denominator(reduction: str, target: Optional[torch.Tensor], ignore_index: int, n: int,
-                      dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+                      device) -> Optional[torch.Tensor]:
     """Unmasked tokens (all tokens without a target), on the device: no host synchronisation."""
     if reduction != "mean":
         return None
@@ -106,6 +106,33 @@ def _reduce(rows: torch.Tensor, reduction: str, lead: tuple, denom: Optional[tor
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / denom
+
+
+class _DistillFused(torch.autograd.Function):
+    """A reduced loss whose gradient is computed in the forward (one pass over the student and teacher logits
+    instead of two; the backward only rescales the stored gradient, and not at all for the usual incoming 1).
+    A second backward through the graph (retain_graph, gradcheck) recomputes it with the backward op."""
+
+    @staticmethod
+    def forward(ctx, s2d, t2d, t, opts, reduction, lead, denom):
+        scale = (1.0 / denom).reshape(1) if reduction == "mean" else torch.ones(1, dtype=torch.float64,
+                                                                                 device=s2d.device)
+        rows, stats, grad = torch.ops.fastloss.distill_fwd_grad(s2d.detach(), t2d, t, scale, *opts)
+        ctx.save_for_backward(grad, s2d, t2d, t, stats, scale)
+        ctx.opts = opts
+        ctx.consumed = False
+        return _reduce(rows, reduction, lead, denom)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, s2d, t2d, t, stats, scale = ctx.saved_tensors
+        if not ctx.consumed:
+            ctx.consumed = True
+            torch.ops.fastloss.scale_rows_(grad, grad_loss.reshape(1))  # skipped when the incoming gradient is 1
+        else:
+            rows_grad = (grad_loss.reshape(1).to(torch.float64) * scale).expand(s2d.shape[0])
+            grad = torch.ops.fastloss.distill_bwd(rows_grad, s2d, t2d, t, stats, *ctx.opts)
+        return grad, None, None, None, None, None, None
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str = "forward_kl",
@@ -151,10 +178,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         teacher = teacher.to(student_logits.dtype)
     s2d = student_logits.reshape(-1, V)
     t = target.reshape(-1) if target is not None else None
-    rows, _ = torch.ops.fastloss.distill_fwd(s2d, teacher.reshape(-1, V), t, divergence, beta, temperature,
-                                             int(ignore_index), hard_weight)
-    denom = _mean_denominator(reduction, t, int(ignore_index), s2d.shape[0], rows.dtype, rows.device)
-    return _reduce(rows, reduction, lead, denom).to(student_logits.dtype)
+    opts = (divergence, beta, temperature, int(ignore_index), hard_weight)
+    denom = _mean_denominator(reduction, t, int(ignore_index), s2d.shape[0], s2d.device)
+    if (reduction != "none" and student_logits.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        out = _DistillFused.apply(s2d, teacher.reshape(-1, V), t, opts, reduction, lead, denom)
+    else:  # the registered autograd of distill_fwd: the backward makes its own pass (torch.compile, "none")
+        rows, _ = torch.ops.fastloss.distill_fwd(s2d, teacher.reshape(-1, V), t, *opts)
+        out = _reduce(rows, reduction, lead, denom)
+    return out.to(student_logits.dtype)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
