@@ -327,6 +327,13 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"running {run} ...", flush=True)
             results[run] = spawn_worker(run, argv, tokens, workdir)
 
+    return compare_runs(results, args, f"tiny Llama, V={vocab}: torch vs fastloss loss", loop="the training loop",
+                        setup="model + gradients + optimizer creation")
+
+
+def compare_runs(results: dict, args, title: str, loop: str, setup: str) -> int:
+    """Print the torch and fastloss loss curves side by side, time and peak memory of every run in RUNS order
+    (the results of other runs are ignored), the largest gap; PASS (0) when it is within args.tolerance."""
     a, b = results["torch"]["losses"], results["fastloss"]["losses"]
     diffs = [abs(x - y) for x, y in zip(a, b)]
     print(f"\n{'step':>6} {'torch':>10} {'fastloss':>10} {'|diff|':>10}")
@@ -341,14 +348,14 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{run:<9} {r['losses'][-1]:>10.5f} {r['wall_s']:>8.1f}s {fmt_mib(r['peak_mib']):>12} "
               f"{fmt_mib(r['extra_mib']):>12}")
     moments = results["torch"]["adamw_moments_mib"]
-    print(f"(wall: the training loop, without imports and model creation; peak RSS: VmHWM of the run's process; "
-          f"extra: peak minus the memory after model + gradients + optimizer creation, which includes AdamW's "
+    print(f"(wall: {loop}, without imports and model creation; peak RSS: VmHWM of the run's process; "
+          f"extra: peak minus the memory after {setup}, which includes AdamW's "
           f"moments, {moments:.1f} MiB, allocated at the first step in both runs)")
     worst = max(range(len(diffs)), key=diffs.__getitem__)
     print(f"\nfirst-step |diff| = {diffs[0]:.2e}; max |diff| over {len(diffs)} steps = {diffs[worst]:.2e} "
           f"(step {worst}); tolerance {args.tolerance:.0e}")
     if args.plot:
-        save_plot(args.plot, results, f"tiny Llama, V={vocab}: torch vs fastloss loss")
+        save_plot(args.plot, results, title)
     ok = all(math.isfinite(x) and math.isfinite(y) for x, y in zip(a, b)) and diffs[worst] <= args.tolerance
     print("PASS" if ok else "FAIL: the curves differ by more than the tolerance")
     return 0 if ok else 1

@@ -1,5 +1,8 @@
 import functools
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,3 +101,13 @@ def compiled_or_skip(fn, *args):
         if why:
             pytest.skip(why)
         raise
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """examples/<script> with these arguments in a child Python; stdout and stderr together in .stdout."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], check=False, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)

@@ -4,20 +4,15 @@ The end-to-end test trains a real 32K-entry BPE (~7 s) and starts two child proc
 transformers (~8 s each here), so it takes ~25 s on a 2-core CPU: it is marked slow (FASTLOSS_SLOW=1).
 """
 
-import os
-import pathlib
 import subprocess
-import sys
 
 import pytest
+from conftest import run_example
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_tiny_lm.py"
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, str(EXAMPLE), *args], check=False, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
+    return run_example("train_tiny_lm.py", *args, timeout=timeout)
 
 
 def test_help():

@@ -145,6 +145,34 @@ def _topk(device: str) -> list[Problem]:
             for v in (32768, 131072, 262144) for k in (1, 5, 50)]
 
 
+DISTILL_LOGITS_SUITES = ("distillation", "distillation_jsd", "token_logprobs")
+DISTILL_LINEAR_SUITES = ("linear_distillation", "linear_distillation_jsd", "linear_token_logprobs")
+DISTILL_DEFAULT_SUITES = ("distillation", "token_logprobs", "linear_distillation", "linear_token_logprobs")
+"""Issue #14's suites (suites/distillation.py); the ``*_jsd`` ones run only when asked for with ``--suite``."""
+
+
+def _distill_cpu_goal(device: str) -> list[Problem]:
+    # Issue #14's CPU goals, fp32 fwd+bwd: distillation and token log-probs on N=4096 x V=32768 logits; the linear
+    # versions on N=4096 tokens, D=1024, V=65536.
+    return [make_problem(4096, 32768, torch.float32, device, suites=DISTILL_LOGITS_SUITES),
+            make_problem(4096, 65536, torch.float32, device, hidden=1024, suites=DISTILL_LINEAR_SUITES)]
+
+
+def _distill_gpu_quick(device: str) -> list[Problem]:
+    # The GPU script's distillation / RL-policy run: bf16 logits of the Llama 3 vocabulary, and the linear versions
+    # on the heads of a Llama-3.2-1B student (D=2048) and a Llama-3.1-8B teacher (D=4096), same vocabulary.
+    n = 8192 if device == "cuda" else 256
+    bf16 = torch.bfloat16
+    return [make_problem(n, 128256, bf16, device, suites=DISTILL_LOGITS_SUITES),
+            make_problem(n, 128256, bf16, device, hidden=2048, teacher_hidden=4096, suites=DISTILL_LINEAR_SUITES)]
+
+
+def _distill_tiny(device: str) -> list[Problem]:
+    # Seconds on any machine (tests): small logits, and a small head with a wider teacher.
+    return [make_problem(64, 512, torch.float32, device, suites=DISTILL_LOGITS_SUITES),
+            make_problem(48, 1000, torch.float32, device, hidden=32, teacher_hidden=48, suites=DISTILL_LINEAR_SUITES)]
+
+
 PRESETS: dict[str, tuple[str, Callable[[str], list[Problem]]]] = {
     "default": ("small shapes; about a minute on a 2-core CPU", _default),
     "cpu-goal": ("N=4096 V=32768 fp32: the project's CPU performance goal", _cpu_goal),
@@ -156,14 +184,24 @@ PRESETS: dict[str, tuple[str, Callable[[str], list[Problem]]]] = {
     "topk": ("softmax_topk: V = 32K / 128K / 256K x k = 1 / 5 / 50, fp32", _topk),
     "gpu-quick": ("bench/gpu_check.sh's ~2 min GPU run: softmax, logsumexp, cross-entropy at N=8192 x V=128256 / "
                   "256000, linear CE on the Llama-3-8B head (D=4096), bf16, fwd+bwd", _gpu_quick),
+    "distill-cpu-goal": ("issue #14's CPU goals: distillation / token log-probs at N=4096 V=32768, linear versions at "
+                         "N=4096 D=1024 V=65536, fp32, fwd+bwd", _distill_cpu_goal),
+    "distill-gpu-quick": ("distillation / token log-probs at N=8192 V=128256 bf16, linear versions on a D=2048 "
+                          "student and D=4096 teacher head, fwd+bwd (CUDA)", _distill_gpu_quick),
+    "distill-tiny": ("distillation suites on tiny shapes (seconds; tests)", _distill_tiny),
 }
 
-PRESET_DEVICE: dict[str, str] = {"cpu-goal": "cpu", "gpu-sweep": "cuda", "gpu-quick": "cuda"}
+PRESET_DEVICE: dict[str, str] = {"cpu-goal": "cpu", "gpu-sweep": "cuda", "gpu-quick": "cuda",
+                                 "distill-cpu-goal": "cpu", "distill-gpu-quick": "cuda"}
 """Presets that only make sense on one device pick it when ``--device`` is not given."""
 
 PRESET_OPTIONS: dict[str, dict[str, Any]] = {
     "gpu-quick": {"suite": ",".join(LOGITS_SUITES + ("linear_cross_entropy",)), "mode": "fwdbwd",
                   "min_time": 0.05, "max_repeats": 30},
+    "distill-cpu-goal": {"suite": ",".join(DISTILL_DEFAULT_SUITES), "mode": "fwdbwd"},
+    "distill-gpu-quick": {"suite": ",".join(DISTILL_DEFAULT_SUITES), "mode": "fwdbwd", "min_time": 0.05,
+                          "max_repeats": 30},
+    "distill-tiny": {"suite": ",".join(DISTILL_LOGITS_SUITES + DISTILL_LINEAR_SUITES)},
 }
 """Command-line defaults a preset brings (``suite``, ``mode``, ``min_time``, ``max_repeats``): used for the
 options not given on the command line; with several presets the first that sets one wins."""
