@@ -462,7 +462,9 @@ class Workload:
         modes = [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}),
                  ("forward_kl T=2 hard", {"temperature": 2.0, "hard_weight": 0.5}),
                  ("jsd T=0.5 hard", {"beta": 0.7, "temperature": 0.5, "hard_weight": 0.3}),
-                 ("reverse_kl none", {"reduction": "none"})]
+                 ("forward_kl none", {"reduction": "none"}), ("reverse_kl none", {"reduction": "none"}),
+                 ("jsd none", {"beta": 0.3, "reduction": "none"})]
+        # (a reduced loss computes its gradient in the forward; "none" runs the separate forward and backward)
         for dtype in DTYPES:
             for rows, v in DISTILL[self.size]:
                 for mode, kw in modes:

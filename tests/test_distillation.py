@@ -673,3 +673,52 @@ def test_linear_extra_peak_memory_within_a_few_chunks():
     naive = _extra_mb("naive", n, d, v)
     assert naive > 200, naive  # the measurement sees materialised logits
     assert fl < 4 * chunk_mb + 2 * v * d * 4 / 2**20 + 48, (fl, naive)
+
+
+def test_opcheck():
+    s, t = _pair((5,), v=37, dtype=torch.float32, device="cpu", seed=31)
+    tgt = _target((5,), v=37, device="cpu")
+    opts = ("jsd", 0.3, 2.0, -100, 0.5)
+    torch.library.opcheck(torch.ops.fastloss.distill_fwd.default, (s, t, tgt, *opts))
+    torch.library.opcheck(torch.ops.fastloss.distill_fwd.default, (s, t, None, "reverse_kl", 0.5, 1.0, -100, 0.0))
+    torch.library.opcheck(torch.ops.fastloss.distill_fwd_grad.default, (s, t, tgt, torch.ones(1, dtype=torch.float64),
+                                                                        *opts))
+    torch.library.opcheck(torch.ops.fastloss.distill_fwd_inplace_grad.default,
+                          (s.clone(), t, tgt, torch.ones(1, dtype=torch.float64), *opts))
+
+
+def test_float16_gradients_do_not_underflow_before_the_loss_scale():
+    # A reduced float16 loss must not store p / N in float16 before a GradScaler's factor multiplies it.
+    s, t = _pair((2048,), v=512, dtype=torch.float16, device="cpu", seed=32)
+    xs = s.clone().requires_grad_()
+    (fastloss.distillation_loss(xs, t) * 32768.0).backward()
+    xr = s.double().requires_grad_()
+    (ref_loss(xr, t.double()) * 32768.0).backward()
+    assert rel_err(xs.grad, xr.grad) <= 2e-3
+    assert (xs.grad == 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_retain_graph_second_backward(reduction):
+    g = torch.Generator().manual_seed(33)
+    hs = torch.randn(7, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    Ws = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, Wt = torch.randn(7, 9, generator=g, dtype=torch.float64), torch.randn(30, 9, generator=g, dtype=torch.float64)
+    loss = fastloss.linear_distillation_loss(hs, Ws, ht, Wt, reduction=reduction, chunk_size=3)
+    (g1,) = torch.autograd.grad(loss, hs, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, hs, torch.tensor(3.0, dtype=torch.float64))
+    assert rel_err(g2, 3 * g1) <= 1e-12
+
+
+def test_linear_autocast():
+    g = torch.Generator().manual_seed(34)
+    hs = torch.randn(6, 16, generator=g, requires_grad=True)
+    Ws = torch.randn(40, 16, generator=g, requires_grad=True)
+    ht, Wt = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fastloss.linear_distillation_loss(hs, Ws, ht, Wt, chunk_size=4)
+    loss.backward()
+    hs64, Ws64 = hs.detach().double().requires_grad_(), Ws.detach().double().requires_grad_()
+    ref_loss(hs64 @ Ws64.t(), ht.double() @ Wt.double().t()).backward()
+    assert rel_err(loss, ref_loss(hs64 @ Ws64.t(), ht.double() @ Wt.double().t())) <= 1e-5
+    assert rel_err(hs.grad, hs64.grad) <= 1e-5 and rel_err(Ws.grad, Ws64.grad) <= 1e-5

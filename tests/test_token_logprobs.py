@@ -378,3 +378,40 @@ def test_linear_bad_input(device):
         bad[1] = V
         with pytest.raises(E + (IndexError,), match="tokens"):
             fastloss.linear_token_logprobs(h, W, bad, chunk_size=2)
+
+
+def test_nn_modules():
+    x = _logits((4,), v=50, dtype=torch.float64, device="cpu", seed=21)
+    tok = _tokens((4,), v=50, device="cpu")
+    m = fastloss.nn.TokenLogprobs(temperature=0.7, return_entropy=True)
+    lp, ent = m(x, tok)
+    rlp, rent = ref_lp(x, tok, temperature=0.7, return_entropy=True)
+    assert rel_err(lp, rlp) <= RTOL64 and rel_err(ent, rent) <= RTOL64
+    W = torch.randn(50, 8, dtype=torch.float64)
+    h = torch.randn(4, 8, dtype=torch.float64)
+    lin = fastloss.nn.LinearTokenLogprobs(temperature=0.7, chunk_size=3)
+    assert rel_err(lin(h, W, tok), ref_lp(h @ W.t(), tok, temperature=0.7)) <= RTOL64
+
+
+def test_opcheck():
+    x = _logits((5,), v=37, dtype=torch.float32, device="cpu", seed=22)
+    tok = _tokens((5,), v=37, device="cpu")
+    for entropy in (False, True):
+        torch.library.opcheck(torch.ops.fastloss.token_logprobs_fwd.default, (x, tok, 0.7, entropy))
+    lp, ent, lse = torch.ops.fastloss.token_logprobs_fwd(x, tok, 0.7, True)
+    torch.library.opcheck(torch.ops.fastloss.token_logprobs_bwd.default,
+                          (torch.ones(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64), x, tok, lse, ent,
+                           0.7), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_linear_autocast():
+    # Under torch.autocast the chunks still run in the inputs' dtype (their buffers are float32).
+    h = torch.randn(6, 16, requires_grad=True)
+    W = torch.randn(40, 16, requires_grad=True)
+    tok = torch.randint(0, 40, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = fastloss.linear_token_logprobs(h, W, tok, chunk_size=4)
+    lp.sum().backward()
+    h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    ref_lp(h64 @ W64.t(), tok).sum().backward()
+    assert rel_err(h.grad, h64.grad) <= 1e-5 and rel_err(W.grad, W64.grad) <= 1e-5

@@ -52,6 +52,12 @@ def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def no_autocast(device: torch.device):
+    """The chunks' GEMMs run in the inputs' dtype: under torch.autocast F.linear would hand bf16 / fp16 logits to
+    kernels whose gradient buffers are float32 (and a torch.mm(out=) of another dtype fails)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -128,12 +134,17 @@ def _chunk_backward(g, hc, Wc, gh_rows, gW, gb, acc, keep):
         gb.index_add_(0, keep, gk.sum(0, dtype=acc))
 
 
-def run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, chunk_rows,
-               scale: Optional[torch.Tensor], want_h: bool, want_w: bool, want_b: bool, filter_eps: float = 0.0,
-               loss_kind: tuple = ("ce", 0.0)):
+def run_chunks(h, *args, **kwargs):
     """One pass over token chunks. With ``scale`` (per-row or single incoming-gradient factors) also returns the
     gradients of h, W and b (None where not wanted). ``filter_eps`` > 0 skips the backward GEMM work of vocabulary
-    columns whose gradient entries are all below it (see :func:`_kept_columns`)."""
+    columns whose gradient entries are all below it (see :func:`_kept_columns`). Autocast is off inside."""
+    with no_autocast(h.device):
+        return _run_chunks(h, *args, **kwargs)
+
+
+def _run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, chunk_rows,
+                scale: Optional[torch.Tensor], want_h: bool, want_w: bool, want_b: bool, filter_eps: float = 0.0,
+                loss_kind: tuple = ("ce", 0.0)):
     ops = torch.ops.fastloss
     N = h.shape[0]
     V = W.shape[0]

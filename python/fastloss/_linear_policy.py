@@ -14,7 +14,9 @@ from typing import Optional
 
 import torch
 
-from ._linear_ce import _acc_dtype, _chunk_backward, _compute_dtype, resolve_chunk_rows
+from torch.autograd.function import once_differentiable
+
+from ._linear_ce import _acc_dtype, _chunk_backward, _compute_dtype, no_autocast, resolve_chunk_rows
 from .policy import (TokenLogprobs, _check_tensor, _check_temperature, _check_tokens, _distill_options,
                      _mean_denominator, _out_dtype, _reduce)
 
@@ -68,8 +70,10 @@ class _Grads:
         _chunk_backward(g, hc, head.W, self.gh[s:e] if self.gh is not None else None, self.gW, self.gb, self.acc,
                         None)
 
-    def result(self, h, W, b):
-        out = lambda x, like: None if x is None or like is None else x.to(like.dtype)  # noqa: E731
+    def result(self, h, W, b, keep_acc: bool = False):
+        """d h, d W, d b in the dtypes of h, W, b (keep_acc: as accumulated, float32 / the compute dtype)."""
+        out = lambda x, like: (None if x is None or like is None  # noqa: E731
+                               else x if keep_acc else x.to(like.dtype))
         return out(self.gh, h), out(self.gW, W), out(self.gb, b)
 
 
@@ -104,7 +108,6 @@ def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, 
 class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, Ws, bs, ht, Wt, bt, t, opts, reduction, chunk_rows, denom, lead, want):
-        student, teacher = _Head(hs, Ws, bs), _Head(ht, Wt, bt)
         N = hs.shape[0]
         precompute = reduction != "none" and any(want)
         scale = None
@@ -112,24 +115,36 @@ class _LinearDistillation(torch.autograd.Function):
             acc = _acc_dtype(hs.dtype)
             scale = ((1.0 / denom).to(acc).reshape(1) if reduction == "mean"
                      else torch.ones(1, dtype=acc, device=hs.device))
-        rows, grads = _distill_chunks(student, teacher, t, opts, chunk_rows, scale, want, Ws, N)
-        ctx.precompute, ctx.want, ctx.opts, ctx.chunk_rows = precompute, want, opts, chunk_rows
-        if precompute:
-            ctx.save_for_backward(*grads.result(hs, Ws, bs))
-        elif any(want):
+        with no_autocast(hs.device):
+            rows, grads = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, opts, chunk_rows, scale, want,
+                                          Ws, N)
+        ctx.precompute, ctx.want, ctx.opts, ctx.chunk_rows, ctx.scale = precompute, want, opts, chunk_rows, scale
+        ctx.consumed = False
+        if any(want):
+            # float16 gradients stay float32 until the incoming gradient (a GradScaler's factor) has scaled them:
+            # entries of order 1 / N would underflow in float16 first.
+            # (a ctx attribute, not a saved tensor: the backward scales them in place, once)
+            ctx.grads = grads.result(hs, Ws, bs, keep_acc=hs.dtype == torch.float16) if precompute else None
             ctx.save_for_backward(hs, Ws, bs, ht, Wt, bt, t)
         return _reduce(rows, reduction, lead, denom)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
-        if ctx.precompute:
+        hs, Ws, bs, ht, Wt, bt, t = ctx.saved_tensors
+        if ctx.precompute and not ctx.consumed:
+            ctx.consumed = True  # a second backward (retain_graph) recomputes below instead of scaling twice
+            (gh, gW, gb), ctx.grads = ctx.grads, None
             g = grad_loss.reshape(())
-            grads = [None if x is None else x.mul_(g.to(x.dtype)) for x in ctx.saved_tensors]
+            grads = [None if x is None else x.mul_(g.to(x.dtype)).to(like.dtype)
+                     for x, like in ((gh, hs), (gW, Ws), (gb, bs))]
         else:
-            hs, Ws, bs, ht, Wt, bt, t = ctx.saved_tensors
             scale = grad_loss.reshape(-1).to(_acc_dtype(hs.dtype))
-            _, g = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, ctx.opts, ctx.chunk_rows, scale,
-                                   ctx.want, Ws, hs.shape[0])
+            if ctx.precompute:
+                scale = scale * ctx.scale
+            with no_autocast(hs.device):
+                _, g = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, ctx.opts, ctx.chunk_rows, scale,
+                                       ctx.want, Ws, hs.shape[0])
             grads = list(g.result(hs, Ws, bs))
         return (*grads, None, None, None, None, None, None, None, None, None, None)
 
@@ -169,6 +184,11 @@ def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temp
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want):
+        with no_autocast(h.device):
+            return _LinearTokenLogprobs._forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want)
+
+    @staticmethod
+    def _forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want):
         ops = torch.ops.fastloss
         head = _Head(h, W, b)
         N = h.shape[0]
@@ -191,7 +211,13 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return lp, ent, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_lp, g_ent, _g_lse):
+        with no_autocast(g_lp.device):
+            return _LinearTokenLogprobs._backward(ctx, g_lp, g_ent)
+
+    @staticmethod
+    def _backward(ctx, g_lp, g_ent):
         ops = torch.ops.fastloss
         temperature, chunk_rows, want, entropy = ctx.args
         h, W, b, tokens, lse, ent = ctx.saved_tensors

@@ -127,3 +127,30 @@ class LinearDistillationLoss(DistillationLoss):
         return fastloss_policy.linear_distillation_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
             teacher_bias=teacher_bias, target=target, chunk_size=self.chunk_size, **self._options())
+
+
+class TokenLogprobs(torch.nn.Module):
+    """:func:`fastloss.token_logprobs` as a module: ``logp = m(logits, tokens)`` (with ``return_entropy=True``
+    a :class:`fastloss.TokenLogprobs` ``(logprobs, entropy)``)."""
+
+    def __init__(self, temperature: float = 1.0, return_entropy: bool = False):
+        super().__init__()
+        self.temperature, self.return_entropy = temperature, return_entropy
+
+    def forward(self, logits: torch.Tensor, tokens: torch.Tensor):
+        return fastloss_policy.token_logprobs(logits, tokens, temperature=self.temperature,
+                                              return_entropy=self.return_entropy)
+
+
+class LinearTokenLogprobs(TokenLogprobs):
+    """:func:`fastloss.linear_token_logprobs` as a module: ``m(hidden, weight, tokens, bias=None)`` without the
+    logits. Holds no parameters: pass the LM head's weight (and bias) in."""
+
+    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, chunk_size="auto"):
+        super().__init__(temperature, return_entropy)
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                bias: Optional[torch.Tensor] = None):
+        return fastloss_policy.linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=self.temperature,
+                                                     return_entropy=self.return_entropy, chunk_size=self.chunk_size)

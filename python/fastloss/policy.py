@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 _REDUCTIONS = ("none", "mean", "sum")
@@ -118,16 +119,17 @@ class _DistillFused(torch.autograd.Function):
         scale = (1.0 / denom).reshape(1) if reduction == "mean" else torch.ones(1, dtype=torch.float64,
                                                                                  device=s2d.device)
         rows, stats, grad = torch.ops.fastloss.distill_fwd_grad(s2d.detach(), t2d, t, scale, *opts)
-        ctx.save_for_backward(grad, s2d, t2d, t, stats, scale)
+        ctx.grad = grad  # a ctx attribute, not a saved tensor: the backward scales it in place, once
+        ctx.save_for_backward(s2d, t2d, t, stats, scale)
         ctx.opts = opts
-        ctx.consumed = False
         return _reduce(rows, reduction, lead, denom)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
-        grad, s2d, t2d, t, stats, scale = ctx.saved_tensors
-        if not ctx.consumed:
-            ctx.consumed = True
+        s2d, t2d, t, stats, scale = ctx.saved_tensors
+        if ctx.grad is not None:
+            grad, ctx.grad = ctx.grad, None
             torch.ops.fastloss.scale_rows_(grad, grad_loss.reshape(1))  # skipped when the incoming gradient is 1
         else:
             rows_grad = (grad_loss.reshape(1).to(torch.float64) * scale).expand(s2d.shape[0])
@@ -156,7 +158,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     target, from the same pass.
 
     The gradient flows to the student logits only: the teacher's are constants (detached; if they require grad
-    they get none). Teacher logits of another dtype are converted to the student's. Accumulation is float32 for
+    they get none). With "mean" / "sum" and student logits that require grad (grad mode on), the forward also
+    computes their gradient (one pass over both logits instead of two) and keeps it, N x V, until the backward:
+    call it under ``torch.no_grad()`` when no backward follows (evaluation). Teacher logits of another dtype are converted to the student's. Accumulation is float32 for
     bf16 / fp16 (float64 for float64); the loss has the student's dtype, as ``F.kl_div``'s would.
     """
     fn = "distillation_loss"
@@ -181,9 +185,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     opts = (divergence, beta, temperature, int(ignore_index), hard_weight)
     denom = _mean_denominator(reduction, t, int(ignore_index), s2d.shape[0], s2d.device)
     if (reduction != "none" and student_logits.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
+            and student_logits.dtype != torch.float16 and not torch.compiler.is_compiling()):
         out = _DistillFused.apply(s2d, teacher.reshape(-1, V), t, opts, reduction, lead, denom)
-    else:  # the registered autograd of distill_fwd: the backward makes its own pass (torch.compile, "none")
+    else:  # the registered autograd of distill_fwd: the backward makes its own pass (torch.compile, "none", and
+        # float16, whose stored p / N entries would underflow before a GradScaler's factor could lift them)
         rows, _ = torch.ops.fastloss.distill_fwd(s2d, teacher.reshape(-1, V), t, *opts)
         out = _reduce(rows, reduction, lead, denom)
     return out.to(student_logits.dtype)
