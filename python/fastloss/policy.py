@@ -11,6 +11,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .functional import _reduce  # noqa: F401  (also used by _linear_policy)
+
 _DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -99,14 +101,6 @@ def _mean_denominator(reduction: str, target: Optional[torch.Tensor], ignore_ind
     if target is None:
         return torch.tensor(float(n), dtype=torch.float64, device=device)
     return (target != ignore_index).sum().to(torch.float64)
-
-
-def _reduce(rows: torch.Tensor, reduction: str, lead: tuple, denom: Optional[torch.Tensor]) -> torch.Tensor:
-    if reduction == "none":
-        return rows.view(lead)
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / denom
 
 
 class _DistillFused(torch.autograd.Function):
