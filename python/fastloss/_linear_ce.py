@@ -144,7 +144,10 @@ def run_chunks(h, *args, **kwargs):
 
 def _run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, chunk_rows,
                 scale: Optional[torch.Tensor], want_h: bool, want_w: bool, want_b: bool, filter_eps: float = 0.0,
-                loss_kind: tuple = ("ce", 0.0)):
+                loss_kind: tuple = ("ce", 0.0), lowrank: Optional[tuple] = None, want_lowrank=(False, False)):
+    """``lowrank`` = (U, B), U (N, R) and B (V, R): the logits are ``h W^T + b + U B^T``, the linear map of the
+    widened operands [h, U] and [W, B] (a LoRA adapter on the head) without building [W, B]; ``want_lowrank`` says
+    whether d U and d B are wanted. Returns (loss rows, lse rows, d h, d W, d b, d U, d B)."""
     ops = torch.ops.fastloss
     N = h.shape[0]
     V = W.shape[0]
@@ -161,10 +164,18 @@ def _run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softc
     gW = torch.zeros((V, W.shape[1]), dtype=acc, device=dev) if grad and want_w else None
     gb = torch.zeros(V, dtype=acc, device=dev) if grad and want_b and b is not None else None
     per_row = grad and scale.numel() == N and N != 1
+    U = Bc_low = gU = gB_low = None
+    if lowrank is not None:
+        U, Bc_low = lowrank[0], lowrank[1].to(cdt)
+        gU = torch.empty(U.shape, dtype=cdt, device=dev) if grad and want_lowrank[0] else None
+        gB_low = torch.zeros(Bc_low.shape, dtype=acc, device=dev) if grad and want_lowrank[1] else None
     for s in range(0, N, chunk_rows):
         e = min(N, s + chunk_rows)
         hc = h[s:e].to(cdt)
         logits = torch.nn.functional.linear(hc, Wc, bc)
+        Uc = U[s:e].to(cdt) if U is not None else None
+        if Uc is not None:
+            logits.addmm_(Uc, Bc_low.t())
         tc = t[s:e]
         sc = (scale[s:e] if per_row else scale) if grad else None
         if soft:
@@ -187,50 +198,56 @@ def _run_chunks(h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softc
         if g is not None:
             keep = _kept_columns(g, sc, filter_eps) if filter_eps > 0 else None
             _chunk_backward(g, hc, Wc, gh[s:e] if gh is not None else None, gW, gb, acc, keep)
+            if Uc is not None:  # the low-rank block of the widened operands: d U rows = g B, d B += g^T U
+                _chunk_backward(g, Uc, Bc_low, gU[s:e] if gU is not None else None, gB_low, None, acc, keep)
         # Drop this chunk's logits before the next chunk's are allocated: two alive at once would double the peak.
         del g, logits
     out = lambda x, like: None if x is None else x.to(like.dtype)  # noqa: E731
-    return loss_rows, lse_rows, out(gh, h), out(gW, W), (out(gb, b) if b is not None else None)
+    low = (out(gU, U), out(gB_low, lowrank[1])) if lowrank is not None else (None, None)
+    return loss_rows, lse_rows, out(gh, h), out(gW, W), (out(gb, b) if b is not None else None), *low
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Inputs h, W, b and the optional low-rank block U, B (see :func:`_run_chunks`); ``want`` says which of the
+    five need a gradient."""
+
     @staticmethod
-    def forward(ctx, h, W, b, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, reduction,
+    def forward(ctx, h, W, b, U, B, t, weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, reduction,
                 chunk_rows, denom, out_shape, want, filter_eps, loss_kind):
-        want_h, want_w, want_b = want
         args = (weight, ignore_index, label_smoothing, z_loss, softcap, algorithm, chunk_rows)
         ctx.loss_kind = loss_kind
+        lowrank = (U, B) if U is not None else None
         precompute = reduction != "none" and any(want)
         scale = None
         if precompute:
             acc = _acc_dtype(h.dtype)
             scale = (1.0 / denom).to(acc).reshape(1) if reduction == "mean" else torch.ones(1, dtype=acc,
                                                                                               device=h.device)
-        rows, lse, gh, gW, gb = run_chunks(h, W, b, t, *args, scale=scale, want_h=want_h, want_w=want_w,
-                                           want_b=want_b, filter_eps=filter_eps, loss_kind=loss_kind)
+        rows, lse, *grads = run_chunks(h, W, b, t, *args, scale=scale, want_h=want[0], want_w=want[1],
+                                       want_b=want[2], filter_eps=filter_eps, loss_kind=loss_kind, lowrank=lowrank,
+                                       want_lowrank=want[3:])
         ctx.filter_eps = filter_eps
         ctx.reduction = reduction
         ctx.args = args
         ctx.want = want
         ctx.precompute = precompute
         if precompute:
-            ctx.save_for_backward(gh, gW, gb)
+            ctx.save_for_backward(*grads)
         elif any(want):
-            ctx.save_for_backward(h, W, b, t)
+            ctx.save_for_backward(h, W, b, U, B, t)
         ctx.mark_non_differentiable(lse)
         return reduce_rows(rows, reduction, out_shape, denom), lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
         if ctx.precompute:
-            gh, gW, gb = ctx.saved_tensors
             g = grad_loss.reshape(())
-            grads = [None if x is None else x.mul_(g.to(x.dtype)) for x in (gh, gW, gb)]
+            grads = [None if x is None else x.mul_(g.to(x.dtype)) for x in ctx.saved_tensors]
         else:
-            h, W, b, t = ctx.saved_tensors
-            want_h, want_w, want_b = ctx.want
+            h, W, b, U, B, t = ctx.saved_tensors
+            want = ctx.want
             scale = grad_loss.reshape(-1).to(_acc_dtype(h.dtype))
-            _, _, gh, gW, gb = run_chunks(h, W, b, t, *ctx.args, scale=scale, want_h=want_h, want_w=want_w,
-                                          want_b=want_b, filter_eps=ctx.filter_eps, loss_kind=ctx.loss_kind)
-            grads = [gh, gW, gb]
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None, None, None)
+            _, _, *grads = run_chunks(h, W, b, t, *ctx.args, scale=scale, want_h=want[0], want_w=want[1],
+                                      want_b=want[2], filter_eps=ctx.filter_eps, loss_kind=ctx.loss_kind,
+                                      lowrank=(U, B) if U is not None else None, want_lowrank=want[3:])
+        return (*grads, *([None] * 14))

@@ -394,6 +394,19 @@ def linear_cross_entropy(
     float64 either way, so ``torch.float32`` on bf16 input gives the loss that upcasting the logits would (what
     Hugging Face models report) without any float32 logits.
     """
+    return _linear_cross_entropy(
+        input, linear_weight, target, None, linear_bias=linear_bias, weight=weight, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        chunk_size=chunk_size, filter_eps=filter_eps, loss_dtype=loss_dtype, return_lse=return_lse,
+        return_z_loss=return_z_loss, algorithm=algorithm, loss=loss, gamma=gamma, epsilon=epsilon)
+
+
+def _linear_cross_entropy(input, linear_weight, target, lowrank, *, linear_bias, weight, reduction, ignore_index,
+                          label_smoothing, z_loss, softcap, chunk_size, filter_eps, loss_dtype, return_lse,
+                          return_z_loss, algorithm, loss, gamma, epsilon):
+    """:func:`linear_cross_entropy` with an optional low-rank block ``lowrank = (U, B)``: the logits are
+    ``input W^T + b + U B^T``, one linear map of the widened operands [input, U] and [W, B] (a LoRA adapter on the
+    head, U already scaled), still without the N x V logits. U (..., R) with input's leading shape, B (V, R)."""
     from ._linear_ce import LinearCrossEntropyFunction, resolve_chunk_rows
 
     for name, val in (("input", input), ("linear_weight", linear_weight), ("target", target)):
@@ -440,13 +453,27 @@ def linear_cross_entropy(
             linear_bias is not None and linear_bias.requires_grad)
     if not torch.is_grad_enabled():
         want = (False, False, False)
+    U = B = None
+    if lowrank is not None:
+        U, B = lowrank
+        R = B.shape[-1]
+        if B.dim() != 2 or B.shape[0] != V or tuple(U.shape) != lead + (R,) or U.dtype != input.dtype \
+                or B.dtype != input.dtype:
+            raise ValueError(f"fastloss.linear_cross_entropy: the low-rank block must be U {lead + (R,)} and B "
+                             f"({V}, {R}) of dtype {input.dtype}, got U {tuple(U.shape)} {U.dtype} and B "
+                             f"{tuple(B.shape)} {B.dtype}")
+        U = U.reshape(-1, R).contiguous()
+        B = B.contiguous()
+        want = want + (U.requires_grad and torch.is_grad_enabled(), B.requires_grad and torch.is_grad_enabled())
+    else:
+        want = want + (False, False)
     chunk_rows = resolve_chunk_rows(chunk_size, N, V, input.dtype, h.device)
     filter_eps = _resolve_filter_eps(filter_eps, input.dtype)
     kind, param = _loss_kind("linear_cross_entropy", loss, gamma, epsilon, float(label_smoothing), soft)
     if softcap is not None:
         softcap = float(softcap)
     out, lse = LinearCrossEntropyFunction.apply(
-        h.contiguous(), linear_weight.contiguous(), linear_bias, t, weight, ignore_index, float(label_smoothing),
+        h.contiguous(), linear_weight.contiguous(), linear_bias, U, B, t, weight, ignore_index, float(label_smoothing),
         float(z_loss), softcap, algorithm, reduction, chunk_rows, denom, lead, want, filter_eps, (kind, param))
     return _finish(out.to(input.dtype if loss_dtype is None else loss_dtype), lse, valid, float(z_loss), reduction,
                    lead, denom, return_lse, return_z_loss)
