@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,23 +47,29 @@ def _scalar(value) -> Optional[float]:
 
 
 class DeferredLogits:
-    """``lm_head(hidden)`` not yet computed. See the module docstring."""
+    """``lm_head(hidden)`` not yet computed. See the module docstring.
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *, owner: str,
-                 options: dict):
-        self._hidden = hidden
-        self._weight = weight
-        self._bias = bias
+    ``plan`` (:class:`fastloss.integrations._head.HeadPlan`) knows how the head computes its output; ``rows`` are
+    the per-token operands recorded when the model called it (the hidden states, then each LoRA adapter's
+    dropout of them), all with the same leading (token) dimensions."""
+
+    def __init__(self, plan, rows: tuple, *, owner: str, options: dict):
+        self._plan = plan
+        self._rows = tuple(rows)
         self._owner = owner  # the model's class name, for messages
         self._options = options  # chunk_size, filter_eps, algorithm for linear_cross_entropy
         self._ops: list = []  # elementwise ops in order, replayed by materialize(): ("mul"|"div", s), ("tanh",), ("to", dtype)
-        self._dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        self._dtype = plan.output_dtype(self._rows[0])
         self._materialized: Optional[torch.Tensor] = None
+
+    @property
+    def _hidden(self) -> torch.Tensor:
+        return self._rows[0]
 
     # ------------------------------------------------------------------ tensor-like attributes
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((*self._hidden.shape[:-1], self._weight.shape[0]))
+        return torch.Size((*self._hidden.shape[:-1], self._plan.vocab_size))
 
     def size(self, dim: Optional[int] = None):
         return self.shape if dim is None else self.shape[dim]
@@ -88,7 +94,8 @@ class DeferredLogits:
 
     @property
     def requires_grad(self) -> bool:
-        return self._hidden.requires_grad or self._weight.requires_grad
+        return torch.is_grad_enabled() and (any(r.requires_grad for r in self._rows)
+                                            or any(p.requires_grad for p in self._plan.module.parameters()))
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -97,13 +104,14 @@ class DeferredLogits:
         return f"DeferredLogits(shape={tuple(self.shape)}, dtype={self._dtype}, ops={self._ops})"
 
     # ------------------------------------------------------------------ recorded ops
-    def _derive(self, hidden: Optional[torch.Tensor] = None) -> "DeferredLogits":
+    def _derive(self, rows_op: Optional[Callable] = None) -> "DeferredLogits":
+        """A copy with the same recorded ops; ``rows_op`` (an op on the leading dimensions) applied to every row."""
         out = DeferredLogits.__new__(DeferredLogits)
         out.__dict__.update(self.__dict__)
         out._ops = list(self._ops)
         out._materialized = None
-        if hidden is not None:
-            out._hidden = hidden
+        if rows_op is not None:
+            out._rows = tuple(rows_op(r) for r in self._rows)
         return out
 
     def _scaled(self, s: float, op: str) -> "DeferredLogits":
@@ -182,9 +190,8 @@ class DeferredLogits:
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
             shape = tuple(shape[0])
-        vocab = self._weight.shape[0]
-        if len(shape) >= 1 and shape[-1] == vocab:
-            return self._derive(self._hidden.reshape(*shape[:-1], self._hidden.shape[-1]))
+        if len(shape) >= 1 and shape[-1] == self._plan.vocab_size:
+            return self._derive(lambda r: r.reshape(*shape[:-1], r.shape[-1]))
         return self._fallback("reshape", lambda x: x.reshape(*shape))
 
     view = reshape
@@ -193,7 +200,7 @@ class DeferredLogits:
         nd = self.ndim
         s, e = start_dim % nd, end_dim % nd
         if e < nd - 1:
-            return self._derive(self._hidden.flatten(s, e))
+            return self._derive(lambda r: r.flatten(s, e))
         return self._fallback("flatten", lambda x: x.flatten(start_dim, end_dim))
 
     def __getitem__(self, index):
@@ -217,7 +224,8 @@ class DeferredLogits:
                 return self._fallback("indexing the vocabulary dimension", lambda x: x[index])
             idx = idx[:-1]
         # Only the leading (token) dimensions are indexed: the same index on the hidden states.
-        return self._derive(self._hidden[tuple(idx)])
+        lead = tuple(idx)
+        return self._derive(lambda r: r[lead])
 
     # ------------------------------------------------------------------ torch functions
     @classmethod
@@ -266,7 +274,7 @@ class DeferredLogits:
     def materialize(self) -> torch.Tensor:
         """The logits exactly as the model's code computes them: the head, then every recorded op in order."""
         if self._materialized is None:
-            x = F.linear(self._hidden, self._weight, self._bias)
+            x = self._plan.logits(self._rows)  # the head's own forward, through the module's call
             for op in self._ops:
                 if op[0] == "mul":
                     x = x * op[1]
@@ -293,14 +301,23 @@ class DeferredLogits:
             return F.cross_entropy(self.materialize(), target, weight=weight, size_average=size_average,
                                    ignore_index=ignore_index, reduce=reduce, reduction=reduction,
                                    label_smoothing=label_smoothing)
-        hidden, bias = self._hidden, self._bias
-        if scale != 1.0:  # s * (h W^T + b) = (s h) W^T + s b
-            hidden = hidden * scale
-            bias = bias * scale if bias is not None else None
-        loss = fl_functional.linear_cross_entropy(
-            hidden, self._weight, target.to(hidden.device), linear_bias=bias, weight=weight,
-            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
-            loss_dtype=self._dtype, **self._options)
+
+        def loss_fn(hidden, W, bias, U, B):
+            common = torch.promote_types(hidden.dtype, W.dtype)  # differ only under autocast, which casts both
+            hidden, W = hidden.to(common), W.to(common)
+            bias, U, B = (None if x is None else x.to(common) for x in (bias, U, B))
+            if scale != 1.0:  # s * (h W^T + b + U B^T) = (s h) W^T + s b + (s U) B^T
+                hidden = hidden * scale
+                bias = bias * scale if bias is not None else None
+                U = U * scale if U is not None else None
+            return fl_functional._linear_cross_entropy(
+                hidden, W, target.to(hidden.device), (U, B) if U is not None else None, linear_bias=bias,
+                weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                z_loss=0.0, softcap=softcap, loss_dtype=self._dtype, return_lse=False, return_z_loss=False, loss="ce",
+                gamma=None, epsilon=None, **self._options)
+
+        # Inside a call of the head module: FSDP2 gathers its parameters for it and hooks the loss's backward.
+        loss = self._plan.call(self._rows, loss_fn)
         # Callers add to it in place (MoE forwards: `loss += coef * aux_loss`): hand out a tensor of its own, not
-        # a view of a custom autograd function's output.
-        return loss.clone() if loss._is_view() else loss
+        # a view of a custom autograd function's output (a clone, not an _is_view() test: that breaks compiled graphs).
+        return loss.clone()

@@ -25,11 +25,14 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ._deferred_logits import DeferredLogits, DeferredLogitsFallbackWarning
+from ._head import install_router, plan_head, qualified_name, remove_router
 
 _ATTR = "_fastloss_patch"
 
@@ -51,21 +54,23 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, chunk_size="au
     Returns the model (patched in place). :func:`unpatch` restores it. Patching twice only updates the options.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"fastloss.integrations.transformers.patch: {type(model).__name__} has no nn.Linear output "
-                        f"head (get_output_embeddings() gave {type(head).__name__}); only causal LMs with a linear "
-                        "head are supported")
+    if not isinstance(head, torch.nn.Module):
+        raise TypeError(f"fastloss.integrations.transformers.patch: {qualified_name(model)} has no output head "
+                        f"(get_output_embeddings() gave {qualified_name(head)}); only causal LMs whose head is an "
+                        "nn.Linear (or a wrapper of one that fastloss knows) are supported")
     cfg = PatchConfig(return_logits, chunk_size, filter_eps, algorithm)
-    state = getattr(model, _ATTR, None)
-    if state is not None:
+    state = _state(model)
+    if state is not None:  # this model, or the model inside a wrapper of it (a PeftModel), is patched already
         state["config"] = cfg
         return model
     original = model.forward  # bound method (possibly already wrapped by accelerate etc.)
     signature = inspect.signature(original)
 
+    # The original forward is read from the instance's state at each call, not from this closure: a deep copy of
+    # the patched model (a reference or EMA model) must run its own forward, not this model's.
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        return _patched_forward(self, original, signature, *args, **kwargs)
+        return _patched_forward(self, signature, *args, **kwargs)
 
     # inspect.signature(model.forward) must stay the original's: Trainer drops dataset columns that are not
     # parameters, and looks for **kwargs to decide whether to pass num_items_in_batch. Bound to the model, the
@@ -73,28 +78,51 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, chunk_size="au
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
 
-    setattr(model, _ATTR, {"config": cfg, "original": original, "had_instance_forward": "forward" in vars(model)})
+    setattr(model, _ATTR, {"config": cfg, "original": original, "had_instance_forward": "forward" in vars(model),
+                           "routed": weakref.WeakSet([head])})
+    if "forward" not in vars(head):  # (a replaced forward stays: the call-time check then runs the model's own head)
+        install_router(head)  # now rather than in the first (perhaps compiled) call: one recompilation less
     model.forward = types.MethodType(forward, model)
     return model
 
 
+def _patched_module(model: torch.nn.Module):
+    """The module ``patch`` was applied to: ``model`` or one inside it (``patch`` then ``get_peft_model``). Read
+    from the instance dictionaries: a wrapper's attribute forwarding (PeftModel's) must not answer for it."""
+    for m in model.modules():
+        if _ATTR in vars(m):
+            return m
+    return None
+
+
+def _state(model: torch.nn.Module):
+    m = _patched_module(model)
+    return None if m is None else vars(m)[_ATTR]
+
+
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    state = getattr(model, _ATTR, None)
-    if state is None:
-        return model
+    """Undo :func:`patch` on ``model`` (or on the model inside a wrapper of it); returns ``model``."""
+    outer, model = model, _patched_module(model)
+    if model is None:
+        return outer
+    state = vars(model)[_ATTR]
+    for head in list(state["routed"]):  # the heads whose calls the patched forward routed
+        remove_router(head)
     if state["had_instance_forward"]:
         model.forward = state["original"]
     else:
         del model.forward
     delattr(model, _ATTR)
-    return model
+    return outer
 
 
 def is_patched(model: torch.nn.Module) -> bool:
-    return getattr(model, _ATTR, None) is not None
+    return _state(model) is not None
 
 
-def _patched_forward(self, original, signature, *args, **kwargs):
+def _patched_forward(self, signature, *args, **kwargs):
+    state = vars(self)[_ATTR]
+    original = state["original"]
     bound = signature.bind(*args, **kwargs)
     arguments = dict(bound.arguments)
     for name, param in signature.parameters.items():  # flatten **kwargs into the named arguments
@@ -102,24 +130,30 @@ def _patched_forward(self, original, signature, *args, **kwargs):
             arguments.update(arguments.pop(name))
     if arguments.get("labels") is None and arguments.get("shift_labels") is None:
         return original(*args, **kwargs)  # no loss to compute: the model's own forward, logits and all
-    cfg: PatchConfig = getattr(self, _ATTR)["config"]
-    head = self.get_output_embeddings()
-    options = {"chunk_size": cfg.chunk_size, "filter_eps": cfg.filter_eps, "algorithm": cfg.algorithm}
+    cfg: PatchConfig = state["config"]
     owner = type(self).__name__
+    plan = plan_head(self.get_output_embeddings(), f"{owner}'s output head")
+    if isinstance(plan, str):  # the guarantee: only a head fastloss reproduces exactly is deferred
+        warnings.warn(f"fastloss: {plan}, which fastloss cannot reproduce exactly; the model's own head and loss "
+                      "ran (the loss is the model's own, without the memory saving)",
+                      DeferredLogitsFallbackWarning, stacklevel=3)
+        return original(*args, **kwargs)
+    options = {"chunk_size": cfg.chunk_size, "filter_eps": cfg.filter_eps, "algorithm": cfg.algorithm}
 
-    def deferred_head(hidden):
-        return DeferredLogits(hidden, head.weight, head.bias, owner=owner, options=options)
+    def first_call(x, *more, **kw):
+        if more or kw:  # not an nn.Linear call: the head's own forward runs on it (and says what it thinks)
+            warnings.warn(f"fastloss: {owner} calls its output head with extra arguments; its own forward ran "
+                          "(the loss is the model's own, without the memory saving)",
+                          DeferredLogitsFallbackWarning, stacklevel=3)
+            return type(plan.module).forward(plan.module, x, *more, **kw)
+        return DeferredLogits(plan, plan.rows(x), owner=owner, options=options)
 
-    had_forward = "forward" in vars(head)
-    previous = vars(head).get("forward")
-    head.forward = deferred_head
+    state["routed"].add(plan.module)
+    plan.defer(first_call)
     try:
         out = original(*args, **kwargs)
     finally:
-        if had_forward:
-            head.forward = previous
-        else:
-            del head.forward
+        plan.undefer()
     return _replace_deferred(out, cfg.return_logits)
 
 
