@@ -5,6 +5,9 @@
 # HF_SPEC (the optional Hugging Face stack the integration tests and the example use; empty to leave it out),
 # BUILD_DIR (CMake's build folder, default build/<venv name>), PYTEST_ARGS, BENCH_ARGS.
 #
+#   make test-stacks  the transformers patch inside training stacks (PEFT, FSDP2 / DDP on gloo processes, gradient
+#                  checkpointing, autocast, torch.compile): installs STACKS_SPEC (peft) into VENV, runs the tests marked
+#                  `stacks` (skipped by `make test`).
 #   make test-emu  the CUDA kernels run on the CPU (csrc/cuda_emu): a FASTLOSS_CUDA_EMU=ON build in its own venv
 #                  (EMU_VENV, default .venv-emu) and build folder, the test suite on it (every compiled kernel must
 #                  launch), bench/gpu_workload.py (every compiled kernel instantiation must launch), then the suite
@@ -17,6 +20,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch>=2.11
 HF_SPEC     ?= transformers==5.23.0 accelerate==1.15.0
+STACKS_SPEC ?= peft==0.21.2
 FASTLOSS_CUDA ?= AUTO
 PY          := $(VENV)/bin/python
 BUILD_DIR   ?= build/$(notdir $(VENV))
@@ -28,7 +32,7 @@ EMU_VENV    ?= .venv-emu
 EMU_SANITIZE ?= address,undefined
 EMU_SCHEDULE ?= mix
 
-.PHONY: all install test bench clean test-emu
+.PHONY: all install test test-stacks bench clean test-emu
 
 all: test
 
@@ -43,6 +47,10 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+test-stacks: install
+	$(PY) -m pip install -q $(HF_SPEC) $(STACKS_SPEC)
+	FASTLOSS_STACKS=1 $(PY) -m pytest tests -q -m stacks $(PYTEST_ARGS)
 
 bench: install
 	$(VENV)/bin/fastloss-bench $(BENCH_ARGS)

@@ -13,12 +13,16 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and fastloss.cuda_bui
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("FASTLOSS_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: set FASTLOSS_SLOW=1 to run")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    # slow: sizes past 2^31 elements (FASTLOSS_SLOW=1); stacks: the transformers patch under PEFT, FSDP2, DDP,
+    # checkpointing and compile (FASTLOSS_STACKS=1, `make test-stacks`, which installs peft): one CI configuration.
+    gates = {"slow": "FASTLOSS_SLOW", "stacks": "FASTLOSS_STACKS"}
+    for marker, env in gates.items():
+        if os.environ.get(env) == "1":
+            continue
+        skip = pytest.mark.skip(reason=f"{marker}: set {env}=1 to run")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(params=DEVICES)
@@ -34,6 +38,18 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     diff = (got[mask] - ref[mask]).norm()
     den = ref[mask].norm()
     return (diff / den).item() if den > 0 else diff.item()
+
+
+def causal_lm_loss_float64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                            shift_labels=None, **kwargs):
+    """transformers' ForCausalLMLoss without its ``logits.float()``, which would round a float64 model's logits
+    to float32: the float64 reference."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), shift_labels.reshape(-1),
+                                             ignore_index=ignore_index, reduction=reduction)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
 
 
 # Relative-error-norm tolerances against a float64 reference, per input dtype.

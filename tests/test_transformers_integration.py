@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import causal_lm_loss_float64, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,25 +130,13 @@ def _batch(seed=0):
     return ids, mask, labels
 
 
-def _causal_lm_loss_float64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
-                            shift_labels=None, **kwargs):
-    """transformers' ForCausalLMLoss without its ``logits.float()``, which would round a float64 model's logits
-    to float32: the float64 reference."""
-    if shift_labels is None:
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), shift_labels.reshape(-1),
-                                             ignore_index=ignore_index, reduction=reduction)
-    return loss / num_items_in_batch if num_items_in_batch is not None else loss
-
-
 def _pair(name, dtype):
     torch.manual_seed(0)
     ref = MODELS[name]().to(dtype)
     fl = patch(copy.deepcopy(ref))
     if dtype == torch.float64:
         # The model's own loss code runs under the patch too, so both get the float64 loss.
-        ref.loss_function = fl.loss_function = _causal_lm_loss_float64
+        ref.loss_function = fl.loss_function = causal_lm_loss_float64
     assert is_patched(fl) and not is_patched(ref)
     return ref, fl
 

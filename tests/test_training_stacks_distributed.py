@@ -1,0 +1,180 @@
+"""The transformers patch under FSDP2 (``fully_shard``) and DDP, gloo on the CPU: every grouping of the output head
+(in the root group, alone, with the final norm), ``reshard_after_forward`` True / False / an int, a
+``MixedPrecisionPolicy`` (bf16 parameters, float32 reduction), against the same model unpatched under the same
+sharding: the loss of each of two SGD steps, every gradient after the second, the parameters after it, and the
+number of all-gathers and reduce-scatters per step (the same: nothing gathered twice, gradients reduced once).
+A policy with ``output_dtype`` falls back to the model's own head, with the warning."""
+
+import copy
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = [pytest.mark.stacks,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
+
+V, B, T = 311, 2, 12
+
+
+def _llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _batch(rank, step):
+    g = torch.Generator().manual_seed(100 * rank + step)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return dict(input_ids=ids, labels=labels)
+
+
+def _mp(output_dtype=None):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=output_dtype)
+
+
+# name -> (where the head is sharded: "root" | "head" | "norm_head" | "ddp", reshard_after_forward,
+#          mixed precision policy or None, fallback warning text or None, world sizes)
+CASES = {
+    "root": ("root", True, None, None, (2,)),
+    "root_keep": ("root", False, None, None, (2,)),
+    "head": ("head", True, None, None, (2,)),
+    "head_keep": ("head", False, None, None, (2,)),
+    "norm_head": ("norm_head", True, None, None, (2,)),
+    "norm_head_keep": ("norm_head", False, None, None, (2,)),
+    "root_mp": ("root", True, "bf16", None, (2,)),
+    "head_mp": ("head", True, "bf16", None, (2,)),
+    "norm_head_mp": ("norm_head", True, "bf16", None, (2,)),
+    "head_mp_output_dtype": ("head", True, "bf16+output", "MixedPrecisionPolicy(output_dtype=", (2,)),
+    "head_int": ("head", 2, None, None, (4,)),  # reshard to groups of 2 after forward: needs 4 processes
+    "norm_head_int": ("norm_head", 2, None, None, (4,)),
+    "ddp": ("ddp", None, None, None, (2,)),
+}
+
+
+def _shard(model, where, reshard, policy):
+    if where == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    kw = {} if policy is None else {"mp_policy": _mp(torch.float32 if policy == "bf16+output" else None)}
+    for layer in model.model.layers:
+        fully_shard(layer, reshard_after_forward=reshard, **kw)
+    if where == "head":
+        fully_shard(model.lm_head, reshard_after_forward=reshard, **kw)
+    elif where == "norm_head":  # the grouping torch's fully_shard documentation gives for chunked-loss training
+        fully_shard([model.model.norm, model.lm_head], reshard_after_forward=reshard, **kw)
+    fully_shard(model, reshard_after_forward=reshard, **kw)
+    return model
+
+
+class _Collectives:
+    """Counts FSDP's all-gathers and reduce-scatters (and DDP's all-reduces) while active."""
+
+    NAMES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "all_reduce")
+
+    def __init__(self):
+        self.counts = {}
+
+    def __enter__(self):
+        self.saved = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
+        for name, fn in self.saved.items():
+            def counting(*args, _name=name, _fn=fn, **kwargs):
+                self.counts[_name] = self.counts.get(_name, 0) + 1
+                return _fn(*args, **kwargs)
+            setattr(dist, name, counting)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _train(model, rank, profile=False):
+    """Two SGD steps: losses, collective counts per step, the second step's gradients, final parameters, and
+    whether fastloss's ops ran in the first step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses, counts, ran = [], [], None
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        with _Collectives() as coll:
+            if profile and step == 0:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    loss = model(**_batch(rank, step)).loss
+                    loss.backward()
+                ran = any(e.key.startswith("fastloss::cross_entropy") for e in prof.key_averages())
+            else:
+                loss = model(**_batch(rank, step)).loss
+                loss.backward()
+        losses.append(loss.detach().float())
+        counts.append(dict(coll.counts))
+        grads = {n: _full(p.grad).float() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+    params = {n: _full(p.detach()).float() for n, p in model.named_parameters()}
+    return losses, counts, grads, params, ran
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _run_case(rank, name):
+    from fastloss.integrations.transformers import DeferredLogitsFallbackWarning, patch
+
+    where, reshard, policy, fallback, _ = CASES[name]
+    base = _llama()
+    ref = _shard(copy.deepcopy(base), where, reshard, policy)
+    fl = _shard(patch(copy.deepcopy(base)), where, reshard, policy)
+    losses_r, counts_r, grads_r, params_r, _ = _train(ref, rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeferredLogitsFallbackWarning)
+        losses_f, counts_f, grads_f, params_f, ran = _train(fl, rank, profile=True)
+    said = [str(w.message) for w in caught if issubclass(w.category, DeferredLogitsFallbackWarning)]
+    if fallback is None:
+        assert not said and ran, (name, said, ran)
+    else:
+        assert said and all(fallback in s for s in said) and not ran, (name, said, ran)
+    # bf16 parameters: the model's head rounds its logits to bf16, fastloss does not (CPU chunks in float32)
+    tol = 2 ** -7 if policy else 1e-5
+    for step, (a, b) in enumerate(zip(losses_f, losses_r)):
+        assert _rel(a, b) <= tol, (name, step, a, b)
+    assert counts_f == counts_r, (name, counts_f, counts_r)
+    assert grads_f.keys() == grads_r.keys() and grads_r, name
+    for n in grads_r:
+        assert _rel(grads_f[n], grads_r[n]) <= 20 * tol, (name, n, _rel(grads_f[n], grads_r[n]))
+    for n in params_r:
+        assert _rel(params_f[n], params_r[n]) <= 20 * tol, (name, n)
+
+
+def _worker(rank, world, init_file, names):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for name in names:
+            _run_case(rank, name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_and_ddp_match_the_unpatched_model(world):
+    names = [n for n, case in CASES.items() if world in case[4]]
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, os.path.join(d, "init"), names), nprocs=world, join=True)
