@@ -14,10 +14,11 @@ import sys
 import pytest
 import torch
 
-from fastloss.bench import accuracy, cli, memory, registry, report, timing
+from fastloss.bench import accuracy, cli, memory, report, timing
 from fastloss.bench.problems import make_problem
 from fastloss.bench.registry import Impl, Suite, register_suite, unregister_suite
-from fastloss.bench.suites.softmax import random_rows
+from fastloss.bench.inputs import random_rows
+from fastloss.bench.suites import select_suites
 
 TINY = ["--n", "8", "--v", "64", "--repeats", "2", "--device", "cpu", "--quiet"]
 
@@ -56,7 +57,7 @@ def temp_suite():
         names.append(name)
         return suite
 
-    registry.select_suites("all")  # make sure the built-in suites are registered first
+    select_suites("all")  # make sure the built-in suites are registered first
     yield make
     for n in names:
         unregister_suite(n)
@@ -78,7 +79,7 @@ def test_parse_explicit_sizes_and_lists():
         (8, 64, torch.float32), (16, 64, torch.float32), (8, 64, torch.bfloat16), (16, 64, torch.bfloat16)]
     assert all(p.device == "cpu" for p in problems)
     assert args.impl == ["fastloss-*", "torch-eager"] and args.mode == "fwd"
-    assert [s.name for s in registry.select_suites(args.suite)] == ["logsumexp"]
+    assert [s.name for s in select_suites(args.suite)] == ["logsumexp"]
 
 
 def test_parse_presets_and_overrides():
@@ -368,7 +369,7 @@ def test_time_budget_skips_the_rest(tmp_path):
 # ---------------------------------------------------------------- memory, plot, helpers
 
 
-@pytest.mark.skipif(not memory._reset_peak_rss(), reason="needs a resettable peak RSS (/proc/self/clear_refs)")
+@pytest.mark.skipif(not memory.reset_peak_rss(), reason="needs a resettable peak RSS (/proc/self/clear_refs)")
 def test_cpu_memory_subprocess_measures_the_output(tmp_path):
     # softmax of [256, 4096] fp32 allocates a 4 MiB output; fwdbwd also its 4 MiB gradient.
     rc, doc = _run(tmp_path, "--suite", "softmax", "--impl", "torch-eager", "--n", "256", "--v", "4096",
@@ -424,7 +425,7 @@ def test_rotation_and_measure():
 
 def test_chunked_loss_reference_matches_unchunked(monkeypatch):
     # linear_cross_entropy: h rows are chunked, W is shared and its float64 gradient accumulated over the chunks.
-    suite = registry.select_suites("linear_cross_entropy")[0]
+    suite = select_suites("linear_cross_entropy")[0]
     p = make_problem(10, 30, torch.float32, "cpu", hidden=6, softcap=3.0)
     inputs = suite.make_inputs(p, torch.Generator().manual_seed(2))
     h, w = (t.detach().requires_grad_() for t in inputs[:2])

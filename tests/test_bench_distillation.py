@@ -95,7 +95,7 @@ def test_fastloss_entries_match_the_references(tmp_path, dtype, tol):
 def test_fastloss_temperature_extra(tmp_path):
     # The temperature extra reaches both the implementations and the references (no CLI flag: an explicit problem).
     from fastloss.bench.problems import make_problem
-    from fastloss.bench.registry import select_suites
+    from fastloss.bench.suites import select_suites
     from fastloss.bench.runner import RunConfig, run
 
     problems = [make_problem(16, 300, torch.float32, "cpu", temperature=0.7),
@@ -108,12 +108,12 @@ def test_fastloss_temperature_extra(tmp_path):
 
 
 @needs_fastloss
-@pytest.mark.skipif(not memory._reset_peak_rss(), reason="needs a resettable peak RSS (/proc/self/clear_refs)")
+@pytest.mark.skipif(not memory.reset_peak_rss(), reason="needs a resettable peak RSS (/proc/self/clear_refs)")
 def test_linear_versions_need_less_memory_than_the_composite():
     # N=512 tokens x V=16384: the composite's logits alone are 32 MiB per head, and it keeps several N x V tensors;
     # fastloss in chunks of 64 tokens holds 4 MiB of logits per head at a time.
     from fastloss.bench.problems import make_problem
-    from fastloss.bench.registry import select_suites
+    from fastloss.bench.suites import select_suites
     from fastloss.bench.runner import RunConfig, run
 
     problem = make_problem(512, 16384, torch.float32, "cpu", hidden=64, chunk_size=64)

@@ -5,28 +5,11 @@ Importing the package loads the compiled operator library, so ``torch.ops.fastlo
 
 from __future__ import annotations
 
-import glob
-import os
-
 import torch
 
 __version__ = "0.1.0"
 
-
-def _load_library() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = sorted(glob.glob(os.path.join(here, "libfastloss_ops*.so")))
-    if not candidates:
-        raise ImportError(
-            f"fastloss: compiled library libfastloss_ops.so not found in {here}. Build and install the package "
-            "(`make install`, or `pip install --no-build-isolation .` in an environment that has torch)."
-        )
-    torch.ops.load_library(candidates[0])
-    return candidates[0]
-
-
-_library_path = _load_library()
-
+from ._library import library_path as _library_path  # noqa: E402,F401  (loads the compiled operator library)
 from . import _ops  # noqa: E402,F401  (registers fake kernels and autograd)
 from .functional import (  # noqa: E402
     CrossEntropyOutput,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import ctypes
 import re
 
-from . import _library_path
+from ._library import library_path
 
-_lib = ctypes.CDLL(_library_path)
+_lib = ctypes.CDLL(library_path)
 available: bool = hasattr(_lib, "fastloss_cuda_emu_report")
 
 if available:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .functional import _reduce as reduce_rows
+from ._common import reduce_rows
 
 # Default logits bytes per chunk. CPU: 256 MiB, measured (N=4096 D=1024 V=65536 fp32, 2 threads): 64 MiB chunks
 # (256 rows) ran 36-40 s, 256 MiB (1024 rows) 30 s, 512 MiB 27-29 s against the unchunked 27-35 s -- the d W GEMM's

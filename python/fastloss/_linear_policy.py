@@ -10,20 +10,18 @@ keep what the backward needs -- per-row statistics, never logits -- and recomput
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from torch.autograd.function import once_differentiable
 
 from ._linear_ce import _acc_dtype, _chunk_backward, _compute_dtype, no_autocast, resolve_chunk_rows
-from .policy import (TokenLogprobs, _check_tensor, _check_temperature, _check_tokens, _distill_options,
-                     _mean_denominator, _out_dtype, _reduce)
+from ._common import (TokenLogprobs, check_temperature, check_tensor, check_tokens, distill_options, out_dtype,
+                      reduce_rows, unmasked_count)
 
 
 def _check_head(fn: str, hname: str, wname: str, bname: str, h, W, b) -> None:
-    _check_tensor(hname, fn, h)
-    _check_tensor(wname, fn, W)
+    check_tensor(fn, hname, h)
+    check_tensor(fn, wname, W)
     if W.dim() != 2:
         raise ValueError(f"fastloss.{fn}: `{wname}` must have shape (V, D), got {tuple(W.shape)}")
     if h.dim() == 0 or h.shape[-1] != W.shape[1]:
@@ -126,7 +124,7 @@ class _LinearDistillation(torch.autograd.Function):
             # (a ctx attribute, not a saved tensor: the backward scales them in place, once)
             ctx.grads = grads.result(hs, Ws, bs, keep_acc=hs.dtype == torch.float16) if precompute else None
             ctx.save_for_backward(hs, Ws, bs, ht, Wt, bt, t)
-        return _reduce(rows, reduction, lead, denom)
+        return reduce_rows(rows, reduction, lead, denom)
 
     @staticmethod
     @once_differentiable
@@ -161,16 +159,16 @@ def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temp
     if tuple(ht.shape[:-1]) != lead:
         raise ValueError(f"fastloss.{fn}: `teacher_hidden` must have the leading shape of `student_hidden` {lead}, "
                          f"got {tuple(ht.shape[:-1])}")
-    beta, temperature, hard_weight = _distill_options(fn, divergence, beta, temperature, reduction, hard_weight,
+    beta, temperature, hard_weight = distill_options(fn, divergence, beta, temperature, reduction, hard_weight,
                                                       target)
     if target is not None:
-        _check_tokens(fn, "target", target, lead)
+        check_tokens(fn, "target", target, lead)
     h = hs.reshape(-1, hs.shape[-1]).contiguous()
     N, V = h.shape[0], Ws.shape[0]
     t = target.reshape(-1) if target is not None else None
     want = _wants(hs, Ws, bs)
     chunk_rows = resolve_chunk_rows(chunk_size, N, V, hs.dtype, h.device, fn=fn, buffers=2)
-    denom = _mean_denominator(reduction, t, int(ignore_index), N, h.device)
+    denom = unmasked_count(reduction, t, int(ignore_index), N, h.device)
     opts = (divergence, beta, temperature, int(ignore_index), hard_weight)
     out = _LinearDistillation.apply(h, Ws.contiguous(), bs, ht.detach().reshape(-1, ht.shape[-1]).contiguous(),
                                     Wt.detach().contiguous(), bt.detach() if bt is not None else None, t, opts,
@@ -240,15 +238,15 @@ def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return
     fn = "linear_token_logprobs"
     _check_head(fn, "hidden", "weight", "bias", hidden, weight, bias)
     lead = tuple(hidden.shape[:-1])
-    _check_tokens(fn, "tokens", tokens, lead)
-    temperature = _check_temperature(fn, temperature)
+    check_tokens(fn, "tokens", tokens, lead)
+    temperature = check_temperature(fn, temperature)
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     N, V = h.shape[0], weight.shape[0]
     chunk_rows = resolve_chunk_rows(chunk_size, N, V, hidden.dtype, h.device, fn=fn)
     want = _wants(hidden, weight, bias)
     lp, ent, _ = _LinearTokenLogprobs.apply(h, weight.contiguous(), bias, tokens.reshape(-1), temperature,
                                             bool(return_entropy), chunk_rows, want)
-    out = _out_dtype(hidden.dtype)
+    out = out_dtype(hidden.dtype)
     lp = lp.to(out).view(lead)
     if return_entropy:
         return TokenLogprobs(lp, ent.to(out).view(lead))

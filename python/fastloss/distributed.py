@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .functional import _REDUCTIONS
+from ._common import REDUCTIONS as _REDUCTIONS
 
 _NAME = "fastloss.distributed"
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-_ALGORITHMS = ("auto", "online", "two_pass")
-
-
-def _check(input, name: str, algorithm: str) -> None:
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"fastloss.{name}: `input` must be a torch.Tensor, got {type(input).__name__}")
-    if algorithm not in _ALGORITHMS:
-        raise ValueError(f"fastloss.{name}: `algorithm` must be one of {_ALGORITHMS}, got {algorithm!r}")
+from ._common import (ALGORITHMS, REDUCTIONS, CrossEntropyOutput, SoftmaxTopK, check_choice, check_input,
+                      check_tensor, loss_kind, mean_denominator, reduce_rows)
+from ._linear_ce import LinearCrossEntropyFunction, resolve_chunk_rows
 
 
 def softmax(
@@ -26,7 +21,7 @@ def softmax(
     Ablavatski mantissa/exponent accumulation, no max pass) or ``"auto"`` (the faster one measured for the shape
     and device). Reduced-precision inputs accumulate in float32.
     """
-    _check(input, "softmax", algorithm)
+    check_input("softmax", input, algorithm)
     if dtype is not None:
         input = input.to(dtype)
     return torch.ops.fastloss.softmax(input, dim, algorithm)
@@ -36,7 +31,7 @@ def log_softmax(
     input: torch.Tensor, dim: int = -1, *, algorithm: str = "auto", dtype: Optional[torch.dtype] = None
 ) -> torch.Tensor:
     """``torch.log_softmax(input, dim, dtype=dtype)`` computed by fastloss's kernels (see :func:`softmax`)."""
-    _check(input, "log_softmax", algorithm)
+    check_input("log_softmax", input, algorithm)
     if dtype is not None:
         input = input.to(dtype)
     return torch.ops.fastloss.log_softmax(input, dim, algorithm)
@@ -49,7 +44,7 @@ def logsumexp(input: torch.Tensor, dim=-1, keepdim: bool = False, *, algorithm: 
     ``torch.amax`` does). Several dims reduce as one row: a view when they can be flattened in place (adjacent in
     memory), otherwise through a copy with the reduced dims moved last.
     """
-    _check(input, "logsumexp", algorithm)
+    check_input("logsumexp", input, algorithm)
     if isinstance(dim, bool) or not isinstance(dim, (int, tuple, list, torch.Size)):
         raise TypeError(f"fastloss.logsumexp: `dim` must be an int or a tuple of ints, got {dim!r}")
     if isinstance(dim, int):
@@ -86,11 +81,6 @@ def _normalize_dims(input: torch.Tensor, dims: tuple, name: str) -> tuple:
     return tuple(sorted(out))
 
 
-class SoftmaxTopK(NamedTuple):
-    values: torch.Tensor
-    indices: torch.Tensor
-
-
 def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, algorithm: str = "auto") -> SoftmaxTopK:
     """``torch.topk(torch.softmax(input, dim), k, dim)`` from one pass over ``input``, without the softmax tensor.
 
@@ -103,7 +93,7 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, algorithm: str =
     computes the softmax and ranks the logits with a stable descending sort (the same order rule), then gathers
     the probabilities. (FASTLOSS_TOPK_FUSED_LIMIT=n lowers the fused limit on any device, for testing.)
     """
-    _check(input, "softmax_topk", algorithm)
+    check_input("softmax_topk", input, algorithm)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"fastloss.softmax_topk: `k` must be an int, got {k!r}")
     if not isinstance(dim, int):
@@ -114,22 +104,11 @@ def softmax_topk(input: torch.Tensor, k: int, dim: int = -1, *, algorithm: str =
 
 def resolve_algorithm(input: torch.Tensor, dim: int = -1, algorithm: str = "auto") -> str:
     """The algorithm ("online" or "two_pass") that ``algorithm`` resolves to for this input."""
-    _check(input, "resolve_algorithm", algorithm)
+    check_input("resolve_algorithm", input, algorithm)
     return torch.ops.fastloss.resolve_algorithm(input, dim, algorithm)
 
 
 # ---------------------------------------------------------------- cross-entropy
-
-_REDUCTIONS = ("none", "mean", "sum")
-
-
-class CrossEntropyOutput(NamedTuple):
-    """What :func:`cross_entropy` returns when ``return_z_loss`` or ``return_lse`` is set."""
-
-    loss: torch.Tensor
-    z_loss: Optional[torch.Tensor]  # the z-loss term alone, reduced like the loss (for logging)
-    lse: Optional[torch.Tensor]  # per-token log-sum-exp of the (softcapped) logits, float32; 0 for ignored tokens
-
 
 def _flatten_for_ce(input: torch.Tensor, target: torch.Tensor, soft: bool):
     """(C), (N, C) and (N, C, d1, ..., dK) to [rows, C] logits and [rows] (or [rows, C]) targets."""
@@ -158,28 +137,6 @@ def _flatten_for_ce(input: torch.Tensor, target: torch.Tensor, soft: bool):
     return x2d, t, out_shape
 
 
-def _mean_denominator(reduction: str, t: torch.Tensor, valid: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                      dtype: torch.dtype):
-    """torch's "mean": the summed class weight of the non-ignored targets (their count when unweighted), or the
-    number of samples for probability targets (valid is None). A device tensor: no host synchronisation."""
-    if reduction != "mean":
-        return None
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    if valid is None:
-        return torch.tensor(float(t.shape[0]), dtype=acc, device=t.device)
-    if weight is not None:
-        return (weight.to(acc)[t.masked_fill(~valid, 0)] * valid).sum()
-    return valid.sum().to(acc)
-
-
-def _reduce(rows: torch.Tensor, reduction: str, out_shape, denom: Optional[torch.Tensor]) -> torch.Tensor:
-    if reduction == "none":
-        return rows.view(out_shape)
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / denom
-
-
 class _CrossEntropyInplace(torch.autograd.Function):
     """Forward writes d loss / d logits into the logits' own buffer; backward only rescales it (and skips even
     that when the incoming gradient is exactly 1), so no second N x C tensor ever exists."""
@@ -194,43 +151,13 @@ class _CrossEntropyInplace(torch.autograd.Function):
         ctx.save_for_backward(buf)
         ctx.reduction = reduction
         ctx.mark_non_differentiable(lse)
-        return _reduce(rows, reduction, out_shape, denom), lse
+        return reduce_rows(rows, reduction, out_shape, denom), lse
 
     @staticmethod
     def backward(ctx, grad, _grad_lse):
         (buf,) = ctx.saved_tensors
         torch.ops.fastloss.scale_rows_(buf, grad.reshape(-1))
         return buf, None, None, None, None, None, None, None, None, None, None, None, None
-
-
-_LOSSES = ("ce", "focal", "poly1", "squentropy")
-
-
-def _loss_kind(name: str, loss: str, gamma, epsilon, label_smoothing: float, soft: bool) -> tuple[str, float]:
-    """Validates ``loss`` and its parameter; returns (loss, loss_param) for the ops."""
-    if loss not in _LOSSES:
-        raise ValueError(f"fastloss.{name}: `loss` must be one of {_LOSSES}, got {loss!r}")
-    if gamma is not None and loss != "focal":
-        raise ValueError(f"fastloss.{name}: `gamma` is the parameter of loss='focal', not of loss={loss!r}")
-    if epsilon is not None and loss != "poly1":
-        raise ValueError(f"fastloss.{name}: `epsilon` is the parameter of loss='poly1', not of loss={loss!r}")
-    if loss == "ce":
-        return loss, 0.0
-    if soft:
-        raise ValueError(f"fastloss.{name}: loss={loss!r} needs class-index targets, not probability targets")
-    if label_smoothing:
-        raise ValueError(f"fastloss.{name}: loss={loss!r} does not take label_smoothing")
-    if loss == "squentropy":
-        return loss, 0.0
-    if loss == "focal":
-        g = 2.0 if gamma is None else float(gamma)
-        if not (g >= 0 and math.isfinite(g)):
-            raise ValueError(f"fastloss.{name}: `gamma` must be a finite float >= 0, got {gamma!r}")
-        return loss, g
-    e = 1.0 if epsilon is None else float(epsilon)
-    if not math.isfinite(e):
-        raise ValueError(f"fastloss.{name}: `epsilon` must be finite, got {epsilon!r}")
-    return loss, e
 
 
 def cross_entropy(
@@ -276,18 +203,15 @@ def cross_entropy(
 
     The loss has ``input``'s dtype; internally everything accumulates in float32 (float64 for float64 input).
     """
-    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("fastloss.cross_entropy: `input` and `target` must be tensors")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"fastloss.cross_entropy: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
-    if algorithm not in _ALGORITHMS:
-        raise ValueError(f"fastloss.cross_entropy: `algorithm` must be one of {_ALGORITHMS}, got {algorithm!r}")
+    check_input("cross_entropy", input, algorithm)
+    check_tensor("cross_entropy", "target", target)
+    check_choice("cross_entropy", "reduction", reduction, REDUCTIONS)
     soft = target.is_floating_point()
     if soft and ignore_index >= 0:
         raise ValueError("fastloss.cross_entropy: ignore_index is not supported for probability targets")
     if softcap is not None:
         softcap = float(softcap)
-    kind, param = _loss_kind("cross_entropy", loss, gamma, epsilon, float(label_smoothing), soft)
+    kind, param = loss_kind("cross_entropy", loss, gamma, epsilon, float(label_smoothing), soft)
     x2d, t, out_shape = _flatten_for_ce(input, target, soft)
     ls, z = float(label_smoothing), float(z_loss)
     ops = torch.ops.fastloss
@@ -297,10 +221,10 @@ def cross_entropy(
             raise ValueError("fastloss.cross_entropy: inplace_backward supports class-index targets only")
         rows, lse, _ = ops.cross_entropy_prob_fwd(x2d, t, weight, ls, z, softcap, algorithm)
         valid = None
-        denom = _mean_denominator(reduction, t, None, weight, input.dtype)  # torch: mean over samples
+        denom = mean_denominator(reduction, t, None, weight, input.dtype)  # torch: mean over samples
     else:
         valid = t != ignore_index
-        denom = _mean_denominator(reduction, t, valid, weight, input.dtype)
+        denom = mean_denominator(reduction, t, valid, weight, input.dtype)
         if inplace_backward and x2d.requires_grad and torch.is_grad_enabled():
             x2d = x2d if x2d.is_contiguous() else x2d.contiguous()
             out, lse = _CrossEntropyInplace.apply(x2d, t, weight, ignore_index, ls, z, softcap, algorithm,
@@ -308,7 +232,7 @@ def cross_entropy(
             return _finish(out.to(input.dtype), lse, valid, z, reduction, out_shape, denom, return_lse,
                            return_z_loss)
         rows, lse, _ = ops.cross_entropy_fwd(x2d, t, weight, ignore_index, ls, z, softcap, algorithm, kind, param)
-    out = _reduce(rows, reduction, out_shape, denom).to(input.dtype)
+    out = reduce_rows(rows, reduction, out_shape, denom).to(input.dtype)
     return _finish(out, lse, valid, z, reduction, out_shape, denom, return_lse, return_z_loss)
 
 
@@ -320,7 +244,7 @@ def _finish(loss, lse, valid, z, reduction, out_shape, denom, return_lse, return
         zr = z * lse * lse
         if valid is not None:
             zr = zr * valid
-        z_term = _reduce(zr, reduction, out_shape, denom)
+        z_term = reduce_rows(zr, reduction, out_shape, denom)
     if z_term is not None:
         z_term = z_term.to(loss.dtype)
     lse_out = None
@@ -407,16 +331,11 @@ def _linear_cross_entropy(input, linear_weight, target, lowrank, *, linear_bias,
     """:func:`linear_cross_entropy` with an optional low-rank block ``lowrank = (U, B)``: the logits are
     ``input W^T + b + U B^T``, one linear map of the widened operands [input, U] and [W, B] (a LoRA adapter on the
     head, U already scaled), still without the N x V logits. U (..., R) with input's leading shape, B (V, R)."""
-    from ._linear_ce import LinearCrossEntropyFunction, resolve_chunk_rows
-
+    fn = "linear_cross_entropy"
     for name, val in (("input", input), ("linear_weight", linear_weight), ("target", target)):
-        if not isinstance(val, torch.Tensor):
-            raise TypeError(f"fastloss.linear_cross_entropy: `{name}` must be a tensor, got {type(val).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"fastloss.linear_cross_entropy: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
-    if algorithm not in _ALGORITHMS:
-        raise ValueError(f"fastloss.linear_cross_entropy: `algorithm` must be one of {_ALGORITHMS}, got "
-                         f"{algorithm!r}")
+        check_tensor(fn, name, val)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    check_choice(fn, "algorithm", algorithm, ALGORITHMS)
     if linear_weight.dim() != 2:
         raise ValueError(f"fastloss.linear_cross_entropy: `linear_weight` must have shape (V, D), got "
                          f"{tuple(linear_weight.shape)}")
@@ -448,7 +367,7 @@ def _linear_cross_entropy(input, linear_weight, target, lowrank, *, linear_bias,
     h = input.reshape(-1, D)
     N = h.shape[0]
     valid = None if soft else t != ignore_index
-    denom = _mean_denominator(reduction, t, valid, weight, input.dtype)
+    denom = mean_denominator(reduction, t, valid, weight, input.dtype)
     want = (input.requires_grad, linear_weight.requires_grad,
             linear_bias is not None and linear_bias.requires_grad)
     if not torch.is_grad_enabled():
@@ -469,7 +388,7 @@ def _linear_cross_entropy(input, linear_weight, target, lowrank, *, linear_bias,
         want = want + (False, False)
     chunk_rows = resolve_chunk_rows(chunk_size, N, V, input.dtype, h.device)
     filter_eps = _resolve_filter_eps(filter_eps, input.dtype)
-    kind, param = _loss_kind("linear_cross_entropy", loss, gamma, epsilon, float(label_smoothing), soft)
+    kind, param = loss_kind("linear_cross_entropy", loss, gamma, epsilon, float(label_smoothing), soft)
     if softcap is not None:
         softcap = float(softcap)
     out, lse = LinearCrossEntropyFunction.apply(

@@ -7,10 +7,25 @@ from typing import Optional
 import torch
 
 from . import functional as F
+from ._common import check_ce_options, check_temperature, distill_options
 from . import policy as fastloss_policy
 
 
-class CrossEntropyLoss(torch.nn.Module):
+class _CrossEntropyOptions(torch.nn.Module):
+    """The options both cross-entropy modules hold, checked when the module is built (a bad option fails where it
+    was written, by the same checks the functions run)."""
+
+    def __init__(self, fn: str, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, algorithm, loss,
+                 gamma, epsilon):
+        super().__init__()
+        check_ce_options(fn, reduction, algorithm, loss, gamma, epsilon, label_smoothing)
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.z_loss, self.softcap, self.algorithm = z_loss, softcap, algorithm
+        self.loss, self.gamma, self.epsilon = loss, gamma, epsilon
+
+
+class CrossEntropyLoss(_CrossEntropyOptions):
     """``torch.nn.CrossEntropyLoss`` backed by :func:`fastloss.cross_entropy`, plus its LLM extras."""
 
     def __init__(
@@ -30,18 +45,11 @@ class CrossEntropyLoss(torch.nn.Module):
         gamma: Optional[float] = None,
         epsilon: Optional[float] = None,
     ):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.loss, self.gamma, self.epsilon = loss, gamma, epsilon
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
+        super().__init__("CrossEntropyLoss", weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                         algorithm, loss, gamma, epsilon)
         self.return_lse = return_lse
         self.return_z_loss = return_z_loss
         self.inplace_backward = inplace_backward
-        self.algorithm = algorithm
 
     def forward(self, input: torch.Tensor, target: torch.Tensor):
         return F.cross_entropy(
@@ -52,7 +60,7 @@ class CrossEntropyLoss(torch.nn.Module):
         )
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(_CrossEntropyOptions):
     """Loss of ``input @ linear_weight.T (+ bias)`` against ``target`` with :func:`fastloss.linear_cross_entropy`:
     the N x V logits are never materialised. Holds no parameters: pass the LM head's weight (and bias) in."""
 
@@ -72,17 +80,10 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         gamma: Optional[float] = None,
         epsilon: Optional[float] = None,
     ):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.filter_eps = filter_eps
-        self.loss, self.gamma, self.epsilon = loss, gamma, epsilon
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
+        super().__init__("LinearCrossEntropyLoss", weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                         algorithm, loss, gamma, epsilon)
         self.chunk_size = chunk_size
-        self.algorithm = algorithm
+        self.filter_eps = filter_eps
 
     def forward(self, input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
                 linear_bias: Optional[torch.Tensor] = None):
@@ -100,6 +101,8 @@ class DistillationLoss(torch.nn.Module):
     def __init__(self, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean", hard_weight: float = 0.0):
         super().__init__()
+        # (the target comes with each call: not checked here)
+        distill_options(type(self).__name__, divergence, beta, temperature, reduction, hard_weight, target=True)
         self.divergence, self.beta, self.temperature = divergence, beta, temperature
         self.ignore_index, self.reduction, self.hard_weight = ignore_index, reduction, hard_weight
 
@@ -135,6 +138,7 @@ class TokenLogprobs(torch.nn.Module):
 
     def __init__(self, temperature: float = 1.0, return_entropy: bool = False):
         super().__init__()
+        check_temperature(type(self).__name__, temperature)
         self.temperature, self.return_entropy = temperature, return_entropy
 
     def forward(self, logits: torch.Tensor, tokens: torch.Tensor):

@@ -5,48 +5,14 @@ LM head without the N x V logits. The kernels keep every softmax reduction in on
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .functional import _reduce  # noqa: F401  (also used by _linear_policy)
-
-_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-_REDUCTIONS = ("none", "mean", "sum")
-
-
-class TokenLogprobs(NamedTuple):
-    """What :func:`token_logprobs` returns with ``return_entropy=True``."""
-
-    logprobs: torch.Tensor
-    entropy: torch.Tensor
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_tensor(name: str, fn: str, value) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"fastloss.{fn}: `{name}` must be a torch.Tensor, got {type(value).__name__}")
-
-
-def _check_temperature(fn: str, temperature) -> float:
-    t = float(temperature)
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"fastloss.{fn}: `temperature` must be a finite float > 0, got {temperature!r}")
-    return t
-
-
-def _check_tokens(fn: str, name: str, tokens: torch.Tensor, lead: tuple) -> None:
-    _check_tensor(name, fn, tokens)
-    if tokens.dtype != torch.long:
-        raise TypeError(f"fastloss.{fn}: `{name}` must be int64 (torch.long), got {tokens.dtype}")
-    if tuple(tokens.shape) != lead:
-        raise ValueError(f"fastloss.{fn}: `{name}` must have shape {lead} (the logits' leading dimensions), got "
-                         f"{tuple(tokens.shape)}")
+from ._common import (TokenLogprobs, check_temperature, check_tensor, check_tokens, distill_options, out_dtype,
+                      reduce_rows, unmasked_count)
+from ._linear_policy import linear_distillation_loss_impl, linear_token_logprobs_impl
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
@@ -61,46 +27,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
     :class:`TokenLogprobs` ``(logprobs, entropy)``.
     """
     fn = "token_logprobs"
-    _check_tensor("logits", fn, logits)
+    check_tensor(fn, "logits", logits)
     if logits.dim() == 0:
         raise ValueError(f"fastloss.{fn}: `logits` must have at least one dimension (the vocabulary)")
     lead = tuple(logits.shape[:-1])
-    _check_tokens(fn, "tokens", tokens, lead)
-    temperature = _check_temperature(fn, temperature)
+    check_tokens(fn, "tokens", tokens, lead)
+    temperature = check_temperature(fn, temperature)
     V = logits.shape[-1]
     lp, ent, _ = torch.ops.fastloss.token_logprobs_fwd(logits.reshape(-1, V), tokens.reshape(-1), temperature,
                                                        bool(return_entropy))
-    out = _out_dtype(logits.dtype)
+    out = out_dtype(logits.dtype)
     lp = lp.to(out).view(lead)
     if return_entropy:
         return TokenLogprobs(lp, ent.to(out).view(lead))
     return lp
-
-
-def _distill_options(fn: str, divergence, beta, temperature, reduction, hard_weight, target):
-    if divergence not in _DIVERGENCES:
-        raise ValueError(f"fastloss.{fn}: `divergence` must be one of {_DIVERGENCES}, got {divergence!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"fastloss.{fn}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}")
-    beta = float(beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"fastloss.{fn}: `beta` must be in [0, 1], got {beta!r}")
-    hard_weight = float(hard_weight)
-    if not (math.isfinite(hard_weight) and hard_weight >= 0):
-        raise ValueError(f"fastloss.{fn}: `hard_weight` must be a finite float >= 0, got {hard_weight!r}")
-    if hard_weight and target is None:
-        raise ValueError(f"fastloss.{fn}: `hard_weight` > 0 adds the cross-entropy against `target`; pass `target`")
-    return beta, _check_temperature(fn, temperature), hard_weight
-
-
-def _mean_denominator(reduction: str, target: Optional[torch.Tensor], ignore_index: int, n: int,
-                      device) -> Optional[torch.Tensor]:
-    """Unmasked tokens (all tokens without a target), on the device: no host synchronisation."""
-    if reduction != "mean":
-        return None
-    if target is None:
-        return torch.tensor(float(n), dtype=torch.float64, device=device)
-    return (target != ignore_index).sum().to(torch.float64)
 
 
 class _DistillFused(torch.autograd.Function):
@@ -116,7 +56,7 @@ class _DistillFused(torch.autograd.Function):
         ctx.grad = grad  # a ctx attribute, not a saved tensor: the backward scales it in place, once
         ctx.save_for_backward(s2d, t2d, t, stats, scale)
         ctx.opts = opts
-        return _reduce(rows, reduction, lead, denom)
+        return reduce_rows(rows, reduction, lead, denom)
 
     @staticmethod
     @once_differentiable
@@ -158,9 +98,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     bf16 / fp16 (float64 for float64); the loss has the student's dtype, as ``F.kl_div``'s would.
     """
     fn = "distillation_loss"
-    _check_tensor("student_logits", fn, student_logits)
-    _check_tensor("teacher_logits", fn, teacher_logits)
-    beta, temperature, hard_weight = _distill_options(fn, divergence, beta, temperature, reduction, hard_weight,
+    check_tensor(fn, "student_logits", student_logits)
+    check_tensor(fn, "teacher_logits", teacher_logits)
+    beta, temperature, hard_weight = distill_options(fn, divergence, beta, temperature, reduction, hard_weight,
                                                       target)
     if student_logits.dim() == 0:
         raise ValueError(f"fastloss.{fn}: `student_logits` must have at least one dimension (the vocabulary)")
@@ -169,7 +109,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                          f"{tuple(student_logits.shape)} (the same vocabulary), got {tuple(teacher_logits.shape)}")
     lead = tuple(student_logits.shape[:-1])
     if target is not None:
-        _check_tokens(fn, "target", target, lead)
+        check_tokens(fn, "target", target, lead)
     V = student_logits.shape[-1]
     teacher = teacher_logits.detach()
     if teacher.is_floating_point() and teacher.dtype != student_logits.dtype:
@@ -177,14 +117,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     s2d = student_logits.reshape(-1, V)
     t = target.reshape(-1) if target is not None else None
     opts = (divergence, beta, temperature, int(ignore_index), hard_weight)
-    denom = _mean_denominator(reduction, t, int(ignore_index), s2d.shape[0], s2d.device)
+    denom = unmasked_count(reduction, t, int(ignore_index), s2d.shape[0], s2d.device)
     if (reduction != "none" and student_logits.requires_grad and torch.is_grad_enabled()
             and student_logits.dtype != torch.float16 and not torch.compiler.is_compiling()):
         out = _DistillFused.apply(s2d, teacher.reshape(-1, V), t, opts, reduction, lead, denom)
     else:  # the registered autograd of distill_fwd: the backward makes its own pass (torch.compile, "none", and
         # float16, whose stored p / N entries would underflow before a GradScaler's factor could lift them)
         rows, _ = torch.ops.fastloss.distill_fwd(s2d, teacher.reshape(-1, V), t, *opts)
-        out = _reduce(rows, reduction, lead, denom)
+        out = reduce_rows(rows, reduction, lead, denom)
     return out.to(student_logits.dtype)
 
 
@@ -198,7 +138,6 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
 
     chunk_size: tokens per chunk, or "auto" (a logits budget of 256 MiB, as :func:`linear_cross_entropy`).
     """
-    from ._linear_policy import linear_token_logprobs_impl
 
     return linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return_entropy, chunk_size)
 
@@ -219,7 +158,6 @@ def linear_distillation_loss(student_hidden: torch.Tensor, student_weight: torch
     GEMMs for the student as without chunking, plus the teacher's one. "none" recomputes the chunks in the backward.
     chunk_size: tokens per chunk, or "auto" (a budget of 256 MiB for the chunk's two logits buffers).
     """
-    from ._linear_policy import linear_distillation_loss_impl
 
     return linear_distillation_loss_impl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                          student_bias, teacher_bias, divergence, beta, temperature, target,

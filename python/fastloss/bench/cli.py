@@ -23,6 +23,7 @@ from . import registry, report
 from .problems import PRESET_DEVICE, PRESETS, Problem, make_problem, parse_dtype, preset_options, preset_problems
 from .results import RunReport
 from .runner import RunConfig, run
+from .suites import select_suites
 
 
 def _int_list(s: str) -> list[int]:
@@ -159,7 +160,7 @@ def resolve_problems(args: argparse.Namespace) -> list[Problem]:
 def _list(problems: list[Problem]) -> str:
     lines = []
     probe = problems[0] if problems else make_problem(8, 64, torch.float32, "cpu")
-    for suite in registry.select_suites("all"):
+    for suite in select_suites("all"):
         tag = "" if suite.default else "  (not in the default selection)"
         lines.append(f"{suite.name}: {suite.description}{tag}")
         for impl in suite.impls:
@@ -208,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        suites = registry.select_suites(args.suite)
+        suites = select_suites(args.suite)
         problems = resolve_problems(args)
     except ValueError as e:
         parser.error(str(e))

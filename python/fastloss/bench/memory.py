@@ -4,7 +4,7 @@ CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``max_memory_allocated() - mem
 in the benchmark process. The figure includes the outputs and gradients the call returns, which is what a training
 step has to hold.
 
-CPU (``--memory``): each implementation runs in a fresh subprocess (``python -m fastloss.bench.memory SPEC``), so
+CPU (``--memory``): each implementation runs in a fresh subprocess (``python -m fastloss.bench.memory_probe SPEC``), so
 nothing the parent allocated or cached counts. The subprocess builds the inputs, warms the implementation up (which
 compiles it), and then measures one more call as an increase of the resident set size over a baseline taken just
 before it:
@@ -47,7 +47,7 @@ def cuda_peak_mb(run_once: Callable[[], Any]) -> float:
     return peak / MIB
 
 
-def _status_kib(field: str) -> Optional[int]:
+def status_kib(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -58,28 +58,28 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0). False when unsupported."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
-    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    hwm, rss = status_kib("VmHWM"), status_kib("VmRSS")
     return hwm is not None and rss is not None and hwm <= rss + 1024
 
 
-def _maxrss_kib() -> int:
+def maxrss_kib() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r // 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB on Linux
 
 
 def cpu_peak_mb_subprocess(spec: dict[str, Any], timeout_s: float = 600.0) -> tuple[Optional[float], str]:
-    """Run :func:`_probe` in a fresh interpreter. Returns (peak MiB or None, note)."""
+    """Run :mod:`fastloss.bench.memory_probe` in a fresh interpreter. Returns (peak MiB or None, note)."""
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     try:
-        proc = subprocess.run([sys.executable, "-m", "fastloss.bench.memory", json.dumps(spec)], env=env,
+        proc = subprocess.run([sys.executable, "-m", "fastloss.bench.memory_probe", json.dumps(spec)], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return None, f"memory probe timed out after {timeout_s:.0f} s"
@@ -89,44 +89,3 @@ def cpu_peak_mb_subprocess(spec: dict[str, Any], timeout_s: float = 600.0) -> tu
             return data.get("peak_mb"), data.get("note", "")
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return None, f"memory probe failed (exit {proc.returncode}): {tail}"
-
-
-def _probe(spec: dict[str, Any]) -> dict[str, Any]:
-    """Child side: measure one call of one implementation (see the module docstring)."""
-    from .problems import make_problem, parse_dtype
-    from .registry import SUITES, select_suites
-    from .runner import build_call, prepare_impl
-
-    torch.set_num_threads(int(spec["threads"]))
-    select_suites("all")
-    suite = SUITES[spec["suite"]]
-    impl = next(i for i in suite.impls if i.name == spec["impl"])
-    problem = make_problem(spec["n"], spec["v"], parse_dtype(spec["dtype"]), spec["device"], **spec["extras"])
-    gen = torch.Generator(device=problem.device).manual_seed(int(spec["seed"]))
-    bufs = [suite.make_inputs(problem, gen)]
-    grads = [suite.grad_output(problem, gen)] if spec["mode"] == "fwdbwd" else None
-    call = build_call(prepare_impl(impl, problem), spec["mode"], bufs, grads, suite.grad_inputs)
-
-    resettable = _reset_peak_rss()
-    note = ""
-    if resettable:
-        out = call(0)  # warm-up: compiles, loads kernels, faults in code pages
-        del out
-        gc.collect()
-        _reset_peak_rss()
-        base = _status_kib("VmRSS") or 0
-        out = call(0)
-        peak = (_status_kib("VmHWM") or 0) - base
-    else:
-        gc.collect()
-        base = _maxrss_kib()
-        out = call(0)
-        peak = _maxrss_kib() - base
-        if impl.compiled:
-            note = "peak RSS includes compilation (no peak reset on this OS)"
-    del out
-    return {"peak_mb": max(0, peak) / 1024, "note": note}
-
-
-if __name__ == "__main__":
-    print(json.dumps(_probe(json.loads(sys.argv[1]))), flush=True)

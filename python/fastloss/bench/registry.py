@@ -170,23 +170,6 @@ def fastloss_kernel_check(*ops: str) -> Callable[[Problem], Optional[str]]:
 # ---------------------------------------------------------------- selection
 
 
-def select_suites(spec: str) -> list[Suite]:
-    """``"all"``, ``"default"`` or a comma list of suite names, in registry order for the keywords."""
-    from . import suites  # noqa: F401  (registers the built-in suites)
-
-    spec = spec.strip()
-    if spec in ("", "default"):
-        return [s for s in SUITES.values() if s.default]
-    if spec == "all":
-        return list(SUITES.values())
-    out = []
-    for name in (p.strip() for p in spec.split(",") if p.strip()):
-        if name not in SUITES:
-            raise ValueError(f"unknown suite {name!r}; expected one of {list(SUITES)} (or 'all')")
-        out.append(SUITES[name])
-    return out
-
-
 def select_impls(suite: Suite, include: Optional[Sequence[str]], exclude: Sequence[str] = (),
                  no_compile: bool = False) -> list[Impl]:
     """Filter by shell-style patterns (``fastloss-*``).

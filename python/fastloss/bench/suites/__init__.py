@@ -10,3 +10,20 @@ from . import softmax  # noqa: F401, I001  (softmax, log_softmax, logsumexp)
 from . import cross_entropy  # noqa: F401  (cross_entropy, linear_cross_entropy: peers and placeholders)
 from . import topk  # noqa: F401  (softmax_topk)
 from . import distillation  # noqa: F401  (distillation, token_logprobs and their linear versions: issue #14)
+
+from ..registry import SUITES, Suite  # noqa: E402
+
+
+def select_suites(spec: str) -> list[Suite]:
+    """``"all"``, ``"default"`` or a comma list of suite names, in registry order for the keywords."""
+    spec = spec.strip()
+    if spec in ("", "default"):
+        return [s for s in SUITES.values() if s.default]
+    if spec == "all":
+        return list(SUITES.values())
+    out = []
+    for name in (p.strip() for p in spec.split(",") if p.strip()):
+        if name not in SUITES:
+            raise ValueError(f"unknown suite {name!r}; expected one of {list(SUITES)} (or 'all')")
+        out.append(SUITES[name])
+    return out

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 import fastloss
 
 from ..accuracy import mean_loss_error
+from ..inputs import INPUT_SCALE
 from ..problems import Problem
 from ..registry import Impl, Inputs, Suite, fastloss_kernel_check, register_suite
-from .softmax import INPUT_SCALE
 
 IGNORE_INDEX = -100
 LIGER = "liger_kernel.transformers"

@@ -63,9 +63,9 @@ import torch.nn.functional as F
 import fastloss
 
 from ..accuracy import mean_loss_error, rowwise_error
+from ..inputs import INPUT_SCALE
 from ..problems import Problem
 from ..registry import ErrorFn, Impl, Inputs, Suite, fastloss_kernel_check, register_suite
-from .softmax import INPUT_SCALE
 
 JSD_BETA = 0.5
 TEACHER_CORRELATION = 0.8

@@ -23,20 +23,11 @@ import torch
 import fastloss
 
 from ..accuracy import rowwise_error
+from ..inputs import random_rows
 from ..problems import Problem
 from ..registry import Impl, Inputs, Suite, fastloss_kernel_check, register_suite
 
 ALGORITHMS = ("online", "two_pass", "auto")
-INPUT_SCALE = 3.0
-"""Standard deviation of the random logits: a realistic spread of exponents, never all zeros."""
-
-
-def random_rows(problem: Problem, gen: torch.Generator) -> Inputs:
-    """One [N, V] tensor ~ N(0, 3^2) in the problem's dtype, drawn on the problem's device (no host transfer)."""
-    x = torch.randn((problem.n, problem.v), generator=gen, dtype=torch.float32, device=problem.device)
-    return (x.mul_(INPUT_SCALE).to(problem.dtype),)
-
-
 def _auto_note(problem: Problem, inputs: Inputs) -> Optional[str]:
     try:
         return "auto=" + fastloss.functional.resolve_algorithm(inputs[0], -1, "auto")

@@ -16,9 +16,9 @@ import torch
 
 import fastloss
 
+from ..inputs import random_rows
 from ..problems import Problem
 from ..registry import Impl, Inputs, Suite, fastloss_kernel_check, register_suite
-from .softmax import random_rows
 
 
 def topk_of(problem: Problem) -> int:
