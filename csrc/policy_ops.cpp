@@ -62,8 +62,10 @@ at::Tensor as_rows(const std::optional<at::Tensor>& t, const at::Tensor& logits,
   return t->to(at::kDouble).contiguous().view({n});
 }
 
+// Every distillation op's options, checked: the one prologue they share (the tensors go through distill_inputs).
 DistillParams make_distill_params(c10::string_view divergence, double beta, double temperature, int64_t ignore_index,
-                                  double hard_weight, bool has_target) {
+                                  double hard_weight, const std::optional<at::Tensor>& target) {
+  const bool has_target = target && target->defined();
   check_temperature(temperature, kDistillOp);
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, kDistillOp, ": `beta` must be in [0, 1], got ", beta);
   TORCH_CHECK(std::isfinite(hard_weight) && hard_weight >= 0.0, kDistillOp,
@@ -166,8 +168,7 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_op(const at::Tensor& student, con
                                                   const std::optional<at::Tensor>& target,
                                                   c10::string_view divergence, double beta, double temperature,
                                                   int64_t ignore_index, double hard_weight, const PolicyKernels& k) {
-  const bool has_target = target && target->defined();
-  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, has_target);
+  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
   const DistillInputs in = distill_inputs(student, teacher, target, ignore_index);
   const int64_t N = student.size(0);
   at::Tensor loss = new_rows(student, N), stats = at::empty({N, kDistillStats}, loss.options());
@@ -180,8 +181,7 @@ at::Tensor distill_bwd_op(const at::Tensor& grad_loss, const at::Tensor& student
                           const std::optional<at::Tensor>& target, const at::Tensor& stats,
                           c10::string_view divergence, double beta, double temperature, int64_t ignore_index,
                           double hard_weight, const PolicyKernels& k) {
-  const bool has_target = target && target->defined();
-  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, has_target);
+  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
   const DistillInputs in = distill_inputs(student, teacher, target, ignore_index);
   const int64_t N = student.size(0);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == kDistillStats, kDistillOp,
@@ -219,8 +219,7 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_inplace_grad_op(const at::Tensor&
                                                                c10::string_view divergence, double beta,
                                                                double temperature, int64_t ignore_index,
                                                                double hard_weight, const PolicyKernels& k) {
-  const bool has_target = target && target->defined();
-  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, has_target);
+  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
   TORCH_CHECK(student.is_contiguous(), kDistillOp, ": the in-place gradient needs contiguous student logits");
   return distill_forward_with_grad(student, teacher, target, grad_scale, p, student, k);
 }
@@ -232,8 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_grad_op(const at::Ten
                                                                    c10::string_view divergence, double beta,
                                                                    double temperature, int64_t ignore_index,
                                                                    double hard_weight, const PolicyKernels& k) {
-  const bool has_target = target && target->defined();
-  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, has_target);
+  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
   check_logits(student, kDistillOp, "student_logits");
   at::Tensor grad = at::empty(student.sizes(), student.options());
   auto [loss, stats] = distill_forward_with_grad(student, teacher, target, grad_scale, p, grad, k);

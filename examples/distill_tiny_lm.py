@@ -369,19 +369,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fastloss-op", choices=("linear", "logits"), default="linear",
                    help="fastloss run: linear_distillation_loss on hidden states (no logits) or distillation_loss "
                         "on the logits")
-    p.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
-    p.add_argument("--threads", type=pos, default=os.cpu_count() or 1, help="torch threads per run")
-    p.add_argument("--cache-dir", default=os.path.join("~", ".cache", "fastloss"), help="tokenizer cache")
-    p.add_argument("--plot", metavar="PATH", default=None, help="save a PNG of both curves (needs matplotlib)")
     p.add_argument("--chunk-size", type=base.chunk_size_arg, default="auto",
                    help="fastloss linear run: tokens per chunk, or 'auto'")
-    p.add_argument("--log-every", type=pos, default=None, help="print every K steps (default: steps/20)")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="PASS when max |loss_torch - loss_fastloss| over the curve is at most this")
-    # Internal: the child processes.
-    p.add_argument("--worker", choices=WORKERS, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--tokens", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    base.add_run_arguments(p, WORKERS, DEFAULT_TOLERANCE)
     p.add_argument("--teacher-path", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.vocab_size < base.MIN_VOCAB:
@@ -393,12 +383,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.worker is not None:
-        run_worker(args)
-        return 0
-    return run_parent(args, argv)
+    return base.run_main(argv, parse_args, run_worker, run_parent)
 
 
 if __name__ == "__main__":

@@ -372,6 +372,32 @@ def chunk_size_arg(text: str):
     return text if text == "auto" else positive_int(text)
 
 
+def add_run_arguments(p: argparse.ArgumentParser, workers, tolerance: float) -> None:
+    """The arguments both examples share (this one and distill_tiny_lm.py): seed, threads, caches, output, the
+    pass tolerance, and the internal ones of the child processes."""
+    p.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="torch threads per run")
+    p.add_argument("--cache-dir", default=os.path.join("~", ".cache", "fastloss"), help="tokenizer cache")
+    p.add_argument("--plot", metavar="PATH", default=None, help="save a PNG of both curves (needs matplotlib)")
+    p.add_argument("--log-every", type=positive_int, default=None, help="print every K steps (default: steps/20)")
+    p.add_argument("--tolerance", type=float, default=tolerance,
+                   help="PASS when max |loss_torch - loss_fastloss| over the curve is at most this")
+    # Internal: the child processes.
+    p.add_argument("--worker", choices=workers, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tokens", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+
+
+def run_main(argv, parse_args, run_worker, run_parent) -> int:
+    """Both examples' main: a child process runs one worker, the parent runs the comparison."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker is not None:
+        run_worker(args)
+        return 0
+    return run_parent(args, argv)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a tiny Llama on the CPU with transformers' loss and with "
                                 "fastloss from the same seed; compare loss curves, time and peak memory.",
@@ -386,19 +412,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
     p.add_argument("--intermediate", type=positive_int, default=None, help="MLP width (default: 2 x hidden)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
-    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="torch threads per run")
-    p.add_argument("--cache-dir", default=os.path.join("~", ".cache", "fastloss"), help="tokenizer cache")
-    p.add_argument("--plot", metavar="PATH", default=None, help="save a PNG of both curves (needs matplotlib)")
     p.add_argument("--chunk-size", type=chunk_size_arg, default="auto",
                    help="fastloss run: tokens per chunk of logits, or 'auto' (from fastloss's memory budget)")
-    p.add_argument("--log-every", type=positive_int, default=None, help="print every K steps (default: steps/20)")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="PASS when max |loss_torch - loss_fastloss| over the curve is at most this")
-    # Internal: the child processes.
-    p.add_argument("--worker", choices=RUNS, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--tokens", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    add_run_arguments(p, RUNS, DEFAULT_TOLERANCE)
     args = p.parse_args(argv)
     if args.vocab_size < MIN_VOCAB:
         p.error(f"--vocab-size must be at least {MIN_VOCAB} (the point is a realistic LM-head size)")
@@ -408,12 +424,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.worker is not None:
-        run_worker(args)
-        return 0
-    return run_parent(args, argv)
+    return run_main(argv, parse_args, run_worker, run_parent)
 
 
 if __name__ == "__main__":

@@ -102,13 +102,24 @@ struct LogprobArgs {
   T* grad;
 };
 
-// A token outside [0, V) fails CUDA_KERNEL_ASSERT (like nll_loss); were device asserts compiled out, the token is
-// never read (log-probability NaN, no + g_lp in the gradient) and nothing outside the row is touched.
-__device__ __forceinline__ bool token_in_range(int64_t tok, int64_t V, int tid) {
+// One row of a log-prob kernel: its logits, its token, and whether the token is in [0, V) -- the row prologue both
+// kernels share. A token outside [0, V) fails CUDA_KERNEL_ASSERT (like nll_loss); were device asserts compiled
+// out, the token is never read (log-probability NaN, no + g_lp in the gradient) and nothing outside the row is
+// touched.
+template <typename T>
+struct LogprobRow {
+  const T* x;
+  int64_t tok;
+  bool ok;
+};
+
+template <typename T>
+__device__ __forceinline__ LogprobRow<T> logprob_row(const LogprobArgs<T>& a, int64_t row, int tid) {
+  const int64_t tok = a.tokens[row];
   if (tid == 0) {
-    CUDA_KERNEL_ASSERT(tok >= 0 && tok < V);
+    CUDA_KERNEL_ASSERT(tok >= 0 && tok < a.V);
   }
-  return tok >= 0 && tok < V;
+  return {a.x + row * a.V, tok, tok >= 0 && tok < a.V};
 }
 
 template <typename T, bool kEntropy>
@@ -118,14 +129,12 @@ __global__ void __launch_bounds__(kThreads) logprob_forward_kernel(const Logprob
   const acc it = static_cast<acc>(a.inv_t);
 #pragma unroll 1
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
-    const T* xr = a.x + row * a.V;
-    const int64_t tok = a.tokens[row];
-    const bool ok = token_in_range(tok, a.V, tid);
+    const LogprobRow<T> r = logprob_row(a, row, tid);
     using State = std::conditional_t<kEntropy, fm::EntState<acc>, fm::OnlineState<acc>>;
     State st;
     if constexpr (kEntropy) st = fm::ent_init<acc>();
     else st = fm::online_init<acc>();
-    segment_visit<kLoads, false>(xr, xr, a.V, aligned_head(xr, a.V), tid, nt, [&](auto& v, auto&) {
+    segment_visit<kLoads, false>(r.x, r.x, a.V, aligned_head(r.x, a.V), tid, nt, [&](auto& v, auto&) {
       constexpr int M = sizeof(v) / sizeof(v[0]);
       acc z[M];
       scale_into(v, it, z);
@@ -136,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) logprob_forward_kernel(const Logprob
     if (tid == 0) {
       const double l = lse_of(fm::OnlineState<acc>{st.m, st.d});
       a.lse[row] = l;
-      a.logp[row] = ok ? static_cast<double>(xr[tok]) * a.inv_t - l : std::numeric_limits<double>::quiet_NaN();
+      a.logp[row] = r.ok ? static_cast<double>(r.x[r.tok]) * a.inv_t - l : std::numeric_limits<double>::quiet_NaN();
       if constexpr (kEntropy) {
         a.entropy[row] = ::log(static_cast<double>(st.d)) - static_cast<double>(st.w) / static_cast<double>(st.d);
       }
@@ -151,10 +160,8 @@ __global__ void __launch_bounds__(kThreads) logprob_backward_kernel(const Logpro
   const acc it = static_cast<acc>(a.inv_t);
 #pragma unroll 1
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
-    const T* xr = a.x + row * a.V;
+    const LogprobRow<T> r = logprob_row(a, row, tid);
     T* out = a.grad + row * a.V;
-    const int64_t tok = a.tokens[row];
-    const bool ok = token_in_range(tok, a.V, tid);
     const acc glp = a.g_lp != nullptr ? static_cast<acc>(a.g_lp[row]) : acc(0);
     const acc gh = a.g_h != nullptr ? static_cast<acc>(a.g_h[row]) : acc(0);
     const acc h = a.g_h != nullptr ? static_cast<acc>(a.entropy[row]) : acc(0);
@@ -163,11 +170,11 @@ __global__ void __launch_bounds__(kThreads) logprob_backward_kernel(const Logpro
       const acc lp = fm::logprob_at(v * it, parts.m, parts.log_scale);
       return fm::logprob_entropy_grad(lp, glp, gh, h) * it;
     };
-    const acc x_k = tid == 0 && ok ? static_cast<acc>(xr[tok]) : acc(0);
+    const acc x_k = tid == 0 && r.ok ? static_cast<acc>(r.x[r.tok]) : acc(0);
     __syncthreads();  // x_k read before any thread overwrites the row (grad may alias x)
-    segment_map<false>(xr, xr, out, a.V, common_head(xr, xr, static_cast<const T*>(out), a.V), tid, nt, f);
+    segment_map<false>(r.x, r.x, out, a.V, common_head(r.x, r.x, static_cast<const T*>(out), a.V), tid, nt, f);
     __syncthreads();
-    if (tid == 0 && ok) out[tok] = static_cast<T>(f(x_k, x_k) + glp * it);
+    if (tid == 0 && r.ok) out[r.tok] = static_cast<T>(f(x_k, x_k) + glp * it);
   }
 }
 

@@ -1,6 +1,6 @@
 // softmax_topk's CUDA kernel body: one block per row (grid-stride), every thread keeps a running top-k list of its
 // strided elements beside the online (m, d) normaliser; the block then picks the k winners one round at a time
-// (warp shuffles + shared-memory arg-best), and only they are exponentiated, p = exp(x - lse) with the row's lse in
+// (block_allreduce over candidates: warp shuffles, then the per-warp winners), and only they are exponentiated, p = exp(x - lse) with the row's lse in
 // double. One template on the accumulator type: float for float / half / bfloat16 rows, double for double rows.
 //
 // Device code only (fastloss/math.h, fastloss/topk.h, row_reduce.cuh): csrc/cuda/softmax_topk_cuda.cu launches
@@ -35,28 +35,18 @@ __device__ __forceinline__ bool cand_before(const Cand<T>& a, const Cand<T>& b) 
   return fm::topk_before(a.v, a.i, b.v, b.i);
 }
 
+// A candidate is one more state kind for row_reduce.cuh's all-reductions: merge() keeps the better of two (a
+// total order on (value, index), "none" last: commutative, so every lane ends with the same winner) and
+// shfl_xor moves one between lanes. block_allreduce then gives the block's best candidate to every thread.
 template <typename T>
-__device__ __forceinline__ Cand<T> shfl_cand(const Cand<T>& c, int off) {
-  return {__shfl_xor_sync(kFullMask, c.v, off), __shfl_xor_sync(kFullMask, c.i, off),
-          __shfl_xor_sync(kFullMask, c.owner, off)};
+__device__ __forceinline__ Cand<T> merge(Cand<T> a, Cand<T> b) {
+  return cand_before(b, a) ? b : a;
 }
 
-// The block's best candidate, on every thread.
-template <typename T>
-__device__ __forceinline__ Cand<T> block_best(Cand<T> c, Cand<T>* slots) {
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off /= 2) {
-    const Cand<T> o = shfl_cand(c, off);
-    if (cand_before(o, c)) c = o;
-  }
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  __syncthreads();  // slots may still be read by the previous round
-  if (lane == 0) slots[warp] = c;
-  __syncthreads();
-  Cand<T> best = slots[0];
-  for (int w = 1; w < kTopKThreads / kWarpSize; ++w)
-    if (cand_before(slots[w], best)) best = slots[w];
-  return best;
+template <int kWidth, typename T>
+__device__ __forceinline__ Cand<T> shfl_xor(const Cand<T>& c, int off) {
+  return {__shfl_xor_sync(kFullMask, c.v, off, kWidth), __shfl_xor_sync(kFullMask, c.i, off, kWidth),
+          __shfl_xor_sync(kFullMask, c.owner, off, kWidth)};
 }
 
 // kMax: the list capacity (8, 32 or kMaxTopK), so registers are sized for the k asked.
@@ -65,7 +55,6 @@ __global__ void __launch_bounds__(kTopKThreads)
     softmax_topk_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t V, int k, scalar_t* __restrict__ out_v,
                         int64_t* __restrict__ out_i) {
   using acc = acc_t<scalar_t>;
-  FL_SHARED(Cand<acc>, slots, [kTopKThreads / kWarpSize]);
   acc val[kMax];
   int64_t idx[kMax];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -83,7 +72,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     for (int q = 0; q < k; ++q) {
       Cand<acc> c{acc(0), 0, -1};
       if (head < list.n) c = {list.val[head], list.idx[head], static_cast<int>(threadIdx.x)};
-      const Cand<acc> best = block_best(c, slots);
+      const Cand<acc> best = block_allreduce(c);
       if (best.owner == static_cast<int>(threadIdx.x)) {
         ++head;
         out_v[r * k + q] = static_cast<scalar_t>(fm::topk_probability(best.v, lse));
