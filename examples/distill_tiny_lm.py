@@ -56,7 +56,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -306,17 +305,8 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"logits    : torch builds two {n_tok} x {vocab} float32 logits per step "
           f"({2 * n_tok * vocab * 4 / 2**20:.0f} MiB) and the composite's N x V intermediates; {op}")
 
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="fastloss-distill-") as tmp:
-        workdir = pathlib.Path(tmp)
-        tokens = workdir / "tokens.pt"
-        torch.save({"ids": torch.tensor(ids, dtype=torch.long), "vocab_size": vocab}, tokens)
-        results = {}
-        for run in WORKERS:  # one after the other, so each has all the threads
-            print(f"running {run} ...", flush=True)
-            results[run] = spawn_worker(run, argv, tokens, workdir)
-
+    results = base.run_workers(WORKERS, ids, vocab, "fastloss-distill-", lambda run, tokens, workdir: spawn_worker(
+        run, argv, tokens, workdir))
     tl = results["teacher"]["losses"]
     print(f"\nteacher: {len(tl)} steps, loss {tl[0]:.4f} -> {tl[-1]:.4f} ({results['teacher']['wall_s']:.1f} s, "
           f"{results['teacher']['n_params'] / 1e6:.2f} M parameters; student "

@@ -316,17 +316,8 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"logits    : torch builds {n_tok} x {vocab} float32 logits per step ({n_tok * vocab * 4 / 2**20:.0f} MiB) "
           f"and keeps their log-softmax for the backward; fastloss {describe_chunks(args.chunk_size, n_tok, vocab)}")
 
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="fastloss-tiny-lm-") as tmp:
-        workdir = pathlib.Path(tmp)
-        tokens = workdir / "tokens.pt"
-        torch.save({"ids": torch.tensor(ids, dtype=torch.long), "vocab_size": vocab}, tokens)
-        results = {}
-        for run in RUNS:  # one after the other, so each has all the threads
-            print(f"running {run} ...", flush=True)
-            results[run] = spawn_worker(run, argv, tokens, workdir)
-
+    results = run_workers(RUNS, ids, vocab, "fastloss-tiny-lm-", lambda run, tokens, workdir: spawn_worker(
+        run, argv, tokens, workdir))
     return compare_runs(results, args, f"tiny Llama, V={vocab}: torch vs fastloss loss", loop="the training loop",
                         setup="model + gradients + optimizer creation")
 
@@ -386,6 +377,22 @@ def add_run_arguments(p: argparse.ArgumentParser, workers, tolerance: float) -> 
     p.add_argument("--worker", choices=workers, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tokens", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+
+
+def run_workers(runs, ids, vocab: int, prefix: str, spawn) -> dict:
+    """Both examples' parent side: the token ids saved once in a scratch folder, then ``spawn(run, tokens_path,
+    workdir)`` for each run, one after the other so each has all the threads; their results by run."""
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        workdir = pathlib.Path(tmp)
+        tokens = workdir / "tokens.pt"
+        torch.save({"ids": torch.tensor(ids, dtype=torch.long), "vocab_size": vocab}, tokens)
+        results = {}
+        for run in runs:
+            print(f"running {run} ...", flush=True)
+            results[run] = spawn(run, tokens, workdir)
+    return results
 
 
 def run_main(argv, parse_args, run_worker, run_parent) -> int:

@@ -11,6 +11,8 @@ from ._common import check_ce_options, check_temperature, distill_options
 from . import policy as fastloss_policy
 
 
+# The modules' signatures repeat the functions' on purpose (as torch.nn's do): a user reads the options where the
+# module is built. What is not repeated is the checking: the functions' own checks (fastloss._common) run here.
 class _CrossEntropyOptions(torch.nn.Module):
     """The options both cross-entropy modules hold, checked when the module is built (a bad option fails where it
     was written, by the same checks the functions run)."""
