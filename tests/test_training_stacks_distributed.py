@@ -3,7 +3,8 @@
 ``MixedPrecisionPolicy`` (bf16 parameters, float32 reduction), against the same model unpatched under the same
 sharding: the loss of each of two SGD steps, every gradient after the second, the parameters after it, and the
 number of all-gathers and reduce-scatters per step (the same: nothing gathered twice, gradients reduced once).
-A policy with ``output_dtype`` falls back to the model's own head, with the warning."""
+A policy with ``output_dtype``, and a tensor-parallel head (DTensor), fall back to the model's own head, with the
+warning."""
 
 import copy
 import os
@@ -61,12 +62,23 @@ CASES = {
     "head_int": ("head", 2, None, None, (4,)),  # reshard to groups of 2 after forward: needs 4 processes
     "norm_head_int": ("norm_head", 2, None, None, (4,)),
     "ddp": ("ddp", None, None, None, (2,)),
+    # tensor parallel, the torchtitan way (vocabulary-sharded DTensor logits, loss_parallel): not yet on fastloss's
+    # kernels (#23); the head's DTensor hooks make the patch run the model's own head, warned, same loss
+    "tp_head": ("tp", None, None, "distribute_module", (2,)),
 }
 
 
 def _shard(model, where, reshard, policy):
     if where == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
+    if where == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        head = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        return parallelize_module(model, mesh, {"lm_head": head})
     from torch.distributed.fsdp import fully_shard
 
     kw = {} if policy is None else {"mp_policy": _mp(torch.float32 if policy == "bf16+output" else None)}
@@ -107,14 +119,18 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _train(model, rank, profile=False):
+def _train(model, rank, profile=False, tp=False):
     """Two SGD steps: losses, collective counts per step, the second step's gradients, final parameters, and
-    whether fastloss's ops ran in the first step."""
+    whether fastloss's ops ran in the first step. ``tp``: under loss_parallel (vocabulary-sharded logits)."""
+    import contextlib
+
+    from torch.distributed.tensor.parallel import loss_parallel
+
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, counts, ran = [], [], None
     for step in range(2):
         opt.zero_grad(set_to_none=True)
-        with _Collectives() as coll:
+        with _Collectives() as coll, (loss_parallel() if tp else contextlib.nullcontext()):
             if profile and step == 0:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                     loss = model(**_batch(rank, step)).loss
@@ -123,7 +139,7 @@ def _train(model, rank, profile=False):
             else:
                 loss = model(**_batch(rank, step)).loss
                 loss.backward()
-        losses.append(loss.detach().float())
+        losses.append(_full(loss.detach()).float())
         counts.append(dict(coll.counts))
         grads = {n: _full(p.grad).float() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
@@ -142,10 +158,10 @@ def _run_case(rank, name):
     base = _llama()
     ref = _shard(copy.deepcopy(base), where, reshard, policy)
     fl = _shard(patch(copy.deepcopy(base)), where, reshard, policy)
-    losses_r, counts_r, grads_r, params_r, _ = _train(ref, rank)
+    losses_r, counts_r, grads_r, params_r, _ = _train(ref, rank, tp=where == "tp")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DeferredLogitsFallbackWarning)
-        losses_f, counts_f, grads_f, params_f, ran = _train(fl, rank, profile=True)
+        losses_f, counts_f, grads_f, params_f, ran = _train(fl, rank, profile=True, tp=where == "tp")
     said = [str(w.message) for w in caught if issubclass(w.category, DeferredLogitsFallbackWarning)]
     if fallback is None:
         assert not said and ran, (name, said, ran)
