@@ -1,6 +1,6 @@
 """The transformers patch under FSDP2 (``fully_shard``) and DDP, gloo on the CPU: every grouping of the output head
 (in the root group, alone, with the final norm), ``reshard_after_forward`` True / False / an int, a
-``MixedPrecisionPolicy`` (bf16 parameters, float32 reduction), against the same model unpatched under the same
+``MixedPrecisionPolicy`` (bf16 parameters, float32 reduction), a PEFT LoRA adapter on the head, against the same model unpatched under the same
 sharding: the loss of each of two SGD steps, every gradient after the second, the parameters after it, and the
 number of all-gathers and reduce-scatters per step (the same: nothing gathered twice, gradients reduced once).
 A policy with ``output_dtype``, and a tensor-parallel head (DTensor), fall back to the model's own head, with the
@@ -62,6 +62,10 @@ CASES = {
     "head_int": ("head", 2, None, None, (4,)),  # reshard to groups of 2 after forward: needs 4 processes
     "norm_head_int": ("norm_head", 2, None, None, (4,)),
     "ddp": ("ddp", None, None, None, (2,)),
+    # PEFT LoRA on the head (dropout 0.1) and FSDP2 together, every grouping of the head
+    "lora_root": ("lora_root", True, None, None, (2,)),
+    "lora_head": ("lora_head", True, None, None, (2,)),
+    "lora_norm_head": ("lora_norm_head", True, None, None, (2,)),
     # tensor parallel, the torchtitan way (vocabulary-sharded DTensor logits, loss_parallel): not yet on fastloss's
     # kernels (#23); the head's DTensor hooks make the patch run the model's own head, warned, same loss
     "tp_head": ("tp", None, None, "distribute_module", (2,)),
@@ -82,14 +86,26 @@ def _shard(model, where, reshard, policy):
     from torch.distributed.fsdp import fully_shard
 
     kw = {} if policy is None else {"mp_policy": _mp(torch.float32 if policy == "bf16+output" else None)}
-    for layer in model.model.layers:
+    inner = model
+    if where.startswith("lora_"):  # a PeftModel: shard the transformers model inside it
+        inner, where = model.base_model.model, where[len("lora_"):]
+    for layer in inner.model.layers:
         fully_shard(layer, reshard_after_forward=reshard, **kw)
     if where == "head":
-        fully_shard(model.lm_head, reshard_after_forward=reshard, **kw)
+        fully_shard(inner.lm_head, reshard_after_forward=reshard, **kw)
     elif where == "norm_head":  # the grouping torch's fully_shard documentation gives for chunked-loss training
-        fully_shard([model.model.norm, model.lm_head], reshard_after_forward=reshard, **kw)
+        fully_shard([inner.model.norm, inner.lm_head], reshard_after_forward=reshard, **kw)
     fully_shard(model, reshard_after_forward=reshard, **kw)
     return model
+
+
+def _lora(model):
+    import peft
+
+    torch.manual_seed(1)  # the same adapter initialisation in both models
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.1,
+                             init_lora_weights=False)
+    return peft.get_peft_model(model, config)
 
 
 class _Collectives:
@@ -130,6 +146,7 @@ def _train(model, rank, profile=False, tp=False):
     losses, counts, ran = [], [], None
     for step in range(2):
         opt.zero_grad(set_to_none=True)
+        torch.manual_seed(100 * rank + step)  # dropout (LoRA cases) draws the same numbers in both models
         with _Collectives() as coll, (loss_parallel() if tp else contextlib.nullcontext()):
             if profile and step == 0:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -156,8 +173,9 @@ def _run_case(rank, name):
 
     where, reshard, policy, fallback, _ = CASES[name]
     base = _llama()
-    ref = _shard(copy.deepcopy(base), where, reshard, policy)
-    fl = _shard(patch(copy.deepcopy(base)), where, reshard, policy)
+    wrap = _lora if where.startswith("lora_") else (lambda m: m)
+    ref = _shard(wrap(copy.deepcopy(base)), where, reshard, policy)
+    fl = _shard(wrap(patch(copy.deepcopy(base))), where, reshard, policy)
     losses_r, counts_r, grads_r, params_r, _ = _train(ref, rank, tp=where == "tp")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DeferredLogitsFallbackWarning)
@@ -192,5 +210,9 @@ def _worker(rank, world, init_file, names):
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp2_and_ddp_match_the_unpatched_model(world):
     names = [n for n, case in CASES.items() if world in case[4]]
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        names = [n for n in names if not n.startswith("lora_")]
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(world, os.path.join(d, "init"), names), nprocs=world, join=True)

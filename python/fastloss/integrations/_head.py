@@ -13,10 +13,10 @@ class or hook. Reproduced exactly:
   a low-rank block without building either the logits or [W, B]. Dropout runs when the model calls the head, so it
   draws the same random numbers as the model's own path;
 * PEFT ``modules_to_save`` (``peft.utils.other.ModulesToSaveWrapper``): the active copy, or the original module;
-* FSDP2 (``fully_shard``) on the head, alone or grouped: the head's FSDP hooks are held back while the model's
-  code calls the head (nothing to gather yet), and the loss then runs *inside* a second call of the head module,
-  so FSDP gathers the parameters, casts the inputs (``MixedPrecisionPolicy``), registers its pre- and
-  post-backward hooks on the loss and reshards afterwards, exactly as for a head that returned logits.
+* FSDP2 (``fully_shard``) on the head (any of the above), alone or grouped: the head's FSDP hooks are held back
+  while the model's code calls the head (nothing to gather yet), and the loss then runs *inside* a second call of
+  the head module, so FSDP gathers the parameters, casts the inputs (``MixedPrecisionPolicy``), registers its pre-
+  and post-backward hooks on the loss and reshards afterwards, exactly as for a head that returned logits.
 
 Anything else on the head -- another class or a wrapper, forward or backward hooks fastloss does not know
 (module or global), a replaced instance ``forward`` (accelerate's hooks), a LoRA variant (DoRA, ...), mixed-adapter
@@ -38,7 +38,6 @@ __all__ = ["HeadPlan", "plan_head", "qualified_name", "install_router", "remove_
 
 _LORA_LINEAR = "peft.tuners.lora.layer.Linear"
 _MODULES_TO_SAVE = "peft.utils.other.ModulesToSaveWrapper"
-_FSDP_STATE = "torch.distributed.fsdp._fully_shard._fsdp_state.FSDPState"
 _DROPOUTS = (nn.Dropout, nn.Identity)
 
 
@@ -50,13 +49,39 @@ def qualified_name(obj) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
 
 
+def _own_class(m) -> type:
+    """m's class, seen through FSDP2's dynamic subclass (``fully_shard`` turns a ``Linear`` into an ``FSDPLinear``
+    whose bases are (FSDPModule, Linear))."""
+    cls = type(m)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0] is _fsdp_module_class():
+        return bases[1]
+    return cls
+
+
+@functools.lru_cache(maxsize=None)
+def _fsdp_module_class() -> Optional[type]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:  # noqa: BLE001  (a torch without torch.distributed: no FSDP2 either)
+        return None
+    return FSDPModule
+
+
+def _describe(m) -> str:
+    """A module's qualified class name for messages (``peft.tuners.lora.layer.Linear``, FSDP2's subclass noted)."""
+    own = _own_class(m)
+    return qualified_name(own) + (" sharded by FSDP2" if own is not type(m) else "")
+
+
 def _fsdp_state_of(hook) -> Optional[object]:
     """The FSDP2 state a forward hook belongs to (its bound method, possibly behind functools.wraps wrappers such
     as FSDP's group hooks and torch._dynamo.disable), or None."""
     fn, seen = hook, 0
     while fn is not None and seen < 8:
         owner = getattr(fn, "__self__", None)
-        if owner is not None and qualified_name(owner) == _FSDP_STATE:
+        if owner is not None and type(owner).__name__ == "FSDPState" \
+                and type(owner).__module__.startswith("torch.distributed.fsdp"):
             return owner
         fn, seen = getattr(fn, "__wrapped__", None), seen + 1
     return None
@@ -91,12 +116,12 @@ def _module_problem(m, what: str, fsdp_ok: bool = False) -> Optional[str]:
     if "forward" in vars(m) and not is_router(vars(m)["forward"]):
         hook = getattr(m, "_hf_hook", None)  # accelerate's add_hook_to_module replaces the instance forward
         by = f" (by {qualified_name(hook)})" if hook is not None else ""
-        return f"{what} ({qualified_name(m)}) has its forward replaced on the instance{by}"
+        return f"{what} ({_describe(m)}) has its forward replaced on the instance{by}"
     if type(m).__call__ is not nn.Module.__call__ or type(m)._call_impl is not nn.Module._call_impl:
-        return f"{what} is a {qualified_name(m)}, whose class overrides nn.Module's call"
+        return f"{what} is a {_describe(m)}, whose class overrides nn.Module's call"
     hooks = _hooks_problem(m, fsdp_ok)
     if hooks is not None:
-        return f"{what} ({qualified_name(m)}) has {hooks}"
+        return f"{what} ({_describe(m)}) has {hooks}"
     return None
 
 
@@ -105,7 +130,7 @@ def _linear_problem(m, what: str, fsdp_ok: bool = False) -> Optional[str]:
     if problem is not None:
         return problem
     if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward:
-        return f"{what} is a {qualified_name(m)}, not an nn.Linear with nn.Linear's forward"
+        return f"{what} is a {_describe(m)}, not an nn.Linear with nn.Linear's forward"
     return None
 
 
@@ -306,17 +331,17 @@ def plan_head(head, what: str = "the output head"):
     problem = _global_hooks_problem()
     if problem is not None:
         return f"{what} would run {problem}"
-    name = qualified_name(head) if isinstance(head, nn.Module) else None
+    name = qualified_name(_own_class(head)) if isinstance(head, nn.Module) else None
     if name in (_LORA_LINEAR, _MODULES_TO_SAVE):
-        # No FSDP2 on PEFT's wrappers (its forward hooks make this a fallback): not tested together yet.
-        problem = _module_problem(head, what)
-        if problem is not None:
-            return problem
-        return _lora_plan(head, what) if name == _LORA_LINEAR else _modules_to_save_plan(head, what)
-    problem = _linear_problem(head, what, fsdp_ok=True)
-    if problem is not None:
-        return problem
-    plan = HeadPlan(head, head)
+        plan = _module_problem(head, what, fsdp_ok=True)
+        if plan is None:
+            plan = _lora_plan(head, what) if name == _LORA_LINEAR else _modules_to_save_plan(head, what)
+    else:
+        plan = _linear_problem(head, what, fsdp_ok=True)
+        if plan is None:
+            plan = HeadPlan(head, head)
+    if isinstance(plan, str):
+        return plan
     for state in _fsdp_states(head):
         if state._mp_policy.output_dtype is not None:
             return (f"{what} is sharded by FSDP2 with MixedPrecisionPolicy(output_dtype="
