@@ -191,6 +191,49 @@ def test_unpatch_after_peft():
     assert torch.equal(_step(fl, batch)[0], _step(ref, batch)[0])
 
 
+def test_peft_forward_replaced_on_the_class_is_a_fallback(monkeypatch):
+    """fastloss copies what PEFT's own LoRA forward computes: a forward replaced on the class (another library's
+    patch) is not trusted by the class name alone."""
+    from peft.tuners.lora import layer
+
+    original = layer.Linear.forward
+
+    def halved(self, x, *args, **kwargs):
+        return original(self, x, *args, **kwargs) * 0.5
+
+    monkeypatch.setattr(layer.Linear, "forward", halved)
+    ref, fl = _peft_pair("lora_head_dropout0", "before")
+    _compare(ref, fl, _batch(), 1e-12, fallback="whose forward is not PEFT's own")
+
+
+def test_float32_adapters_on_a_bf16_model():
+    """PEFT keeps the adapters float32 on a bf16 base (autocast_adapter_dtype): their gradients stay float32 and
+    agree with the model's own to float32 rounding of the same bf16 upstream gradients."""
+    base = _llama(torch.float32).to(torch.bfloat16)
+    models = []
+    for patched in (False, True):
+        m = patch(copy.deepcopy(base)) if patched else copy.deepcopy(base)
+        torch.manual_seed(1)
+        models.append(peft.get_peft_model(m, _lora(HEAD)))
+    ref, fl = models
+    assert ref.base_model.model.lm_head.lora_B["default"].weight.dtype == torch.float32
+    batch = _batch()
+    loss_r, grads_r = _step(ref, batch)
+    loss_f, grads_f = _step(fl, batch)
+    assert rel_err(loss_f.reshape(1), loss_r.reshape(1)) <= 2 ** -8
+    for n in grads_r:
+        assert grads_f[n].dtype == grads_r[n].dtype, n
+        assert rel_err(grads_f[n].float(), grads_r[n].float()) <= 2 ** -4, n
+
+
+def test_patch_of_a_model_and_of_its_wrapper():
+    """patch on the PeftModel and on the transformers model inside it: the outer patched forward defers the head,
+    the inner one runs the model's forward."""
+    ref, fl = _peft_pair("lora_head_dropout", "after")
+    patch(fl.base_model.model)
+    _compare(ref, fl, _batch(), 1e-12)
+
+
 # ---------------------------------------------------------------- heads fastloss does not know
 
 
@@ -265,6 +308,15 @@ def test_parametrized_head_is_exact():
     _compare(ref, fl, _batch(), 1e-12)
 
 
+def test_unpatch_of_a_copy_leaves_the_original_patched():
+    fl = patch(_llama())
+    twin = copy.deepcopy(fl)
+    unpatch(twin)
+    batch = _batch()
+    assert "forward" not in vars(twin.lm_head) and not _fastloss_ran(twin, batch)
+    assert _fastloss_ran(fl, batch)
+
+
 def test_deep_copy_of_a_patched_model_uses_its_own_head():
     """The head's router is bound to its module: a copy made after ``patch`` (a reference model, an EMA copy)
     computes with its own weights."""
@@ -333,6 +385,14 @@ def test_accelerate_prepare_bf16():
     for n in grads_r:
         assert rel_err(grads_f[n], grads_r[n]) <= 2 ** -4, n
     assert _fastloss_ran(fl, batch)
+    # unpatch keeps accelerate's wrapper (its autocast) around the forward: only fastloss leaves
+    unpatch(fl)
+    assert not _fastloss_ran(fl, batch)
+    seen = []
+    hook = fl.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    fl(**batch)
+    hook.remove()
+    assert seen == [torch.bfloat16]
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -376,11 +376,11 @@ def _linear_cross_entropy(input, linear_weight, target, lowrank, *, linear_bias,
     if lowrank is not None:
         U, B = lowrank
         R = B.shape[-1]
-        if B.dim() != 2 or B.shape[0] != V or tuple(U.shape) != lead + (R,) or U.dtype != input.dtype \
-                or B.dtype != input.dtype:
+        if B.dim() != 2 or B.shape[0] != V or tuple(U.shape) != lead + (R,) or not U.is_floating_point() \
+                or not B.is_floating_point():
             raise ValueError(f"fastloss.linear_cross_entropy: the low-rank block must be U {lead + (R,)} and B "
-                             f"({V}, {R}) of dtype {input.dtype}, got U {tuple(U.shape)} {U.dtype} and B "
-                             f"{tuple(B.shape)} {B.dtype}")
+                             f"({V}, {R}), floating point (computed in the input's dtype, gradients in their own), "
+                             f"got U {tuple(U.shape)} {U.dtype} and B {tuple(B.shape)} {B.dtype}")
         U = U.reshape(-1, R).contiguous()
         B = B.contiguous()
         want = want + (U.requires_grad and torch.is_grad_enabled(), B.requires_grad and torch.is_grad_enabled())

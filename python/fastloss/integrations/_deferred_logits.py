@@ -305,7 +305,7 @@ class DeferredLogits:
         def loss_fn(hidden, W, bias, U, B):
             common = torch.promote_types(hidden.dtype, W.dtype)  # differ only under autocast, which casts both
             hidden, W = hidden.to(common), W.to(common)
-            bias, U, B = (None if x is None else x.to(common) for x in (bias, U, B))
+            bias = None if bias is None else bias.to(common)  # (U and B keep their dtype: see HeadPlan)
             if scale != 1.0:  # s * (h W^T + b + U B^T) = (s h) W^T + s b + (s U) B^T
                 hidden = hidden * scale
                 bias = bias * scale if bias is not None else None

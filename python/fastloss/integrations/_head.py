@@ -216,10 +216,25 @@ class HeadPlan:
         if self.unmerge and self.module.merged:
             self.module.unmerge()
         out = [x]
-        for term in self.lora:
-            x = self.module._cast_input_dtype(x, term.A.weight.dtype)
-            out.append(term.dropout(x))
+        if self.lora:
+            # Under FSDP2 the head's hooks are held back here: cast the input as its pre-forward hook would, and
+            # take the adapters' dtype as they will be gathered (param_dtype), not as they are sharded.
+            cast = self._fsdp_param_dtype(inputs=True)
+            x = x.to(cast) if cast is not None and x.is_floating_point() else x
+            gathered = self._fsdp_param_dtype(inputs=False)
+            for term in self.lora:
+                x = self.module._cast_input_dtype(x, gathered or term.A.weight.dtype)
+                out.append(term.dropout(x))
         return tuple(out)
+
+    def _fsdp_param_dtype(self, inputs: bool) -> Optional[torch.dtype]:
+        """The FSDP2 mixed-precision param_dtype of the head (``inputs``: only where the policy casts the forward
+        inputs to it), or None."""
+        for state in _fsdp_states(self.module):
+            policy = state._mp_policy
+            if policy.param_dtype is not None and (policy.cast_forward_inputs or not inputs):
+                return policy.param_dtype
+        return None
 
     # ------------------------------------------------------------------ calls that read the parameters
     def call(self, rows: tuple, fn: Callable):
@@ -255,9 +270,12 @@ class HeadPlan:
             B.append(term.B.weight)
             if term.B.bias is not None:
                 b = term.B.bias * term.scaling if b is None else b + term.B.bias * term.scaling
-        U = U[0] if len(U) == 1 else torch.cat(U, dim=-1)
-        B = B[0] if len(B) == 1 else torch.cat(B, dim=-1)
-        return x, W, b, U.to(x.dtype), B.to(x.dtype)
+        # U and B keep the adapters' dtype (PEFT keeps them float32 on a bf16 base: their gradients stay float32);
+        # the chunks compute in the base's dtype.
+        dtype = torch.promote_types(U[0].dtype, B[0].dtype)
+        U = U[0] if len(U) == 1 else torch.cat([u.to(dtype) for u in U], dim=-1)
+        B = B[0] if len(B) == 1 else torch.cat([w.to(dtype) for w in B], dim=-1)
+        return x, W, b, U, B
 
 
 def _routed_forward(self, *args, **kwargs):
@@ -288,11 +306,41 @@ def remove_router(m: nn.Module) -> None:
         del m._fastloss_slot
 
 
+# PEFT versions whose LoRA / modules_to_save forwards fastloss reproduces (the stacks tests run 0.21.2). Another
+# version runs the model's own head, warned: its forward may compute something else.
+PEFT_TESTED = ((0, 21),)
+
+
+def _peft_problem(head: nn.Module, what: str, methods: tuple) -> Optional[str]:
+    """Why fastloss cannot trust this PEFT layer to compute what PEFT's tested forward computes: another PEFT
+    version, or a method replaced on the class (its code not from PEFT's own files)."""
+    try:
+        import peft
+        version = tuple(int(p) for p in peft.__version__.split(".")[:2])
+    except Exception:  # noqa: BLE001
+        return f"{what} is a {_describe(head)} from a PEFT whose version is unknown"
+    if version not in PEFT_TESTED:
+        return (f"{what} is a {_describe(head)} from PEFT {peft.__version__}, a version fastloss has not been "
+                f"tested with (tested: {', '.join('.'.join(map(str, v)) for v in PEFT_TESTED)})")
+    home = "/" + peft.__name__ + "/"  # (an instance forward is checked by _module_problem: routers only)
+    for name in methods:
+        fn = getattr(type(head), name, None)
+        code = getattr(fn, "__code__", None)
+        if code is None or home not in code.co_filename.replace("\\", "/"):
+            return f"{what} is a {_describe(head)} whose {name} is not PEFT's own ({qualified_name(fn)})"
+    return None
+
+
 def _lora_plan(head: nn.Module, what: str):
+    problem = _peft_problem(head, what, ("forward", "_cast_input_dtype"))
+    if problem is not None:
+        return problem
     problem = _linear_problem(head.base_layer, f"{what}.base_layer")
     if problem is not None:
         return problem
     if head.disable_adapters or head.merged:  # PEFT's forward: the base layer alone (unmerging first if disabled)
+        if head.disable_adapters and head.merged and _fsdp_states(head):
+            return f"{what} ({_LORA_LINEAR}) is disabled and merged under FSDP2 (PEFT unmerges the gathered weights)"
         return HeadPlan(head, head.base_layer, unmerge=bool(head.disable_adapters))
     terms = []
     for name in head.active_adapters:
@@ -315,6 +363,9 @@ def _lora_plan(head: nn.Module, what: str):
 def _modules_to_save_plan(head: nn.Module, what: str):
     # PEFT's ModulesToSaveWrapper.forward: the original module when adapters are disabled or an active adapter
     # has no copy, else the first active adapter's copy.
+    problem = _peft_problem(head, what, ("forward", "_forward_wrapped", "_forward_wrapped_passthrough"))
+    if problem is not None:
+        return problem
     active = list(head.active_adapters)
     if head.disable_adapters or not active or any(a not in head._adapters for a in active):
         inner, label = head.original_module, "original_module"

@@ -26,7 +26,6 @@ import functools
 import inspect
 import types
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +58,11 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, chunk_size="au
                         f"(get_output_embeddings() gave {qualified_name(head)}); only causal LMs whose head is an "
                         "nn.Linear (or a wrapper of one that fastloss knows) are supported")
     cfg = PatchConfig(return_logits, chunk_size, filter_eps, algorithm)
-    state = _state(model)
+    state = _state(model, active_only=False)
     if state is not None:  # this model, or the model inside a wrapper of it (a PeftModel), is patched already
-        state["config"] = cfg
+        state["config"], state["active"] = cfg, True  # (or was, under a wrapper that kept the patched forward)
+        if "forward" not in vars(head):
+            install_router(head)
         return model
     original = model.forward  # bound method (possibly already wrapped by accelerate etc.)
     signature = inspect.signature(original)
@@ -78,11 +79,12 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, chunk_size="au
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
 
+    patched = types.MethodType(forward, model)
     setattr(model, _ATTR, {"config": cfg, "original": original, "had_instance_forward": "forward" in vars(model),
-                           "routed": weakref.WeakSet([head])})
+                           "patched": patched, "active": True})
     if "forward" not in vars(head):  # (a replaced forward stays: the call-time check then runs the model's own head)
         install_router(head)  # now rather than in the first (perhaps compiled) call: one recompilation less
-    model.forward = types.MethodType(forward, model)
+    model.forward = patched
     return model
 
 
@@ -95,19 +97,28 @@ def _patched_module(model: torch.nn.Module):
     return None
 
 
-def _state(model: torch.nn.Module):
+def _state(model: torch.nn.Module, active_only: bool = True):
     m = _patched_module(model)
-    return None if m is None else vars(m)[_ATTR]
+    state = None if m is None else vars(m)[_ATTR]
+    return None if state is None or (active_only and not state["active"]) else state
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`patch` on ``model`` (or on the model inside a wrapper of it); returns ``model``."""
+    """Undo :func:`patch` on ``model`` (or on the model inside a wrapper of it); returns ``model``.
+
+    The patched forward is removed when it is still the model's forward. When something wrapped it after ``patch``
+    (``accelerate.prepare``'s autocast, for one), removing it would remove that wrapper too: it stays in the chain
+    and just calls the model's own forward from then on."""
     outer, model = model, _patched_module(model)
     if model is None:
         return outer
     state = vars(model)[_ATTR]
-    for head in list(state["routed"]):  # the heads whose calls the patched forward routed
-        remove_router(head)
+    for m in outer.modules():  # every head routed, copies included (PEFT's modules_to_save, deep copies)
+        remove_router(m)
+    current = vars(model).get("forward")
+    if getattr(current, "__func__", None) is not state["patched"].__func__:
+        state["active"] = False  # wrapped after patch: keep the wrapper, pass through
+        return outer
     if state["had_instance_forward"]:
         model.forward = state["original"]
     else:
@@ -130,9 +141,14 @@ def _patched_forward(self, signature, *args, **kwargs):
             arguments.update(arguments.pop(name))
     if arguments.get("labels") is None and arguments.get("shift_labels") is None:
         return original(*args, **kwargs)  # no loss to compute: the model's own forward, logits and all
+    head = self.get_output_embeddings()
+    if not state["active"] or vars(head).get("_fastloss_slot") is not None:
+        # unpatched under a wrapper that kept this forward; or a patched forward inside another patched forward of
+        # the same head (patch on a model and on a wrapper of it): the outer one defers the head
+        return original(*args, **kwargs)
     cfg: PatchConfig = state["config"]
     owner = type(self).__name__
-    plan = plan_head(self.get_output_embeddings(), f"{owner}'s output head")
+    plan = plan_head(head, f"{owner}'s output head")
     if isinstance(plan, str):  # the guarantee: only a head fastloss reproduces exactly is deferred
         warnings.warn(f"fastloss: {plan}, which fastloss cannot reproduce exactly; the model's own head and loss "
                       "ran (the loss is the model's own, without the memory saving)",
@@ -145,10 +161,9 @@ def _patched_forward(self, signature, *args, **kwargs):
             warnings.warn(f"fastloss: {owner} calls its output head with extra arguments; its own forward ran "
                           "(the loss is the model's own, without the memory saving)",
                           DeferredLogitsFallbackWarning, stacklevel=3)
-            return type(plan.module).forward(plan.module, x, *more, **kw)
+            return plan._run(lambda *r: type(plan.module).forward(plan.module, *r, **kw), (x, *more))
         return DeferredLogits(plan, plan.rows(x), owner=owner, options=options)
 
-    state["routed"].add(plan.module)
     plan.defer(first_call)
     try:
         out = original(*args, **kwargs)
