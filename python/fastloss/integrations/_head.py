@@ -146,8 +146,8 @@ def _fsdp_states(m: nn.Module) -> list:
 class _LoraTerm:
     """One active plain-LoRA adapter of a PEFT ``lora.Linear``: logits += scaling * B(A(dropout(x)))."""
 
-    def __init__(self, name, A, B, dropout, scaling):
-        self.name, self.A, self.B, self.dropout, self.scaling = name, A, B, dropout, scaling
+    def __init__(self, A, B, dropout, scaling):
+        self.A, self.B, self.dropout, self.scaling = A, B, dropout, scaling
 
 
 class HeadPlan:
@@ -173,11 +173,7 @@ class HeadPlan:
         weight's promoted dtype."""
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        for state in _fsdp_states(self.module):
-            dtype = state._mp_policy.param_dtype
-            if dtype is not None:
-                return dtype
-        return torch.promote_types(x.dtype, self.linear.weight.dtype)
+        return self._fsdp_param_dtype(inputs=False) or torch.promote_types(x.dtype, self.linear.weight.dtype)
 
     # ------------------------------------------------------------------ the model's call of the head
     def defer(self, first_call: Callable) -> None:
@@ -195,7 +191,7 @@ class HeadPlan:
         if self.fsdp:
             m._forward_pre_hooks, m._forward_hooks = self._hooks
 
-    def _run(self, forward: Callable, rows: tuple):
+    def run(self, forward: Callable, rows: tuple):
         """``forward(*rows)``: as a call of the head module, with its own hooks in place, when FSDP2 hooks it;
         else as a plain function call."""
         if not self.fsdp:
@@ -245,7 +241,7 @@ class HeadPlan:
         def forward(*r):
             return fn(*self._operands(r))
 
-        return self._run(forward, rows)
+        return self.run(forward, rows)
 
     def logits(self, rows: tuple) -> torch.Tensor:
         """The head's output exactly as its own forward computes it (same ops, same order, same dropout draws)."""
@@ -257,7 +253,7 @@ class HeadPlan:
                 result = result + term.B(term.A(dx)) * term.scaling
             return result.to(dtype) if self.lora else result
 
-        return self._run(forward, rows)
+        return self.run(forward, rows)
 
     def _operands(self, rows: tuple):
         x = rows[0]
@@ -294,8 +290,10 @@ def is_router(fn) -> bool:
 
 
 def install_router(m: nn.Module) -> None:
-    # functools.partial rather than a bound method: torch.compile traces creating a partial, not a method object.
-    if not is_router(vars(m).get("forward")):
+    """Route m's calls (once). A forward someone else put on the instance (accelerate's hooks) stays: the call-time
+    check then runs the model's own head. functools.partial rather than a bound method: torch.compile traces
+    creating a partial, not a method object."""
+    if "forward" not in vars(m):
         m._fastloss_slot = None
         m.forward = functools.partial(_routed_forward, m)
 
@@ -356,7 +354,7 @@ def _lora_plan(head: nn.Module, what: str):
                 return problem
         if type(dropout) not in _DROPOUTS or _module_problem(dropout, "") is not None:
             return f"{what}.lora_dropout[{name!r}] is a {qualified_name(dropout)}"
-        terms.append(_LoraTerm(name, A, B, dropout, head.scaling[name]))
+        terms.append(_LoraTerm(A, B, dropout, head.scaling[name]))
     return HeadPlan(head, head.base_layer, terms)
 
 

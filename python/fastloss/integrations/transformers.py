@@ -61,8 +61,7 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, chunk_size="au
     state = _state(model, active_only=False)
     if state is not None:  # this model, or the model inside a wrapper of it (a PeftModel), is patched already
         state["config"], state["active"] = cfg, True  # (or was, under a wrapper that kept the patched forward)
-        if "forward" not in vars(head):
-            install_router(head)
+        install_router(head)
         return model
     original = model.forward  # bound method (possibly already wrapped by accelerate etc.)
     signature = inspect.signature(original)
@@ -82,8 +81,7 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, chunk_size="au
     patched = types.MethodType(forward, model)
     setattr(model, _ATTR, {"config": cfg, "original": original, "had_instance_forward": "forward" in vars(model),
                            "patched": patched, "active": True})
-    if "forward" not in vars(head):  # (a replaced forward stays: the call-time check then runs the model's own head)
-        install_router(head)  # now rather than in the first (perhaps compiled) call: one recompilation less
+    install_router(head)  # now rather than in the first (perhaps compiled) call: one recompilation less
     model.forward = patched
     return model
 
@@ -161,7 +159,7 @@ def _patched_forward(self, signature, *args, **kwargs):
             warnings.warn(f"fastloss: {owner} calls its output head with extra arguments; its own forward ran "
                           "(the loss is the model's own, without the memory saving)",
                           DeferredLogitsFallbackWarning, stacklevel=3)
-            return plan._run(lambda *r: type(plan.module).forward(plan.module, *r, **kw), (x, *more))
+            return plan.run(lambda *r: type(plan.module).forward(plan.module, *r, **kw), (x, *more))
         return DeferredLogits(plan, plan.rows(x), owner=owner, options=options)
 
     plan.defer(first_call)
