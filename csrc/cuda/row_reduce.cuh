@@ -97,24 +97,37 @@ __device__ __forceinline__ void segment_visit(const T* __restrict__ a, const T* 
   const P* pb = reinterpret_cast<const P*>(b + head);
   int64_t i = tid;
   for (; i + static_cast<int64_t>(kUnroll - 1) * nthreads < nvec; i += static_cast<int64_t>(kUnroll) * nthreads) {
+    // Every pack copied into registers before any is unpacked: a copy of a whole Pack is one 16-byte load
+    // (LDG.E.128), and all kUnroll (x2) loads issue before the first use. (unpack reading through the global
+    // pointer compiled to one 2- or 4-byte load per element.)
+    P xa[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) xa[u] = pa[i + static_cast<int64_t>(u) * nthreads];
+    P xb[kTwo ? kUnroll : 1];
+    if constexpr (kTwo) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) xb[u] = pb[i + static_cast<int64_t>(u) * nthreads];
+    }
     acc va[kUnroll * kVec];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) unpack(pa[i + static_cast<int64_t>(u) * nthreads], va + u * kVec);
+    for (int u = 0; u < kUnroll; ++u) unpack(xa[u], va + u * kVec);
     if constexpr (kTwo) {
       acc vb[kUnroll * kVec];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) unpack(pb[i + static_cast<int64_t>(u) * nthreads], vb + u * kVec);
+      for (int u = 0; u < kUnroll; ++u) unpack(xb[u], vb + u * kVec);
       f(va, vb);
     } else {
       f(va, va);
     }
   }
   for (; i < nvec; i += nthreads) {
+    const P xa = pa[i];
     acc va[kVec];
-    unpack(pa[i], va);
+    unpack(xa, va);
     if constexpr (kTwo) {
+      const P xb = pb[i];
       acc vb[kVec];
-      unpack(pb[i], vb);
+      unpack(xb, vb);
       f(va, vb);
     } else {
       f(va, va);
