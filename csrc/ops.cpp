@@ -81,3 +81,19 @@ TORCH_LIBRARY_FRAGMENT(fastloss, m) {
       "distill_fwd_grad(Tensor student, Tensor teacher, Tensor? target, Tensor grad_scale, str divergence, "
       "float beta, float temperature, int ignore_index, float hard_weight) -> (Tensor loss, Tensor stats, Tensor grad)");
 }
+
+TORCH_LIBRARY_FRAGMENT(fastloss, m) {
+  // Spherical-family losses from logits [N, V] (fastloss/spherical_math.h): `loss` "z" (de Brebisson & Vincent's
+  // Z-loss, softplus(a (b - z_c)) / a of the z-normalised target logit -- not cross_entropy's z_loss), "taylor_softmax"
+  // (log-Taylor-softmax) or "mse" (squared error to the one-hot target). Per-row float64 losses (0 for ignored rows)
+  // and stats float64 [N, 3] = (mean - target logit, variance, target logit) for the backward.
+  m.def(
+      "spherical_loss_fwd(Tensor input, Tensor target, str loss, float a, float b, int ignore_index) "
+      "-> (Tensor loss, Tensor stats)");
+  m.def(
+      "spherical_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor stats, str loss, float a, float b, "
+      "int ignore_index) -> Tensor");
+  // The per-row loss and its partials (dL/do_c, dL/dmu, dL/dvar) [N, 3] from stats [N, 3] of rows of V classes:
+  // the linear version's rows, whose statistics come from the head without logits (python/fastloss/_linear_spherical.py).
+  m.def("spherical_loss_terms(Tensor stats, int V, str loss, float a, float b) -> (Tensor loss, Tensor partials)");
+}

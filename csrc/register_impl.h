@@ -6,6 +6,7 @@
 #include "cross_entropy_ops.h"
 #include "policy_ops.h"
 #include "softmax_ops.h"
+#include "spherical_ops.h"
 
 namespace fastloss {
 
@@ -138,6 +139,29 @@ struct PolicyDeviceOps {
     m.impl("distill_fwd", &distill_fwd);
     m.impl("distill_bwd", &distill_bwd);
     m.impl("distill_fwd_inplace_grad", &distill_fwd_inplace);
+  }
+};
+
+template <const SphericalKernels& (*K)()>
+struct SphericalDeviceOps {
+  static std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& t, c10::string_view loss,
+                                                double a, double b, int64_t ii) {
+    return spherical_fwd_op(x, t, loss, a, b, ii, K());
+  }
+  static at::Tensor bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& t, const at::Tensor& stats,
+                        c10::string_view loss, double a, double b, int64_t ii) {
+    return spherical_bwd_op(g, x, t, stats, loss, a, b, ii, K());
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> terms(const at::Tensor& stats, int64_t V, c10::string_view loss,
+                                                  double a, double b) {
+    return spherical_terms_op(stats, V, loss, a, b, K());
+  }
+
+  static void register_all(torch::Library& m) {
+    m.impl("spherical_loss_terms", &terms);
+    m.impl("spherical_loss_fwd", &fwd);
+    m.impl("spherical_loss_bwd", &bwd);
   }
 };
 

@@ -2,6 +2,7 @@
 #include "fastloss/cross_entropy_kernels.h"
 #include "fastloss/policy_kernels.h"
 #include "fastloss/softmax_kernels.h"
+#include "fastloss/spherical_kernels.h"
 
 namespace fastloss {
 namespace cpu {
@@ -9,12 +10,14 @@ namespace DEFAULT {
 const SoftmaxKernels& kernel_table();
 const CrossEntropyKernels& ce_kernel_table();
 const PolicyKernels& policy_kernel_table();
+const SphericalKernels& spherical_kernel_table();
 }  // namespace DEFAULT
 #ifdef FASTLOSS_HAVE_AVX2
 namespace AVX2 {
 const SoftmaxKernels& kernel_table();
 const CrossEntropyKernels& ce_kernel_table();
 const PolicyKernels& policy_kernel_table();
+const SphericalKernels& spherical_kernel_table();
 }  // namespace AVX2
 #endif
 
@@ -48,6 +51,13 @@ const PolicyKernels& cpu_policy_kernels() {
   if (cpu::use_avx2()) return cpu::AVX2::policy_kernel_table();
 #endif
   return cpu::DEFAULT::policy_kernel_table();
+}
+
+const SphericalKernels& cpu_spherical_kernels() {
+#ifdef FASTLOSS_HAVE_AVX2
+  if (cpu::use_avx2()) return cpu::AVX2::spherical_kernel_table();
+#endif
+  return cpu::DEFAULT::spherical_kernel_table();
 }
 
 }  // namespace fastloss

@@ -2,3 +2,4 @@
 #include "cross_entropy_cpu_kernels.h"
 #include "softmax_cpu_kernels.h"
 #include "policy_cpu_kernels.h"
+#include "spherical_cpu_kernels.h"

@@ -5,4 +5,5 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   fastloss::SoftmaxDeviceOps<&fastloss::cpu_softmax_kernels>::register_all(m);
   fastloss::CrossEntropyDeviceOps<&fastloss::cpu_softmax_kernels, &fastloss::cpu_cross_entropy_kernels>::register_all(m);
   fastloss::PolicyDeviceOps<&fastloss::cpu_policy_kernels>::register_all(m);
+  fastloss::SphericalDeviceOps<&fastloss::cpu_spherical_kernels>::register_all(m);
 }

@@ -5,4 +5,5 @@ TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   fastloss::SoftmaxDeviceOps<&fastloss::cuda_softmax_kernels>::register_all(m);
   fastloss::CrossEntropyDeviceOps<&fastloss::cuda_softmax_kernels, &fastloss::cuda_cross_entropy_kernels>::register_all(m);
   fastloss::PolicyDeviceOps<&fastloss::cuda_policy_kernels>::register_all(m);
+  fastloss::SphericalDeviceOps<&fastloss::cuda_spherical_kernels>::register_all(m);
 }

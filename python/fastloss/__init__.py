@@ -28,6 +28,7 @@ from .policy import (  # noqa: E402
     linear_token_logprobs,
     token_logprobs,
 )
+from .spherical import linear_spherical_loss, spherical_loss  # noqa: E402
 from . import nn  # noqa: E402,F401
 
 cuda_built: bool = hasattr(torch.ops.fastloss, "softmax") and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -54,6 +55,8 @@ __all__ = [
     "token_logprobs",
     "linear_token_logprobs",
     "TokenLogprobs",
+    "spherical_loss",
+    "linear_spherical_loss",
     "nn",
     "cuda_built",
     "cuda_emulated",

@@ -13,6 +13,7 @@ ALGORITHMS = ("auto", "online", "two_pass")
 REDUCTIONS = ("none", "mean", "sum")
 LOSSES = ("ce", "focal", "poly1", "squentropy")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+SPHERICAL_LOSSES = ("z", "taylor_softmax", "mse")
 
 
 # ---------------------------------------------------------------- result types
@@ -121,6 +122,25 @@ def distill_options(fn: str, divergence, beta, temperature, reduction, hard_weig
     if hard_weight and target is None:
         raise ValueError(f"fastloss.{fn}: `hard_weight` > 0 adds the cross-entropy against `target`; pass `target`")
     return beta, check_temperature(fn, temperature), hard_weight
+
+
+def spherical_options(fn: str, loss, a, b, reduction) -> tuple[float, float]:
+    """Validated (a, b) of the spherical losses: required for the Z-loss, refused for the others (which have none)."""
+    check_choice(fn, "loss", loss, SPHERICAL_LOSSES)
+    check_choice(fn, "reduction", reduction, REDUCTIONS)
+    if loss != "z":
+        if a is not None or b is not None:
+            raise ValueError(f"fastloss.{fn}: `a` and `b` are the Z-loss's parameters; loss={loss!r} has none")
+        return 1.0, 0.0
+    if a is None or b is None:
+        raise ValueError(f"fastloss.{fn}: the Z-loss needs `a` (softplus sharpness, > 0) and `b` (offset of the "
+                         "z-score); they set which z-scores the loss still pushes (de Brebisson & Vincent tune both)")
+    a, b = float(a), float(b)
+    if not (math.isfinite(a) and a > 0):
+        raise ValueError(f"fastloss.{fn}: `a` must be a finite float > 0, got {a!r}")
+    if not math.isfinite(b):
+        raise ValueError(f"fastloss.{fn}: `b` must be a finite float, got {b!r}")
+    return a, b
 
 
 def out_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -286,3 +286,36 @@ def _distill_bwd(ctx, grad_loss, _grad_stats):
 
 torch.library.register_autograd("fastloss::token_logprobs_fwd", _logprobs_bwd, setup_context=_logprobs_setup)
 torch.library.register_autograd("fastloss::distill_fwd", _distill_bwd, setup_context=_distill_setup)
+
+
+# ---------------------------------------------------------------- spherical-family losses
+
+
+@torch.library.register_fake("fastloss::spherical_loss_fwd")
+def _spherical_fwd_fake(input, target, loss, a, b, ignore_index):
+    return _rows(input), input.new_empty((input.shape[0], 3), dtype=torch.float64)
+
+
+@torch.library.register_fake("fastloss::spherical_loss_bwd")
+def _spherical_bwd_fake(grad_loss, input, target, stats, loss, a, b, ignore_index):
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device)
+
+
+@torch.library.register_fake("fastloss::spherical_loss_terms")
+def _spherical_terms_fake(stats, V, loss, a, b):
+    n = stats.shape[0]
+    return stats.new_empty((n,), dtype=torch.float64), stats.new_empty((n, 3), dtype=torch.float64)
+
+
+def _spherical_setup(ctx, inputs, output):
+    x, target = inputs[:2]
+    ctx.args = tuple(inputs[2:])
+    ctx.save_for_backward(x, target, output[1])
+
+
+def _spherical_bwd(ctx, grad_loss, _grad_stats):
+    x, target, stats = ctx.saved_tensors
+    return _lib.spherical_loss_bwd(grad_loss, x, target, stats, *ctx.args), None, None, None, None, None
+
+
+torch.library.register_autograd("fastloss::spherical_loss_fwd", _spherical_bwd, setup_context=_spherical_setup)

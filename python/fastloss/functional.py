@@ -186,7 +186,9 @@ def cross_entropy(
     targets ignored gives nan, as torch); ``label_smoothing`` (combined with ``weight`` as torch does).
 
     LLM extras:
-      z_loss: adds ``z_loss * lse**2`` per (non-ignored) token, reduced like the loss (not class-weighted).
+      z_loss: adds ``z_loss * lse**2`` per (non-ignored) token, reduced like the loss (not class-weighted):
+        PaLM's auxiliary z-loss. De Brebisson & Vincent's spherical Z-loss is another loss altogether:
+        :func:`fastloss.spherical_loss` (``loss="z"``).
       softcap: applies ``softcap * tanh(logits / softcap)`` before the loss, with its gradient; -inf logits (masked
         vocabulary entries) stay -inf.
       return_lse / return_z_loss: return a :class:`CrossEntropyOutput` (loss, z_loss term, per-token lse).

@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 
 from . import functional as F
-from ._common import check_ce_options, check_temperature, distill_options
+from ._common import check_ce_options, check_temperature, distill_options, spherical_options
 from . import policy as fastloss_policy
+from . import spherical as fastloss_spherical
 
 
 # The modules' signatures repeat the functions' on purpose (as torch.nn's do): a user reads the options where the
@@ -160,3 +161,30 @@ class LinearTokenLogprobs(TokenLogprobs):
                 bias: Optional[torch.Tensor] = None):
         return fastloss_policy.linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=self.temperature,
                                                      return_entropy=self.return_entropy, chunk_size=self.chunk_size)
+
+
+class SphericalLoss(torch.nn.Module):
+    """:func:`fastloss.spherical_loss` as a module: ``loss(input, target)`` with the spherical Z-loss (``loss="z"``,
+    de Brebisson & Vincent; needs ``a`` and ``b``; not the cross-entropy's PaLM ``z_loss``), the log-Taylor-softmax
+    or the one-hot squared error."""
+
+    def __init__(self, loss: str = "z", a: Optional[float] = None, b: Optional[float] = None,
+                 ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        spherical_options(type(self).__name__, loss, a, b, reduction)
+        self.loss, self.a, self.b, self.ignore_index, self.reduction = loss, a, b, ignore_index, reduction
+
+    def _options(self) -> dict:
+        return dict(loss=self.loss, a=self.a, b=self.b, ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        return fastloss_spherical.spherical_loss(input, target, **self._options())
+
+
+class LinearSphericalLoss(SphericalLoss):
+    """:func:`fastloss.linear_spherical_loss` as a module: ``m(hidden, weight, target, bias=None)`` without any
+    logits. Holds no parameters: pass the output layer's weight (and bias) in."""
+
+    def forward(self, input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: Optional[torch.Tensor] = None):
+        return fastloss_spherical.linear_spherical_loss(input, weight, target, bias, **self._options())

@@ -209,3 +209,29 @@ def token_logprobs_reference(logits: torch.Tensor, tokens: torch.Tensor, *, temp
     lp_safe = torch.where(live, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
     entropy = -(torch.exp(lp) * lp_safe).sum(-1)
     return out, entropy
+
+
+def spherical_loss_reference(logits: torch.Tensor, target: torch.Tensor, loss: str, *, a: float = 1.0,
+                             b: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
+    """Per-row float64 spherical losses on materialised logits (..., V) (fastloss.spherical): the Z-loss
+    softplus(a (b - z_c)) / a with z_c = (o_c - mean) / std (population std; z_c = 0 where std = 0), the
+    log-Taylor-softmax and the one-hot squared error; 0 for rows with target == ignore_index."""
+    x = logits.double()
+    V = x.shape[-1]
+    valid = target != ignore_index
+    tc = target.masked_fill(~valid, 0).unsqueeze(-1)
+    oc = x.gather(-1, tc).squeeze(-1)
+    if loss == "z":
+        mu = x.mean(-1)
+        var = ((x - mu.unsqueeze(-1)) ** 2).mean(-1)
+        z = torch.where(var > 0, (oc - mu) / var.clamp_min(torch.finfo(torch.float64).tiny).sqrt(),
+                        torch.zeros_like(oc))
+        rows = torch.nn.functional.softplus(a * (b - z)) / a
+    elif loss == "taylor_softmax":
+        t = 1 + x + x * x / 2
+        rows = t.sum(-1).log() - t.gather(-1, tc).squeeze(-1).log()
+    elif loss == "mse":
+        rows = ((x - torch.nn.functional.one_hot(tc.squeeze(-1), V).double()) ** 2).sum(-1)
+    else:
+        raise ValueError(f"unknown spherical loss {loss!r}")
+    return torch.where(valid, rows, torch.zeros_like(rows))
