@@ -42,6 +42,9 @@ What it calls (forward and backward unless said otherwise), each on small tensor
 * linear_cross_entropy (chunked, several chunks) in every dtype: plain with a bias, weights + smoothing, softcap
   + z-loss + lse, focal, squentropy, reduction "none" (the backward recomputes), gradient filtering
   (filter_eps="auto") and probability targets.
+* spherical_loss ("z", "taylor_softmax", "mse"; block per row) in every dtype on short, long and very long rows
+  and a misaligned view, with ignored rows and a random upstream gradient per row; linear_spherical_loss with a
+  bias (the per-row terms kernel; the rest is cuBLAS).
 
 Results are compared with float64 references computed on the CPU (relative error norm, a loose per-dtype bound:
 the point is to catch garbage, the test suite checks precision); a CUDA error stops the run at once (the context
@@ -64,7 +67,8 @@ import torch
 import torch.nn.functional as F
 
 import fastloss
-from fastloss.reference import comp_sum_loss_reference, distillation_loss_reference, token_logprobs_reference
+from fastloss.reference import (comp_sum_loss_reference, distillation_loss_reference, spherical_loss_reference,
+                                token_logprobs_reference)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ALGS = ("online", "two_pass")
@@ -101,7 +105,11 @@ DISTILL = {"small": [(5, 13), (4, 5000), (2, 70001)], "tiny": [(5, 13), (3, 2053
 """(tokens, hidden, vocabulary, chunk_size) of the linear cross-entropy calls."""
 
 
-PARTS = ("row_ops", "topk", "cross_entropy", "linear_cross_entropy", "distillation")
+SPHERICAL = {"small": [(5, 13), (4, 5000), (2, 70001)], "tiny": [(5, 13), (3, 2053)]}
+"""(rows, V) of the spherical-loss calls (block-per-row kernels: short, long, very long)."""
+SPHERICAL_LOSSES = (("z", {"a": 0.7, "b": 2.5}), ("taylor_softmax", {}), ("mse", {}))
+
+PARTS = ("row_ops", "topk", "cross_entropy", "linear_cross_entropy", "distillation", "spherical")
 
 
 class CudaFailure(Exception):
@@ -541,6 +549,47 @@ class Workload:
         (rlp.sum() + 0.5 * rent.sum()).backward()
         return [("logprobs", lp, rlp, dtype), ("entropy", ent, rent, dtype), ("d hidden", h.grad, h64.grad, dtype),
                 ("d weight", w.grad, w64.grad, dtype)]
+
+    # ------------------------------------------------------------ spherical losses
+
+    def spherical(self) -> None:
+        for dtype in DTYPES:
+            for loss, kw in SPHERICAL_LOSSES:
+                for rows, v in SPHERICAL[self.size]:
+                    if loss == "mse" and dtype == torch.float16 and v > 5000:
+                        continue  # a row's squared error (~10 V here) overflows float16, the loss's dtype
+                    self.run("spherical", f"{loss} ({rows}, {v}) {dtype}",
+                             lambda: self._spherical(rows, v, dtype, loss, kw, misaligned=False))
+                rows, v = MISALIGNED[self.size]
+                self.run("spherical", f"{loss} misaligned ({rows}, {v}) {dtype}",
+                         lambda: self._spherical(rows, v, dtype, loss, kw, misaligned=True))
+                self.run("linear_spherical", f"{loss} {dtype}", lambda: self._linear_spherical(dtype, loss, kw))
+
+    def _spherical(self, rows: int, v: int, dtype: torch.dtype, loss: str, kw: dict, misaligned: bool) -> list:
+        x = (self.misaligned(rows, v, dtype) if misaligned else self.rand((rows, v), dtype)).requires_grad_()
+        target = self.targets(rows, v)
+        out = fastloss.spherical_loss(x, target, loss=loss, ignore_index=IGNORE, reduction="none", **kw)
+        w = self.rand((rows,), torch.float64, scale=1.0)
+        (g,) = torch.autograd.grad((out.double() * w).sum(), x)
+        x64 = x.detach().double().cpu().requires_grad_()
+        ref = spherical_loss_reference(x64, target.cpu(), loss, ignore_index=IGNORE, **kw)
+        (g64,) = torch.autograd.grad((ref * w.cpu()).sum(), x64)
+        return [("loss", out, ref, dtype), ("d input", g, g64, dtype)]
+
+    def _linear_spherical(self, dtype: torch.dtype, loss: str, kw: dict) -> list:
+        n, d, v, _ = LCE[self.size]
+        h = self.rand((n, d), dtype, scale=1.0).requires_grad_()
+        w = self.rand((v, d), dtype, scale=3.0 / d**0.5).requires_grad_()
+        b = self.rand((v,), dtype, scale=1.0).requires_grad_()
+        target = self.targets(n, v)
+        out = fastloss.linear_spherical_loss(h, w, target, b, loss=loss, ignore_index=IGNORE, **kw)
+        out.backward()
+        h64, w64, b64 = (t.detach().double().cpu().requires_grad_() for t in (h, w, b))
+        rows = spherical_loss_reference(h64 @ w64.t() + b64, target.cpu(), loss, ignore_index=IGNORE, **kw)
+        ref = rows.sum() / (target != IGNORE).sum()
+        ref.backward()
+        return [("loss", out, ref, dtype), ("d hidden", h.grad, h64.grad, dtype), ("d weight", w.grad, w64.grad, dtype),
+                ("d bias", b.grad, b64.grad, dtype)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -123,11 +123,11 @@ def test_gpu_quick_preset_problems_and_defaults():
     logits = ("softmax", "logsumexp", "cross_entropy")
     assert [(p.n, p.v, p.dtype, p.device, p.extra.get("hidden"), p.suites) for p in cli.resolve_problems(args)] == [
         (8192, 128256, torch.bfloat16, "cuda", None, logits),
-        (8192, 128256, torch.bfloat16, "cuda", 4096, ("linear_cross_entropy",)),  # the Llama-3-8B head
+        (8192, 128256, torch.bfloat16, "cuda", 4096, ("linear_cross_entropy", "linear_spherical")),  # Llama-3-8B head
         (8192, 256000, torch.bfloat16, "cuda", None, logits),
     ]
     assert (args.suite, args.mode, args.min_time, args.max_repeats) == (
-        "softmax,logsumexp,cross_entropy,linear_cross_entropy", "fwdbwd", 0.05, 30)
+        "softmax,logsumexp,cross_entropy,linear_cross_entropy,linear_spherical", "fwdbwd", 0.05, 30)
     # What the command line says wins; presets without options keep the built-in defaults.
     args = cli.apply_preset_options(parse(["--preset", "gpu-quick", "--mode", "both", "--max-repeats", "5",
                                            "--suite", "softmax"]))
@@ -192,8 +192,9 @@ def test_gpu_quick_tiny_cpu_run_gives_each_problem_its_suites(tmp_path):
     results = doc["results"]
     assert {r["mode"] for r in results} == {"fwdbwd"} and {r["dtype"] for r in results} == {"bfloat16"}
     impls = collections.Counter(r["suite"] for r in results)
-    # --n/--v fold the two logits shapes into one problem; linear CE runs on its own (head) problem only.
-    assert impls == {"softmax": 4, "logsumexp": 4, "cross_entropy": 4, "linear_cross_entropy": 5}, impls
+    # --n/--v fold the two logits shapes into one problem; the linear losses run on their own (head) problem only.
+    assert impls == {"softmax": 4, "logsumexp": 4, "cross_entropy": 4, "linear_cross_entropy": 5,
+                     "linear_spherical": 2}, impls
     assert list(doc["copy_bandwidth_gbps"]) == ["cpu:bfloat16:6x40"]  # measured once, shared by both problems
     for r in results:
         if r["status"] == "ok":

@@ -128,12 +128,13 @@ LOGITS_SUITES = ("softmax", "logsumexp", "cross_entropy")
 def _gpu_quick(device: str) -> list[Problem]:
     # bench/gpu_check.sh's benchmark, sized to about 2 minutes of an H200 with torch.compile and the peers: bf16
     # logits of the Llama 3 and Gemma vocabularies (softmax, logsumexp, cross-entropy), and linear cross-entropy
-    # on the Llama-3-8B head (D=4096). Every torch.compile entry compiles once per (shape, suite, mode), which is
+    # and the linear spherical Z-loss (issue #25, last: the time budget cuts it first) on the Llama-3-8B head
+    # (D=4096). Every torch.compile entry compiles once per (shape, suite, mode), which is
     # most of the time: hence two logits shapes, and the preset's options (PRESET_OPTIONS) keep fwd+bwd only.
     n = 8192 if device == "cuda" else 256
     bf16 = torch.bfloat16
     return [make_problem(n, 128256, bf16, device, suites=LOGITS_SUITES),
-            make_problem(n, 128256, bf16, device, hidden=4096, suites=("linear_cross_entropy",)),
+            make_problem(n, 128256, bf16, device, hidden=4096, suites=("linear_cross_entropy", "linear_spherical")),
             make_problem(n, 256000, bf16, device, suites=LOGITS_SUITES)]
 
 
@@ -173,6 +174,26 @@ def _distill_tiny(device: str) -> list[Problem]:
             make_problem(48, 1000, torch.float32, device, hidden=32, teacher_hidden=48, suites=DISTILL_LINEAR_SUITES)]
 
 
+SPHERICAL_SUITES = ("spherical", "linear_spherical", "linear_cross_entropy")
+"""Issue #25's suites (suites/spherical.py) and the linear cross-entropy on the same head, for comparison."""
+
+
+def _spherical_tiny(device: str) -> list[Problem]:
+    # Seconds on any machine (tests).
+    return [make_problem(64, 512, torch.float32, device, suites=("spherical",)),
+            make_problem(48, 1000, torch.float32, device, hidden=32,
+                         suites=("linear_spherical", "linear_cross_entropy"))]
+
+
+def _spherical_gpu_quick(device: str) -> list[Problem]:
+    # The GPU script's Z-loss run: bf16 logits of the Llama 3 vocabulary, and the Llama-3-8B head (D=4096) with the
+    # linear Z-loss next to the linear cross-entropy.
+    n = 8192 if device == "cuda" else 256
+    bf16 = torch.bfloat16
+    return [make_problem(n, 128256, bf16, device, suites=("spherical",)),
+            make_problem(n, 128256, bf16, device, hidden=4096, suites=("linear_spherical", "linear_cross_entropy"))]
+
+
 PRESETS: dict[str, tuple[str, Callable[[str], list[Problem]]]] = {
     "default": ("small shapes; about a minute on a 2-core CPU", _default),
     "cpu-goal": ("N=4096 V=32768 fp32: the project's CPU performance goal", _cpu_goal),
@@ -189,19 +210,25 @@ PRESETS: dict[str, tuple[str, Callable[[str], list[Problem]]]] = {
     "distill-gpu-quick": ("distillation / token log-probs at N=8192 V=128256 bf16, linear versions on a D=2048 "
                           "student and D=4096 teacher head, fwd+bwd (CUDA)", _distill_gpu_quick),
     "distill-tiny": ("distillation suites on tiny shapes (seconds; tests)", _distill_tiny),
+    "spherical-tiny": ("spherical Z-loss suites on tiny shapes (seconds; tests)", _spherical_tiny),
+    "spherical-gpu-quick": ("the spherical Z-loss at N=8192 V=128256 bf16, the linear one on the Llama-3-8B head "
+                            "(D=4096) next to linear cross-entropy, fwd+bwd (CUDA)", _spherical_gpu_quick),
 }
 
 PRESET_DEVICE: dict[str, str] = {"cpu-goal": "cpu", "gpu-sweep": "cuda", "gpu-quick": "cuda",
-                                 "distill-cpu-goal": "cpu", "distill-gpu-quick": "cuda"}
+                                 "distill-cpu-goal": "cpu", "distill-gpu-quick": "cuda", "spherical-gpu-quick": "cuda"}
 """Presets that only make sense on one device pick it when ``--device`` is not given."""
 
 PRESET_OPTIONS: dict[str, dict[str, Any]] = {
-    "gpu-quick": {"suite": ",".join(LOGITS_SUITES + ("linear_cross_entropy",)), "mode": "fwdbwd",
+    "gpu-quick": {"suite": ",".join(LOGITS_SUITES + ("linear_cross_entropy", "linear_spherical")), "mode": "fwdbwd",
                   "min_time": 0.05, "max_repeats": 30},
     "distill-cpu-goal": {"suite": ",".join(DISTILL_DEFAULT_SUITES), "mode": "fwdbwd"},
     "distill-gpu-quick": {"suite": ",".join(DISTILL_DEFAULT_SUITES), "mode": "fwdbwd", "min_time": 0.05,
                           "max_repeats": 30},
     "distill-tiny": {"suite": ",".join(DISTILL_LOGITS_SUITES + DISTILL_LINEAR_SUITES)},
+    "spherical-tiny": {"suite": ",".join(SPHERICAL_SUITES)},
+    "spherical-gpu-quick": {"suite": ",".join(SPHERICAL_SUITES), "mode": "fwdbwd", "min_time": 0.05,
+                            "max_repeats": 30},
 }
 """Command-line defaults a preset brings (``suite``, ``mode``, ``min_time``, ``max_repeats``): used for the
 options not given on the command line; with several presets the first that sets one wins."""

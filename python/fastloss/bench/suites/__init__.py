@@ -10,6 +10,7 @@ from . import softmax  # noqa: F401, I001  (softmax, log_softmax, logsumexp)
 from . import cross_entropy  # noqa: F401  (cross_entropy, linear_cross_entropy: peers and placeholders)
 from . import topk  # noqa: F401  (softmax_topk)
 from . import distillation  # noqa: F401  (distillation, token_logprobs and their linear versions: issue #14)
+from . import spherical  # noqa: F401  (the spherical Z-loss and its linear version: issue #25)
 
 from ..registry import SUITES, Suite  # noqa: E402
 
