@@ -38,12 +38,23 @@ the sources of the standard library's ``.py`` files (without its tests). It is c
 (default ``~/.cache/fastloss/``), keyed by vocabulary size and a hash of the corpus, so a second run skips the
 training (a few seconds). The language model is trained on the English prose of ``pydoc_data.topics`` only.
 
+Cross-entropy against the spherical Z-loss (``--z-loss A,B``)
+------------------------------------------------------------
+With ``--z-loss A,B`` the two runs are a different comparison: ``fastloss`` (the cross-entropy, through
+``patch(model)`` as above) against ``zloss``, the same model trained from the same seed on the same batches with
+``fastloss.linear_spherical_loss(hidden, lm_head.weight, next_tokens, loss="z", a=A, b=B)`` -- de Brebisson &
+Vincent's spherical Z-loss, computed from the final hidden states and the head without any logits. A tenth of the
+windows (at least one batch) is held out; after training both models are evaluated on it with full logits: mean
+cross-entropy of the next token (the perplexity's logarithm) and top-1 / top-5 accuracy. The report gives those,
+the time per step and the peak memory; it checks no tolerance (the objectives differ) and exits 0.
+
 Run it
 ------
 ::
 
     python examples/train_tiny_lm.py                        # defaults: under a minute per run on 2 CPU cores
     python examples/train_tiny_lm.py --steps 200 --plot curves.png
+    python examples/train_tiny_lm.py --z-loss 1,6 --steps 200   # cross-entropy vs the spherical Z-loss
     python examples/train_tiny_lm.py --help
 
 Needs torch, fastloss, transformers and tokenizers; ``--plot`` also needs matplotlib (optional).
@@ -66,6 +77,8 @@ import time
 MIN_VOCAB = 30000
 EOS_TOKEN = "<|endoftext|>"
 RUNS = ("torch", "fastloss")
+Z_RUNS = ("fastloss", "zloss")  # --z-loss: the cross-entropy (through the patch) against the spherical Z-loss
+HELD_OUT_FRACTION = 0.1
 # Max |loss_torch - loss_fastloss| over the curve for PASS; see the module docstring for why it is not zero.
 DEFAULT_TOLERANCE = 1e-3
 
@@ -185,6 +198,42 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def split_windows(windows, args: argparse.Namespace):
+    """(training windows, held-out windows): with --z-loss a fixed tenth (at least one batch) is held out for the
+    evaluation, chosen by a generator of its own so both runs hold out the same windows; otherwise all train."""
+    import torch
+
+    if args.z_loss is None:
+        return windows, windows[:0]
+    n_out = max(args.batch_size, int(len(windows) * HELD_OUT_FRACTION))
+    if len(windows) - n_out < args.batch_size:
+        raise SystemExit(f"error: {len(windows)} windows are too few to hold out {n_out} and train on batches of "
+                         f"{args.batch_size}; lower --batch-size or --seq-len")
+    perm = torch.randperm(len(windows), generator=torch.Generator().manual_seed(12345))
+    return windows[perm[n_out:]], windows[perm[:n_out]]
+
+
+def evaluate(model, windows, batch_size: int) -> dict:
+    """Next-token mean cross-entropy and top-1 / top-5 accuracy of the model on ``windows``, with full logits."""
+    import torch
+    import torch.nn.functional as F
+
+    ce = top1 = top5 = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            w = windows[i: i + batch_size]
+            logits = model(input_ids=w).logits[:, :-1].float()
+            labels = w[:, 1:]
+            ce += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"))
+            best = logits.topk(5, dim=-1).indices
+            top1 += float((best[..., 0] == labels).sum())
+            top5 += float((best == labels.unsqueeze(-1)).any(-1).sum())
+            count += labels.numel()
+    model.train()
+    return {"eval_ce": ce / count, "eval_top1": top1 / count, "eval_top5": top5 / count, "eval_tokens": int(count)}
+
+
 def run_worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -192,7 +241,7 @@ def run_worker(args: argparse.Namespace) -> None:
     data = torch.load(args.tokens)
     ids: torch.Tensor = data["ids"]
     vocab_size: int = data["vocab_size"]
-    windows = ids[: len(ids) // args.seq_len * args.seq_len].view(-1, args.seq_len)
+    windows, held_out = split_windows(ids[: len(ids) // args.seq_len * args.seq_len].view(-1, args.seq_len), args)
 
     torch.manual_seed(args.seed)  # same initial weights in both runs
     model = build_model(args, vocab_size)
@@ -200,6 +249,18 @@ def run_worker(args: argparse.Namespace) -> None:
         from fastloss.integrations.transformers import patch
 
         patch(model, chunk_size=args.chunk_size)
+    if args.worker == "zloss":
+        import fastloss
+
+        a, b = args.z_loss
+
+        def step_loss(batch):
+            # The spherical Z-loss of the next token from the final hidden states and the head: no logits.
+            hidden = model.model(input_ids=batch).last_hidden_state[:, :-1]
+            return fastloss.linear_spherical_loss(hidden, model.lm_head.weight, batch[:, 1:], loss="z", a=a, b=b)
+    else:
+        def step_loss(batch):
+            return model(input_ids=batch, labels=batch).loss
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     for p in model.parameters():  # gradients allocated up front (and kept: zero_grad(set_to_none=False))
@@ -218,7 +279,7 @@ def run_worker(args: argparse.Namespace) -> None:
         cursor += args.batch_size
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = step_loss(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -232,8 +293,10 @@ def run_worker(args: argparse.Namespace) -> None:
         "run": args.worker, "losses": losses, "wall_s": wall, "peak_mib": peak,
         "extra_mib": None if peak is None or base_mib is None else peak - base_mib,
         "adamw_moments_mib": 2 * n_params * 4 / 2**20, "n_params": n_params, "n_windows": len(windows),
-        "n_tokens": int(ids.numel()), "vocab_size": vocab_size,
+        "n_tokens": int(ids.numel()), "vocab_size": vocab_size, "step_s": wall / args.steps,
     }
+    if len(held_out):
+        result.update(evaluate(model, held_out, args.batch_size))
     pathlib.Path(args.result).write_text(json.dumps(result))
 
 
@@ -316,8 +379,11 @@ def run_parent(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"logits    : torch builds {n_tok} x {vocab} float32 logits per step ({n_tok * vocab * 4 / 2**20:.0f} MiB) "
           f"and keeps their log-softmax for the backward; fastloss {describe_chunks(args.chunk_size, n_tok, vocab)}")
 
-    results = run_workers(RUNS, ids, vocab, "fastloss-tiny-lm-", lambda run, tokens, workdir: spawn_worker(
+    runs = RUNS if args.z_loss is None else Z_RUNS
+    results = run_workers(runs, ids, vocab, "fastloss-tiny-lm-", lambda run, tokens, workdir: spawn_worker(
         run, argv, tokens, workdir))
+    if args.z_loss is not None:
+        return compare_objectives(results, args)
     return compare_runs(results, args, f"tiny Llama, V={vocab}: torch vs fastloss loss", loop="the training loop",
                         setup="model + gradients + optimizer creation")
 
@@ -350,6 +416,36 @@ def compare_runs(results: dict, args, title: str, loop: str, setup: str) -> int:
     ok = all(math.isfinite(x) and math.isfinite(y) for x, y in zip(a, b)) and diffs[worst] <= args.tolerance
     print("PASS" if ok else "FAIL: the curves differ by more than the tolerance")
     return 0 if ok else 1
+
+
+def compare_objectives(results: dict, args) -> int:
+    """--z-loss: both training curves (each in its own objective), then time per step, peak memory and the held-out
+    cross-entropy and top-1 / top-5 accuracy of the cross-entropy run and of the Z-loss run."""
+    a, b = args.z_loss
+    ce, z = results["fastloss"], results["zloss"]
+    print(f"\n{'step':>6} {'CE (train)':>11} {'Z-loss (train)':>15}")
+    log_every = args.log_every or max(1, args.steps // 20)
+    for i in range(len(ce["losses"])):
+        if i % log_every == 0 or i == len(ce["losses"]) - 1:
+            print(f"{i:>6} {ce['losses'][i]:>11.5f} {z['losses'][i]:>15.5f}")
+    print(f"\nheld out: {ce['eval_tokens']} next tokens; both models evaluated with full logits")
+    print(f"{'run':<28} {'s/step':>8} {'peak RSS':>12} {'held-out CE':>12} {'top-1':>7} {'top-5':>7}")
+    for name, r in (("cross-entropy (fastloss)", ce), (f"Z-loss a={a:g} b={b:g}", z)):
+        print(f"{name:<28} {r['step_s']:>8.3f} {fmt_mib(r['peak_mib']):>12} {r['eval_ce']:>12.4f} "
+              f"{r['eval_top1']:>7.2%} {r['eval_top5']:>7.2%}")
+    ok = all(math.isfinite(x) for r in (ce, z) for x in r["losses"])
+    print("done" if ok else "FAIL: a non-finite training loss")
+    return 0 if ok else 1
+
+
+def z_loss_arg(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A,B (two numbers), got {text!r}") from None
+    if not (math.isfinite(a) and a > 0 and math.isfinite(b)):
+        raise argparse.ArgumentTypeError(f"the Z-loss needs a finite A > 0 and a finite B, got {text!r}")
+    return a, b
 
 
 def positive_int(text: str) -> int:
@@ -421,7 +517,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--chunk-size", type=chunk_size_arg, default="auto",
                    help="fastloss run: tokens per chunk of logits, or 'auto' (from fastloss's memory budget)")
-    add_run_arguments(p, RUNS, DEFAULT_TOLERANCE)
+    p.add_argument("--z-loss", type=z_loss_arg, default=None, metavar="A,B",
+                   help="compare the cross-entropy with the spherical Z-loss softplus(A (B - z)) / A instead of "
+                        "torch with fastloss (see the module docstring)")
+    add_run_arguments(p, tuple(dict.fromkeys(RUNS + Z_RUNS)), DEFAULT_TOLERANCE)
     args = p.parse_args(argv)
     if args.vocab_size < MIN_VOCAB:
         p.error(f"--vocab-size must be at least {MIN_VOCAB} (the point is a realistic LM-head size)")
