@@ -19,7 +19,7 @@ def test_help():
     proc = _run("--help", timeout=60)
     assert proc.returncode == 0, proc.stdout
     for flag in ("--steps", "--batch-size", "--seq-len", "--vocab-size", "--hidden", "--layers", "--seed",
-                 "--cache-dir", "--plot", "--threads"):
+                 "--cache-dir", "--plot", "--threads", "--z-loss"):
         assert flag in proc.stdout
     assert "--worker" not in proc.stdout  # internal flag stays hidden
 
@@ -45,3 +45,25 @@ def test_tiny_run_passes(tmp_path_factory):
         assert any(line.startswith(run) and "MiB" in line for line in out.splitlines()), out
     # --plot either wrote the PNG or said that matplotlib is needed; it never fails the run.
     assert (cache / "curves.png").exists() or "matplotlib is needed" in out
+
+
+def test_rejects_bad_z_loss():
+    for bad in ("1", "0,5", "a,b", "-1,2"):
+        proc = _run("--z-loss", bad, timeout=60)
+        assert proc.returncode != 0 and "--z-loss" in proc.stdout, (bad, proc.stdout)
+
+
+@pytest.mark.slow
+def test_z_loss_comparison_runs(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    cache = tmp_path_factory.mktemp("fastloss-tokenizer")
+    proc = _run("--z-loss", "0.5,4", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--hidden", "64",
+                "--layers", "1", "--heads", "2", "--threads", "2", "--cache-dir", str(cache))
+    out = proc.stdout
+    assert proc.returncode == 0, out
+    assert out.splitlines()[-1] == "done", out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("cross-entropy", "Z-loss"))}
+    assert set(lines) == {"cross-entropy", "Z-loss"}, out
+    for line in lines.values():
+        assert "MiB" in line and line.count("%") == 2, line
