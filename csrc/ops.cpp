@@ -93,7 +93,10 @@ TORCH_LIBRARY_FRAGMENT(fastloss, m) {
   m.def(
       "spherical_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor stats, str loss, float a, float b, "
       "int ignore_index) -> Tensor");
-  // The per-row loss and its partials (dL/do_c, dL/dmu, dL/dvar) [N, 3] from stats [N, 3] of rows of V classes:
-  // the linear version's rows, whose statistics come from the head without logits (python/fastloss/_linear_spherical.py).
-  m.def("spherical_loss_terms(Tensor stats, int V, str loss, float a, float b) -> (Tensor loss, Tensor partials)");
+  // The per-row loss and its partials (dL/do_c, dL/dmu, dL/dvar) [N, 3] from stats [N, 3] of rows of V classes
+  // (0 where target == ignore_index; every other target checked in [0, V)): the linear version's rows, whose
+  // statistics come from the head without logits (python/fastloss/_linear_spherical.py).
+  m.def(
+      "spherical_loss_terms(Tensor stats, Tensor target, int V, str loss, float a, float b, int ignore_index) "
+      "-> (Tensor loss, Tensor partials)");
 }

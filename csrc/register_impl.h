@@ -153,9 +153,9 @@ struct SphericalDeviceOps {
     return spherical_bwd_op(g, x, t, stats, loss, a, b, ii, K());
   }
 
-  static std::tuple<at::Tensor, at::Tensor> terms(const at::Tensor& stats, int64_t V, c10::string_view loss,
-                                                  double a, double b) {
-    return spherical_terms_op(stats, V, loss, a, b, K());
+  static std::tuple<at::Tensor, at::Tensor> terms(const at::Tensor& stats, const at::Tensor& t, int64_t V,
+                                                  c10::string_view loss, double a, double b, int64_t ii) {
+    return spherical_terms_op(stats, t, V, loss, a, b, ii, K());
   }
 
   static void register_all(torch::Library& m) {

@@ -18,19 +18,18 @@ inline void check_logits(const at::Tensor& x, const char* op, const char* name) 
   TORCH_CHECK(x.size(1) > 0 || x.size(0) == 0, op, ": `", name, "` has an empty vocabulary (V = 0)");
 }
 
-// int64 [N] on the logits' device; on the CPU every entry is checked (CUDA kernels assert on the device).
-inline at::Tensor check_indices(const at::Tensor& idx, const at::Tensor& logits, const char* op, const char* name,
-                                std::optional<int64_t> ignore_index) {
+// int64 [n] on `device`, each in [0, V) or ignore_index; on the CPU every entry is checked (CUDA kernels assert on
+// the device).
+inline at::Tensor check_indices(const at::Tensor& idx, int64_t n, int64_t V, const c10::Device& device, const char* op,
+                                const char* name, std::optional<int64_t> ignore_index) {
   TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": `", name, "` must be int64 (torch.long), got ",
               idx.scalar_type());
-  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == logits.size(0), op, ": `", name, "` must have shape [N] = [",
-              logits.size(0), "], got ", idx.sizes());
-  TORCH_CHECK(idx.device() == logits.device(), op, ": `", name, "` is on ", idx.device(), " but the logits are on ",
-              logits.device());
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n, op, ": `", name, "` must have shape [N] = [", n, "], got ",
+              idx.sizes());
+  TORCH_CHECK(idx.device() == device, op, ": `", name, "` is on ", idx.device(), " but the logits are on ", device);
   at::Tensor c = idx.contiguous();
   if (c.is_cpu()) {
     const int64_t* t = c.const_data_ptr<int64_t>();
-    const int64_t V = logits.size(1);
     for (int64_t i = 0; i < c.numel(); ++i) {
       if (ignore_index && t[i] == *ignore_index) continue;
       TORCH_CHECK_INDEX(t[i] >= 0 && t[i] < V, op, ": `", name, "` value ", t[i], " at position ", i,
@@ -39,6 +38,12 @@ inline at::Tensor check_indices(const at::Tensor& idx, const at::Tensor& logits,
     }
   }
   return c;
+}
+
+// The same for one index per row of [N, V] logits.
+inline at::Tensor check_indices(const at::Tensor& idx, const at::Tensor& logits, const char* op, const char* name,
+                                std::optional<int64_t> ignore_index) {
+  return check_indices(idx, logits.size(0), logits.size(1), logits.device(), op, name, ignore_index);
 }
 
 inline at::Tensor new_rows(const at::Tensor& like, int64_t n) {

@@ -72,17 +72,19 @@ at::Tensor spherical_bwd_op(const at::Tensor& grad_loss, const at::Tensor& logit
   return grad;
 }
 
-std::tuple<at::Tensor, at::Tensor> spherical_terms_op(const at::Tensor& stats, int64_t V, c10::string_view loss,
-                                                      double a, double b, const SphericalKernels& k) {
-  const SphericalParams p = make_params(loss, a, b, /*ignore_index=*/-100);
+std::tuple<at::Tensor, at::Tensor> spherical_terms_op(const at::Tensor& stats, const at::Tensor& target, int64_t V,
+                                                      c10::string_view loss, double a, double b, int64_t ignore_index,
+                                                      const SphericalKernels& k) {
+  const SphericalParams p = make_params(loss, a, b, ignore_index);
   TORCH_CHECK(V >= 2, kOp, ": a spherical loss needs at least 2 classes, got V = ", V);
   TORCH_CHECK(stats.dim() == 2 && stats.size(1) == kSphericalStats && stats.is_floating_point(), kOp,
               ": `stats` must be a floating-point tensor of shape [N, ", kSphericalStats, "], got ", stats.sizes(), " ",
               stats.scalar_type());
   const at::Tensor st = stats.to(at::kDouble).contiguous();
   const int64_t N = st.size(0);
+  const at::Tensor t = check_indices(target, N, V, st.device(), kOp, "target", ignore_index);
   at::Tensor rows = new_rows(st, N), partials = at::empty({N, 3}, rows.options());
-  if (N > 0) k.terms(st, V, p, rows, partials);
+  if (N > 0) k.terms(st, t, V, p, rows, partials);
   return {rows, partials};
 }
 

@@ -17,7 +17,8 @@ at::Tensor spherical_bwd_op(const at::Tensor& grad_loss, const at::Tensor& logit
                             const at::Tensor& stats, c10::string_view loss, double a, double b, int64_t ignore_index,
                             const SphericalKernels& k);
 
-std::tuple<at::Tensor, at::Tensor> spherical_terms_op(const at::Tensor& stats, int64_t V, c10::string_view loss,
-                                                      double a, double b, const SphericalKernels& k);
+std::tuple<at::Tensor, at::Tensor> spherical_terms_op(const at::Tensor& stats, const at::Tensor& target, int64_t V,
+                                                      c10::string_view loss, double a, double b, int64_t ignore_index,
+                                                      const SphericalKernels& k);
 
 }  // namespace fastloss

@@ -230,7 +230,8 @@ def test_opcheck():
     stats = torch.ops.fastloss.spherical_loss_fwd(x.detach(), t, "mse", 1.0, 0.0, -100)[1]
     torch.library.opcheck(torch.ops.fastloss.spherical_loss_bwd.default,
                           (torch.ones(5, dtype=torch.float64), x.detach(), t, stats, "mse", 1.0, 0.0, -100))
-    torch.library.opcheck(torch.ops.fastloss.spherical_loss_terms.default, (stats, 9, "taylor_softmax", 1.0, 0.0))
+    torch.library.opcheck(torch.ops.fastloss.spherical_loss_terms.default,
+                          (stats, t, 9, "taylor_softmax", 1.0, 0.0, -100))
 
 
 def test_modules(device):
@@ -364,8 +365,24 @@ def test_linear_bad_input(device):
     with pytest.raises(ValueError, match="`target` must have shape"):
         ls(h, W, t[:2], loss="mse")
     if device == "cpu":
-        with pytest.raises(IndexError, match="out of bounds"):
-            ls(h, W, torch.tensor([0, 1, 10, 2]), loss="mse")
+        for bad in (10, -1, -101):  # a negative index must not wrap around to the last rows of the head
+            with pytest.raises(IndexError, match="out of bounds"):
+                ls(h, W, torch.tensor([0, 1, bad, 2]), loss="mse")
+
+
+def test_linear_compiles_without_graph_breaks(device):
+    h, W, bb = _head(12, 8, 40, torch.float32, device, True)
+    t = _target((12,), 40, device, ignore=(3,))
+    params = [p.requires_grad_() for p in (h, W, bb)]
+
+    def f(h, W, bb):
+        return fastloss.linear_spherical_loss(h, W, t, bb, loss="z", a=1.0, b=3.0)
+
+    got = compiled_or_skip(f, *params)
+    ref = f(*params)
+    assert torch.allclose(got, ref, rtol=1e-6)
+    for g_got, g_ref in zip(torch.autograd.grad(got, params), torch.autograd.grad(ref, params)):
+        assert torch.allclose(g_got, g_ref, rtol=1e-5, atol=1e-7)
 
 
 def test_linear_empty(device):

@@ -119,17 +119,20 @@ inline void spherical_backward(const at::Tensor& x, const at::Tensor& target, co
   });
 }
 
-inline void spherical_terms(const at::Tensor& stats, int64_t V, const SphericalParams& p, const at::Tensor& loss,
-                            const at::Tensor& partials) {
+inline void spherical_terms(const at::Tensor& stats, const at::Tensor& target, int64_t V, const SphericalParams& p,
+                            const at::Tensor& loss, const at::Tensor& partials) {
   const int64_t N = stats.size(0);
   const double* st = stats.const_data_ptr<double>();
+  const int64_t* tgt = target.const_data_ptr<int64_t>();
   double* pl = loss.mutable_data_ptr<double>();
   double* pd = partials.mutable_data_ptr<double>();
   at::parallel_for(0, N, 4096, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const double* s = st + r * kSphericalStats;
-      const fm::SphericalTerms t = fm::spherical_terms(p.kind, s[kStatTarget], s[kStatShift], s[kStatVar],
-                                                       static_cast<double>(V), p.a, p.b);
+      const fm::SphericalTerms t = tgt[r] == p.ignore_index
+                                       ? fm::SphericalTerms{0.0, 0.0, 0.0, 0.0}
+                                       : fm::spherical_terms(p.kind, s[kStatTarget], s[kStatShift], s[kStatVar],
+                                                             static_cast<double>(V), p.a, p.b);
       pl[r] = t.loss;
       pd[3 * r] = t.d_oc;
       pd[3 * r + 1] = t.d_mu;

@@ -134,14 +134,23 @@ __global__ void __launch_bounds__(kThreads) spherical_backward_kernel(const Sphe
   }
 }
 
-// One thread per row: the loss and its partials from the statistics alone (the linear version's rows).
-__global__ void __launch_bounds__(kThreads) spherical_terms_kernel(const double* stats, int64_t N, double V,
+// One thread per row: the loss and its partials from the statistics alone (the linear version's rows); ignored
+// rows 0. A target outside [0, V) fails CUDA_KERNEL_ASSERT (NaN, were asserts compiled out).
+__global__ void __launch_bounds__(kThreads) spherical_terms_kernel(const double* stats, const int64_t* target,
+                                                                  int64_t N, int64_t V, int64_t ignore_index,
                                                                   int kind, double a, double b, double* loss,
                                                                   double* partials) {
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < N;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const double* s = stats + r * kSphericalStats;
-    const fm::SphericalTerms t = fm::spherical_terms(kind, s[kStatTarget], s[kStatShift], s[kStatVar], V, a, b);
+    const int64_t c = target[r];
+    fm::SphericalTerms t{0.0, 0.0, 0.0, 0.0};
+    if (c != ignore_index) {
+      CUDA_KERNEL_ASSERT(c >= 0 && c < V);
+      t = c >= 0 && c < V ? fm::spherical_terms(kind, s[kStatTarget], s[kStatShift], s[kStatVar],
+                                                static_cast<double>(V), a, b)
+                          : fm::SphericalTerms{NAN, NAN, NAN, NAN};
+    }
     loss[r] = t.loss;
     partials[3 * r] = t.d_oc;
     partials[3 * r + 1] = t.d_mu;
@@ -190,13 +199,14 @@ void spherical_backward(const at::Tensor& x, const at::Tensor& target, const Sph
   });
 }
 
-void spherical_terms(const at::Tensor& stats, int64_t V, const SphericalParams& p, const at::Tensor& loss,
-                     const at::Tensor& partials) {
+void spherical_terms(const at::Tensor& stats, const at::Tensor& target, int64_t V, const SphericalParams& p,
+                     const at::Tensor& loss, const at::Tensor& partials) {
   const DeviceGuard guard(stats.device());
   const int64_t N = stats.size(0);
   launch_kernel<&spherical_terms_kernel>(grid_size((N + kThreads - 1) / kThreads), kThreads, 0, current_stream(),
-                                         stats.const_data_ptr<double>(), N, static_cast<double>(V), p.kind, p.a, p.b,
-                                         loss.mutable_data_ptr<double>(), partials.mutable_data_ptr<double>());
+                                         stats.const_data_ptr<double>(), target.const_data_ptr<int64_t>(), N, V,
+                                         p.ignore_index, p.kind, p.a, p.b, loss.mutable_data_ptr<double>(),
+                                         partials.mutable_data_ptr<double>());
 }
 
 }  // namespace

@@ -77,22 +77,23 @@ class LinearSphericalFunction(torch.autograd.Function):
         dmu = ((m - wc) * ht).sum(1)
         var = ((ht @ C) * ht).sum(1).clamp_min_(0)
         stats = torch.stack([dmu, var, oc], 1).to(torch.float64)
-        rows, partials = torch.ops.fastloss.spherical_loss_terms(stats, V, loss, a, b)
-        rows = rows * valid
-        ctx.save_for_backward(h, W, bias, tc, valid, C, m, partials, denom)
+        # The op checks the targets (in [0, V) or ignore_index; on the CPU before anything is returned, on CUDA by a
+        # device assert) and gives ignored rows 0: loss and partials.
+        rows, partials = torch.ops.fastloss.spherical_loss_terms(stats, t, V, loss, a, b, ignore_index)
+        ctx.save_for_backward(h, W, bias, tc, C, m, partials, denom)
         ctx.reduction = reduction
         return reduce_rows(rows, reduction, lead, denom)
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, W, bias, tc, valid, C, m, partials, denom = ctx.saved_tensors
+        h, W, bias, tc, C, m, partials, denom = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = C.dtype
         N, V = h.shape[0], W.shape[0]
         g = grad_out.reshape(-1).to(torch.float64)
         if ctx.reduction == "mean":
             g = g / denom
-        g = (g.expand(N) if g.numel() == 1 else g) * valid
+        g = g.expand(N) if g.numel() == 1 else g
         alpha, beta, gamma = (partials * g.unsqueeze(1)).to(acc).unbind(1)
         ht = _aug(h.to(acc), None if bias is None else h.new_ones(N, dtype=acc))
         grad_h = grad_w = grad_b = None
@@ -110,8 +111,10 @@ class LinearSphericalFunction(torch.autograd.Function):
             D = W.shape[1]
             for s, e in _chunks(V, ht.shape[1], acc):
                 chunk = torch.addmm(mean_term.unsqueeze(0), _head_chunk(W, bias, s, e, acc, m), G)
-                hit = (tc >= s) & (tc < e) & valid
-                chunk.index_add_(0, tc[hit] - s, ah[hit])
+                # The rows whose target falls in this chunk add alpha h~ to it; the others add 0 (to a clamped row):
+                # no data-dependent shapes, so the backward compiles without a graph break.
+                hit = (tc >= s) & (tc < e)
+                chunk.index_add_(0, (tc - s).clamp_(0, e - s - 1), ah * hit.unsqueeze(1))
                 if need_w:
                     grad_w[s:e] = chunk[:, :D]
                 if need_b:

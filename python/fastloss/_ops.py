@@ -302,7 +302,7 @@ def _spherical_bwd_fake(grad_loss, input, target, stats, loss, a, b, ignore_inde
 
 
 @torch.library.register_fake("fastloss::spherical_loss_terms")
-def _spherical_terms_fake(stats, V, loss, a, b):
+def _spherical_terms_fake(stats, target, V, loss, a, b, ignore_index):
     n = stats.shape[0]
     return stats.new_empty((n,), dtype=torch.float64), stats.new_empty((n, 3), dtype=torch.float64)
 

@@ -32,10 +32,10 @@ struct SphericalKernels {
   void (*backward)(const at::Tensor& x, const at::Tensor& target, const SphericalParams& p,
                    const at::Tensor& grad_loss, const at::Tensor& stats, const at::Tensor& grad);
   // From statistics alone (the linear version, which forms them from the head without logits): stats float64
-  // [N, kSphericalStats] of rows of V classes -> loss[r] and partials [N, 3] = (dL/do_c, dL/dmu, dL/dvar).
-  // Every row is computed (the caller masks ignored ones).
-  void (*terms)(const at::Tensor& stats, int64_t V, const SphericalParams& p, const at::Tensor& loss,
-                const at::Tensor& partials);
+  // [N, kSphericalStats] of rows of V classes -> loss[r] and partials [N, 3] = (dL/do_c, dL/dmu, dL/dvar); rows
+  // whose target is ignore_index get 0 for all four.
+  void (*terms)(const at::Tensor& stats, const at::Tensor& target, int64_t V, const SphericalParams& p,
+                const at::Tensor& loss, const at::Tensor& partials);
 };
 
 const SphericalKernels& cpu_spherical_kernels();
