@@ -106,9 +106,12 @@ def test_z_loss_is_shift_and_scale_invariant(dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss,kw", LOSSES, ids=IDS)
 def test_large_offset_keeps_precision(dtype, loss, kw, device):
-    # Logits around 1e4 with unit spread: the rows accumulate o_k - o_c, so the z-score keeps float32 precision
-    # (a float mean of the raw logits would lose ~1e-3 of it).
-    x = _logits((8, 4096), dtype, device, scale=1.0, offset=1e4)
+    # Logits far from 0 with a small spread: the rows accumulate o_k - o_c, so the z-score keeps the precision of the
+    # spread (a float mean of the raw logits around 1e4 would lose ~1e-3 of it). bf16 cannot hold a unit spread at
+    # 1e4 (its spacing there is 64): offset 1e2, spacing 0.5, spread 4.
+    offset, scale = (1e4, 1.0) if dtype == torch.float32 else (1e2, 4.0)
+    x = _logits((8, 4096), dtype, device, scale=scale, offset=offset)
+    assert bool((x.double().var(-1) > 0.5 * scale**2).all())  # the rows really spread (not rounded to constants)
     t = _target((8,), 4096, device)
     xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
     got = fastloss.spherical_loss(xa, t, loss=loss, reduction="sum", **kw)
@@ -383,6 +386,51 @@ def test_linear_compiles_without_graph_breaks(device):
     assert torch.allclose(got, ref, rtol=1e-6)
     for g_got, g_ref in zip(torch.autograd.grad(got, params), torch.autograd.grad(ref, params)):
         assert torch.allclose(g_got, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_linear_ignored_rows_never_poison_the_gradients(device):
+    # Every row ignored with a mean: a NaN loss (0 / 0, as F.cross_entropy) but zero gradients, not NaN; and an
+    # ignored token's non-finite hidden state leaves the other rows' gradients finite.
+    h, W, bb = _head(6, 4, 30, torch.float64, device, True)
+    params = [p.requires_grad_() for p in (h, W, bb)]
+    t = torch.full((6,), -100, device=device)
+    out = fastloss.linear_spherical_loss(h, W, t, bb, loss="z", a=1.0, b=2.0)
+    assert torch.isnan(out)
+    for g in torch.autograd.grad(out, params):
+        assert torch.all(g == 0)
+    h2 = h.detach().clone()
+    h2[2] = float("inf")
+    h2[4] = float("nan")
+    t2 = _target((6,), 30, device)
+    t2[2] = t2[4] = -100
+    p2 = [h2.requires_grad_(), W, bb]
+    got = fastloss.linear_spherical_loss(h2, W, t2, bb, loss="taylor_softmax")
+    keep = torch.tensor([0, 1, 3, 5], device=device)
+    ref = fastloss.linear_spherical_loss(h[keep], W, t2[keep], bb, loss="taylor_softmax")
+    assert torch.allclose(got, ref, rtol=1e-12)
+    gh, gw, gb = torch.autograd.grad(got, p2)
+    rh, rw, rb = torch.autograd.grad(ref, [h, W, bb])
+    assert torch.all(gh[[2, 4]] == 0) and torch.allclose(gh[keep], rh[keep], rtol=1e-10, atol=1e-14)
+    assert torch.allclose(gw, rw, rtol=1e-10, atol=1e-14) and torch.allclose(gb, rb, rtol=1e-10, atol=1e-14)
+
+
+def test_linear_second_derivative_is_refused(device):
+    h, W, _ = _head(5, 4, 20, torch.float64, device, False)
+    params = [p.requires_grad_() for p in (h, W)]
+    out = fastloss.linear_spherical_loss(h, W, _target((5,), 20, device), loss="z", a=1.0, b=2.0)
+    (gh, _) = torch.autograd.grad(out, params, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gh.sum().backward()
+
+
+def test_linear_under_autocast_computes_in_float32(device):
+    # Like linear_cross_entropy: the products run in the inputs' dtype, not autocast's bf16.
+    h, W, bb = _head(16, 8, 64, torch.float32, device, True)
+    t = _target((16,), 64, device)
+    ref = fastloss.linear_spherical_loss(h, W, t, bb, loss="z", a=1.0, b=2.0)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        got = fastloss.linear_spherical_loss(h, W, t, bb, loss="z", a=1.0, b=2.0)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=1e-6)
 
 
 def test_linear_empty(device):

@@ -30,8 +30,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._common import reduce_rows
+from ._linear_ce import no_autocast
 
 # Head rows per chunk of the Gram / gradient passes: this many bytes of the chunk in the compute dtype.
 CHUNK_BYTES = 64 << 20
@@ -52,6 +54,13 @@ def _chunks(V: int, width: int, acc: torch.dtype):
         yield s, min(V, s + rows)
 
 
+def _hidden_rows(h, bias, valid, acc):
+    """h~ = [h, 1] (h without a bias) in the compute dtype, ignored rows zeroed: a non-finite hidden state of an
+    ignored token must not reach the head's gradient through G or the target rows (0 * inf)."""
+    hv = torch.where(valid.unsqueeze(1), h.to(acc), 0)
+    return _aug(hv, None if bias is None else h.new_ones(h.shape[0], dtype=acc))
+
+
 def _head_chunk(W, bias, s, e, acc, m):
     """Rows s..e of the augmented head, centred, in the compute dtype."""
     return _aug(W[s:e].to(acc), None if bias is None else bias[s:e].to(acc)) - m
@@ -60,11 +69,17 @@ def _head_chunk(W, bias, s, e, acc, m):
 class LinearSphericalFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, bias, t, loss, a, b, ignore_index, reduction, lead, denom):
+        with no_autocast(h.device):  # the products in the compute dtype, whatever autocast the caller runs
+            return LinearSphericalFunction._forward(ctx, h, W, bias, t, loss, a, b, ignore_index, reduction, lead,
+                                                    denom)
+
+    @staticmethod
+    def _forward(ctx, h, W, bias, t, loss, a, b, ignore_index, reduction, lead, denom):
         acc = _acc_dtype(h.dtype)
         V = W.shape[0]
         valid = t != ignore_index
         tc = t.masked_fill(~valid, 0)
-        ht = _aug(h.to(acc), None if bias is None else h.new_ones(h.shape[0], dtype=acc))
+        ht = _hidden_rows(h, bias, valid, acc)
         width = ht.shape[1]
         m = _aug(W.sum(0, dtype=acc) / V, None if bias is None else bias.sum(dtype=acc) / V)
         C = torch.zeros(width, width, dtype=acc, device=h.device)
@@ -80,22 +95,28 @@ class LinearSphericalFunction(torch.autograd.Function):
         # The op checks the targets (in [0, V) or ignore_index; on the CPU before anything is returned, on CUDA by a
         # device assert) and gives ignored rows 0: loss and partials.
         rows, partials = torch.ops.fastloss.spherical_loss_terms(stats, t, V, loss, a, b, ignore_index)
-        ctx.save_for_backward(h, W, bias, tc, C, m, partials, denom)
+        ctx.save_for_backward(h, W, bias, tc, valid, C, m, partials, denom)
         ctx.reduction = reduction
         return reduce_rows(rows, reduction, lead, denom)
 
     @staticmethod
+    @once_differentiable  # the backward's products treat the saved partials as constants: no second derivative
     def backward(ctx, grad_out):
-        h, W, bias, tc, C, m, partials, denom = ctx.saved_tensors
+        with no_autocast(grad_out.device):
+            return LinearSphericalFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        h, W, bias, tc, valid, C, m, partials, denom = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = C.dtype
         N, V = h.shape[0], W.shape[0]
         g = grad_out.reshape(-1).to(torch.float64)
         if ctx.reduction == "mean":
-            g = g / denom
-        g = g.expand(N) if g.numel() == 1 else g
+            g = g / denom  # inf when every row is ignored (denom 0): masked next, as F.cross_entropy's zero gradient
+        g = torch.where(valid, g.expand(N) if g.numel() == 1 else g, 0)
         alpha, beta, gamma = (partials * g.unsqueeze(1)).to(acc).unbind(1)
-        ht = _aug(h.to(acc), None if bias is None else h.new_ones(N, dtype=acc))
+        ht = _hidden_rows(h, bias, valid, acc)
         grad_h = grad_w = grad_b = None
         if need_h:
             wc = _aug(W[tc].to(acc), None if bias is None else bias[tc].to(acc))

@@ -21,7 +21,9 @@
 //    t(o) = 1 + o + o^2 / 2 (> 0 everywhere): L = log(sum_k t(o_k)) - log t(o_c), sum_k t(o_k) =
 //    V (1 + mu + (var + mu^2) / 2).
 //  * kOneHotMSE: the squared error to the one-hot target, summed over the V classes:
-//    L = sum_k (o_k - [k = c])^2 = V (var + mu^2) - 2 o_c + 1.
+//    L = sum_k (o_k - [k = c])^2 = V (var + mu^2) - 2 o_c + 1. From the moments, so its absolute error is ~eps *
+//    sum_k o_k^2: a row near its one-hot target has a large relative error in the loss value (its gradient,
+//    2 (o_k - [k = c]), does not).
 // A non-finite logit makes the row's loss NaN (its mean or variance is not finite), and so does a variance that
 // overflowed the float accumulator (finite logits spread beyond ~1e19 in a float32 / bf16 / fp16 row): var = +inf
 // only arises that way, and no value computed from it would be right.
