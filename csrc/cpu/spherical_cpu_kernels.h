@@ -2,8 +2,8 @@
 //
 // Forward: one pass per row keeps (count, mean, M2) per float SIMD lane, a block of four vectors folded in at a
 // time (fastloss/spherical_math.h: moment_add_block), lanes merged into a double state once per chunk of kChunk
-// elements, the tail in double. Backward: one elementwise pass, c0 + c1 (o_k - mu), plus the target's term, which
-// may write over the logits. Included once per instruction set (CPU_CAPABILITY inline namespace).
+// elements, the tail in double. Backward: one elementwise pass, affine in o_k (spherical_grad_coef), plus the
+// target's term, which may write over the logits. Included once per instruction set (CPU_CAPABILITY inline namespace).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -102,16 +102,18 @@ inline void spherical_backward(const at::Tensor& x, const at::Tensor& target, co
         }
         const double* st = ps + r * kSphericalStats;
         const double Vd = static_cast<double>(V);
+        const double oc = st[kStatTarget];
         const fm::SphericalGradCoef k = fm::spherical_grad_coef(
-            fm::spherical_terms(p.kind, st[kStatTarget], st[kStatShift], st[kStatVar], Vd, p.a, p.b), gl[r], Vd);
+            p.kind, fm::spherical_terms(p.kind, oc, st[kStatShift], st[kStatVar], Vd, p.a, p.b), gl[r], Vd, oc,
+            st[kStatShift]);
         const acc c0 = static_cast<acc>(k.c0), c1 = static_cast<acc>(k.c1);
-        const acc oc = static_cast<acc>(st[kStatTarget]), dmu = static_cast<acc>(st[kStatShift]);
+        const acc p1 = static_cast<acc>(k.p1), p2 = static_cast<acc>(k.p2);
         const scalar_t* row = px + r * V;
-        // The target's own term from the saved statistics (the row may be overwritten below): o_c - mu = -dmu.
-        const double at_c = k.c0 - k.c1 * st[kStatShift] + k.target;
+        // The target's own term from the saved statistics (the row may be overwritten below).
+        const double at_c = fm::spherical_grad_at_target(k, oc);
         map_row(row, row, out, V, [&](auto v, auto) {
           using T = decltype(v);
-          return splat_like<T>(c0) + splat_like<T>(c1) * ((v - splat_like<T>(oc)) - splat_like<T>(dmu));
+          return splat_like<T>(c0) + splat_like<T>(c1) * ((v - splat_like<T>(p1)) - splat_like<T>(p2));
         });
         out[c] = static_cast<scalar_t>(at_c);
       }

@@ -124,13 +124,15 @@ __global__ void __launch_bounds__(kThreads) spherical_backward_kernel(const Sphe
     }
     const double* st = a.stats + row * kSphericalStats;
     const double V = static_cast<double>(a.V);
+    const double oc = st[kStatTarget];
     const fm::SphericalGradCoef k = fm::spherical_grad_coef(
-        fm::spherical_terms(a.kind, st[kStatTarget], st[kStatShift], st[kStatVar], V, a.a, a.b), a.g[row], V);
+        a.kind, fm::spherical_terms(a.kind, oc, st[kStatShift], st[kStatVar], V, a.a, a.b), a.g[row], V, oc,
+        st[kStatShift]);
     const acc c0 = static_cast<acc>(k.c0), c1 = static_cast<acc>(k.c1);
-    const acc oc = static_cast<acc>(st[kStatTarget]), dmu = static_cast<acc>(st[kStatShift]);
-    segment_map<false>(x, x, out, a.V, head, tid, nt, [&](acc v, acc) { return c0 + c1 * ((v - oc) - dmu); });
+    const acc p1 = static_cast<acc>(k.p1), p2 = static_cast<acc>(k.p2);
+    segment_map<false>(x, x, out, a.V, head, tid, nt, [&](acc v, acc) { return c0 + c1 * ((v - p1) - p2); });
     __syncthreads();  // every thread's pass is done before the target's entry is set
-    if (tid == 0) out[c] = static_cast<T>(k.c0 - k.c1 * st[kStatShift] + k.target);
+    if (tid == 0) out[c] = static_cast<T>(fm::spherical_grad_at_target(k, oc));
   }
 }
 

@@ -128,14 +128,25 @@ FL_HD SphericalTerms spherical_terms(int kind, double oc, double dmu, double var
   return {V * (var + mu * mu) - 2.0 * oc + 1.0, -2.0, 2.0 * V * mu, V};
 }
 
-// The affine gradient of a row, g * dL/do_k = c0 + c1 (o_k - mu) + [k = c] g d_oc; the kernels form o_k - mu as
-// (o_k - o_c) - dmu.
+// The affine gradient of a row: g * dL/do_k = c0 + c1 ((o_k - p1) - p2) + [k = c] target. The Z-loss takes the
+// centred form, p1 = o_c and p2 = dmu (o_k - mu from the pivot: its coefficients would cancel a large mean
+// otherwise); the log-Taylor-softmax (g (1 + o_k) / S) and the one-hot MSE (2 g o_k) are affine in o_k itself, with
+// p1 = p2 = 0: no subtraction at all, so a row near its one-hot target keeps the precision of its small entries.
 struct SphericalGradCoef {
-  double c0, c1, target;
+  double c0, c1, target, p1, p2;
 };
 
-FL_HD SphericalGradCoef spherical_grad_coef(const SphericalTerms& t, double g, double V) {
-  return {g * t.d_mu / V, 2.0 * g * t.d_var / V, g * t.d_oc};
+FL_HD SphericalGradCoef spherical_grad_coef(int kind, const SphericalTerms& t, double g, double V, double oc,
+                                            double dmu) {
+  const double c1 = 2.0 * g * t.d_var / V;
+  if (kind == kZLoss) return {g * t.d_mu / V, c1, g * t.d_oc, oc, dmu};
+  if (kind == kTaylorSoftmax) return {c1, c1, g * t.d_oc, 0.0, 0.0};  // c1 = g / S
+  return {0.0, c1, g * t.d_oc, 0.0, 0.0};                            // kOneHotMSE: c1 = 2 g
+}
+
+// The gradient of the target entry itself, in double.
+FL_HD double spherical_grad_at_target(const SphericalGradCoef& k, double oc) {
+  return k.c0 + k.c1 * ((oc - k.p1) - k.p2) + k.target;
 }
 
 }  // namespace FL_ISA_NAMESPACE
