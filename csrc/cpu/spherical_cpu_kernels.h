@@ -2,7 +2,7 @@
 //
 // Forward: one pass per row keeps (count, mean, M2) per float SIMD lane, a block of four vectors folded in at a
 // time (fastloss/spherical_math.h: moment_add_block), lanes merged into a double state once per chunk of kChunk
-// elements, the tail in double. Backward: one elementwise pass, affine in o_k (spherical_grad_coef), plus the
+// elements, the tail in double; the one-hot MSE adds a pass for the sum of squares without the target. Backward: one elementwise pass, affine in o_k (spherical_grad_coef), plus the
 // target's term, which may write over the logits. Included once per instruction set (CPU_CAPABILITY inline namespace).
 #pragma once
 
@@ -73,7 +73,13 @@ inline void spherical_forward(const at::Tensor& x, const at::Tensor& target, con
         const fm::MomentState<double> m = row_moments(row, V, pivot);
         const double var = m.m2 / static_cast<double>(V);
         const double oc = static_cast<double>(pivot);
-        pl[r] = fm::spherical_terms(p.kind, oc, m.mean, var, static_cast<double>(V), p.a, p.b).loss;
+        if (p.kind == fm::kOneHotMSE) {  // the value as a sum of squares without the target (no cancellation)
+          auto sq = [](auto v, auto) { return v * v; };
+          const double rest = sum_row(row, row, c, sq) + sum_row(row + c + 1, row + c + 1, V - c - 1, sq);
+          pl[r] = fm::onehot_mse_value(rest, oc);
+        } else {
+          pl[r] = fm::spherical_terms(p.kind, oc, m.mean, var, static_cast<double>(V), p.a, p.b).loss;
+        }
         st[kStatShift] = m.mean;
         st[kStatVar] = var;
         st[kStatTarget] = oc;

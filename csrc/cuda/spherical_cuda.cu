@@ -5,7 +5,8 @@
 // o_k - o_c from fastloss/spherical_math.h, the same float64 per-row outputs. One block of kThreads threads per
 // row, rows grid-stride; each thread folds its share of the row, read with 16-byte vector loads (segment_visit,
 // kLoads vectors in flight), into its own state, one block merge per vector group; the block merges the states
-// (block_allreduce with Chan's rule) and thread 0 writes the row's loss and statistics. The backward is one
+// (block_allreduce with Chan's rule) and thread 0 writes the row's loss and statistics. The one-hot MSE's value
+// takes a second visit of the row without its target entry (a sum of squares, fastloss/spherical_math.h). The backward is one
 // elementwise pass (segment_map), the target's entry written last by thread 0 (the gradient may alias the logits).
 // A target outside [0, V) fails CUDA_KERNEL_ASSERT; were asserts compiled out, the row is left unread (NaN loss).
 #include <ATen/Dispatch.h>
@@ -90,12 +91,25 @@ __global__ void __launch_bounds__(kThreads) spherical_forward_kernel(const Spher
       s = fm::moment_add_block(s, d);
     });
     s = block_allreduce(s);
+    acc rest_sq = acc(0);
+    if (a.kind == fm::kOneHotMSE) {  // the value as a sum of squares without the target: [0, c) and (c, V)
+      auto sq = [&](auto& v, auto&) {
+        constexpr int M = sizeof(v) / sizeof(v[0]);
+#pragma unroll
+        for (int k = 0; k < M; ++k) rest_sq = fm::Ops<acc>::fma(v[k], v[k], rest_sq);
+      };
+      const T* y = x + c + 1;
+      segment_visit<kLoads, false>(x, x, c, aligned_head(x, c), tid, nt, sq);
+      segment_visit<kLoads, false>(y, y, a.V - c - 1, aligned_head(y, a.V - c - 1), tid, nt, sq);
+      rest_sq = block_allreduce(rest_sq);
+    }
     if (tid == 0) {
       const double V = static_cast<double>(a.V);
       const double var = static_cast<double>(s.m2) / V;
       const double dmu = static_cast<double>(s.mean);
       const double oc = static_cast<double>(pivot);
-      a.loss[row] = fm::spherical_terms(a.kind, oc, dmu, var, V, a.a, a.b).loss;
+      a.loss[row] = a.kind == fm::kOneHotMSE ? fm::onehot_mse_value(static_cast<double>(rest_sq), oc)
+                                             : fm::spherical_terms(a.kind, oc, dmu, var, V, a.a, a.b).loss;
       st[kStatShift] = dmu;
       st[kStatVar] = var;
       st[kStatTarget] = oc;

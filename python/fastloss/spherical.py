@@ -7,14 +7,15 @@ of logits only through its target entry, its mean and its variance -- so from a 
   auxiliary z-loss (``z * logsumexp^2``), which is :func:`fastloss.cross_entropy`'s ``z_loss=`` option.
 * ``loss="taylor_softmax"``: the log-Taylor-softmax, the softmax cross-entropy with ``exp`` replaced by its
   second-order Taylor polynomial ``1 + o + o^2 / 2``.
-* ``loss="mse"``: the squared error between the logits and the one-hot target, summed over the classes. Its value
-  comes from the row's moments, V (var + mean^2) - 2 o_c + 1, so its absolute error is about the float32 epsilon
-  times the sum of the squared logits: a row already close to its one-hot target (loss much smaller than that sum)
-  has a large relative error in the loss *value* (measured: V = 1000, logits one-hot + 1e-4 noise: ~2e-2). The
-  gradient, 2 (o - onehot), is computed elementwise from o itself and is accurate to float32 precision.
+* ``loss="mse"``: the squared error between the logits and the one-hot target, summed over the classes. From
+  logits its value is summed as sum_{k != c} o_k^2 + (o_c - 1)^2 (accurate for rows near their target) and its
+  gradient 2 (o - onehot) elementwise. The linear version has only the row's moments: its value,
+  V (var + mean^2) - 2 o_c + 1, has an absolute error of about eps * sum o^2, so a row already close to its one-hot
+  target loses relative precision in the loss *value* there (that form, from float32 logits at V = 1000 with 1e-4
+  noise: ~2e-2); its gradients are those of the exact formula.
 
 Rows whose logits are all equal (std = 0) have z_c = 0 by definition: the Z-loss is ``softplus(a * b) / a`` there
-and its gradient 0. A NaN or infinite logit makes its row's loss NaN.
+and its gradient 0. A NaN or infinite logit makes its row's loss NaN (the MSE: +inf for an infinite logit).
 """
 
 from __future__ import annotations

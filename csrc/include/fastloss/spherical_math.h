@@ -21,9 +21,10 @@
 //    t(o) = 1 + o + o^2 / 2 (> 0 everywhere): L = log(sum_k t(o_k)) - log t(o_c), sum_k t(o_k) =
 //    V (1 + mu + (var + mu^2) / 2).
 //  * kOneHotMSE: the squared error to the one-hot target, summed over the V classes:
-//    L = sum_k (o_k - [k = c])^2 = V (var + mu^2) - 2 o_c + 1. From the moments, so its absolute error is ~eps *
-//    sum_k o_k^2: a row near its one-hot target has a large relative error in the loss value (its gradient,
-//    2 (o_k - [k = c]), does not).
+//    L = sum_k (o_k - [k = c])^2 = V (var + mu^2) - 2 o_c + 1. The logits kernels compute the value instead as
+//    sum_{k != c} o_k^2 + (o_c - 1)^2 (onehot_mse_value: non-negative terms, exact for a row near its one-hot
+//    target); the moments form, whose absolute error is ~eps * sum_k o_k^2, is what the linear version (which has
+//    only the moments) can compute. An infinite logit gives +inf here (the true value), not NaN.
 // A non-finite logit makes the row's loss NaN (its mean or variance is not finite), and so does a variance that
 // overflowed the float accumulator (finite logits spread beyond ~1e19 in a float32 / bf16 / fp16 row): var = +inf
 // only arises that way, and no value computed from it would be right.
@@ -90,6 +91,9 @@ FL_UNROLL
   const V wb = O::splat(static_cast<float>(M)) / n;
   return {n, O::fma(delta, wb, s.mean), s.m2 + bm2 + delta * delta * (s.n * wb)};
 }
+
+// The one-hot MSE's value from the sum of squares of the other logits and the target logit.
+FL_HD double onehot_mse_value(double rest_sq, double oc) { return rest_sq + (oc - 1.0) * (oc - 1.0); }
 
 // A row's loss and its partial derivatives in (o_c, mu, var).
 struct SphericalTerms {
