@@ -2,8 +2,9 @@
 //
 // Forward: one pass per row keeps (count, mean, M2) per float SIMD lane, a block of four vectors folded in at a
 // time (fastloss/spherical_math.h: moment_add_block), lanes merged into a double state once per chunk of kChunk
-// elements, the tail in double; the one-hot MSE adds a pass for the sum of squares without the target. Backward: one elementwise pass, affine in o_k (spherical_grad_coef), plus the
-// target's term, which may write over the logits. Included once per instruction set (CPU_CAPABILITY inline namespace).
+// elements, the tail in double; the one-hot MSE adds a pass for the sum of squares without the target.
+// Backward: one elementwise pass, affine in o_k (spherical_grad_coef), plus the target's term, which may write
+// over the logits. Included once per instruction set (CPU_CAPABILITY inline namespace).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -6,8 +6,9 @@
 // row, rows grid-stride; each thread folds its share of the row, read with 16-byte vector loads (segment_visit,
 // kLoads vectors in flight), into its own state, one block merge per vector group; the block merges the states
 // (block_allreduce with Chan's rule) and thread 0 writes the row's loss and statistics. The one-hot MSE's value
-// takes a second visit of the row without its target entry (a sum of squares, fastloss/spherical_math.h). The backward is one
-// elementwise pass (segment_map), the target's entry written last by thread 0 (the gradient may alias the logits).
+// takes a second visit of the row without its target entry (a sum of squares, fastloss/spherical_math.h). The
+// backward is one elementwise pass (segment_map), the target's entry written last by thread 0 (the gradient may
+// alias the logits).
 // A target outside [0, V) fails CUDA_KERNEL_ASSERT; were asserts compiled out, the row is left unread (NaN loss).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
