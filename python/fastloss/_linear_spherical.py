@@ -131,11 +131,13 @@ class LinearSphericalFunction(torch.autograd.Function):
             grad_b = torch.empty_like(bias) if need_b else None
             D = W.shape[1]
             for s, e in _chunks(V, ht.shape[1], acc):
-                chunk = torch.addmm(mean_term.unsqueeze(0), _head_chunk(W, bias, s, e, acc, m), G)
-                # The rows whose target falls in this chunk add alpha h~ to it; the others add 0 (to a clamped row):
-                # no data-dependent shapes, so the backward compiles without a graph break.
-                hit = (tc >= s) & (tc < e)
-                chunk.index_add_(0, (tc - s).clamp_(0, e - s - 1), ah * hit.unsqueeze(1))
+                # One spare row after the chunk: the tokens whose target falls in the chunk add alpha h~ to their
+                # row, all others to the spare one. No data-dependent shapes (the backward compiles without a
+                # graph break) and no masked copy of alpha h~ per chunk.
+                buf = torch.empty(e - s + 1, ht.shape[1], dtype=acc, device=h.device)
+                chunk = buf[: e - s]
+                torch.addmm(mean_term.unsqueeze(0), _head_chunk(W, bias, s, e, acc, m), G, out=chunk)
+                buf.index_add_(0, torch.where((tc >= s) & (tc < e), tc - s, e - s), ah)
                 if need_w:
                     grad_w[s:e] = chunk[:, :D]
                 if need_b:
