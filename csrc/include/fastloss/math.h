@@ -46,7 +46,12 @@
 
 // CPU kernels are compiled once per instruction set (DEFAULT, AVX2) with ATen's CPU_CAPABILITY macro set; the
 // inline namespace keeps each copy's symbols apart so the linker never swaps an AVX2 body into the DEFAULT path.
-#if defined(CPU_CAPABILITY)
+// The CUDA kernel files are compiled with FL_GPU_MATH (CMakeLists.txt), which swaps in the GPU's exponential and
+// max (see exp_nonpos): their own namespace, so the CPU execution layer's copy -- host code too -- never meets the
+// CPU kernels' copy at link time.
+#if defined(FL_GPU_MATH)
+#define FL_ISA_NAMESPACE gpu
+#elif defined(CPU_CAPABILITY)
 #define FL_ISA_NAMESPACE CPU_CAPABILITY
 #else
 #define FL_ISA_NAMESPACE generic
@@ -90,8 +95,17 @@ struct Ops<float> {
   static FL_HD float splat(float c) { return c; }
   static FL_HD float fma(float a, float b, float c) { return fmaf(a, b, c); }
   static FL_HD float rint(float x) { return rintf(x); }
-  // max that keeps NaN: a NaN operand makes the result NaN (torch semantics for reductions).
-  static FL_HD float max(float a, float b) { return (a > b || a != a) ? a : b; }
+  // max that keeps NaN: a NaN operand makes the result NaN (torch semantics for reductions). On sm_80+ one
+  // instruction (FMNMX.NAN) instead of a compare, a NaN test and a select.
+  static FL_HD float max(float a, float b) {
+#if defined(FL_GPU_MATH) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return (a > b || a != a) ? a : b;
+#endif
+  }
   static FL_HD float log(float x) { return logf(x); }
   static FL_HD float exact_exp(float x) { return expf(x); }
   static FL_HD float tanh(float x) { return tanhf(x); }
@@ -142,6 +156,29 @@ struct Limits<double> {
 
 // ---------------------------------------------------------------- exp building blocks
 
+#if defined(FL_GPU_MATH)
+// 2^y from the GPU's special-function unit: ex2.approx.ftz.f32, one MUFU.EX2 instead of the 12-instruction
+// polynomial below, which made a bf16 row instruction-bound (~22 SASS instructions per element). Its error: CUDA's
+// programming guide bounds __expf(x) -- this instruction applied to x log2 e -- by 2 + floor(|1.173 x|) ulp, i.e.
+// 2 ulp from the instruction and the rest from rounding x log2 e. The callers pass y = (x - m) log2 e with x - m
+// exact near the row's max, so an element's relative error is about (2 + 1.2 |x - m|) 2^-24, and the sum of
+// exp(x - m) over a row within (2 + 1.2 E_p|x - m|) 2^-24 of exact: 1.5e-6 relative where softmax's mean distance
+// from the max is as large as 20, under the tests' float32 bound (relative-error norm 2e-6 against float64,
+// tests/conftest.py). .ftz: results below 2^-126 are 0, as the polynomial path's. Off the GPU (the CPU execution
+// layer, nvcc's host pass) the same function is exp2f with that flush, so the emulated kernels run this formula,
+// not the GPU's rounding of it.
+FL_HD float ex2_ftz(float y) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
+#else
+  const float r = std::exp2(y);
+  return r < FLT_MIN ? 0.0f : r;  // NaN compares false and passes through
+#endif
+}
+#endif
+
 // e^t for |t| <= ln2/2 (float: polynomial; double: libm, since the polynomial is float-accurate only).
 template <class V>
 FL_HD V exp_reduced(V t) {
@@ -154,6 +191,10 @@ FL_HD V exp_reduced(V t) {
 }
 template <>
 FL_HD double exp_reduced<double>(double t) { return ::exp(t); }
+#if defined(FL_GPU_MATH)
+template <>
+FL_HD float exp_reduced<float>(float t) { return ex2_ftz(t * kLog2e); }  // |t| <= ln2/2: no flush, no overflow
+#endif
 
 // 2^k for an integer-valued k <= 0, exactly 0 below 2^-126 (and for k = -inf or -FLT_MAX). NaN k gives some
 // finite value: callers multiply it into a NaN anyway.
@@ -216,6 +257,11 @@ FL_HD V exp_nonpos(V x) {
 }
 template <>
 FL_HD double exp_nonpos<double>(double x) { return ::exp(x); }
+#if defined(FL_GPU_MATH)
+// x = -inf gives 0, NaN stays NaN, x < -87.3 flushes to 0 (the polynomial path's cut-off is the same 2^-126).
+template <>
+FL_HD float exp_nonpos<float>(float x) { return ex2_ftz(x * kLog2e); }
+#endif
 
 // ---------------------------------------------------------------- online normaliser (m, d)
 
