@@ -8,6 +8,9 @@
 #   make test-stacks  the transformers patch inside training stacks (PEFT, FSDP2 / DDP on gloo processes, gradient
 #                  checkpointing, autocast, torch.compile): installs STACKS_SPEC (peft) into VENV, runs the tests marked
 #                  `stacks` (skipped by `make test`).
+#   make audit-cuda  the static audit of the CUDA kernels' sm_90 code (bench/audit_cuda.py) on VENV's CUDA build:
+#                  installs AUDIT_TOOLS (cuobjdump, nvdisasm) into VENV, writes bench/results/<date>-audit-cuda-sm90.md
+#                  and .json, and fails on local memory or a global access under 16 bytes not marked in the source.
 #   make test-emu  the CUDA kernels run on the CPU (csrc/cuda_emu): a FASTLOSS_CUDA_EMU=ON build in its own venv
 #                  (EMU_VENV, default .venv-emu) and build folder, the test suite on it (every compiled kernel must
 #                  launch), bench/gpu_workload.py (every compiled kernel instantiation must launch), then the suite
@@ -28,11 +31,12 @@ STAMP       := $(VENV)/.fastloss-deps
 
 export FASTLOSS_CUDA
 
+AUDIT_TOOLS ?= nvidia-cuda-cuobjdump==13.* nvidia-cuda-nvdisasm==13.*
 EMU_VENV    ?= .venv-emu
 EMU_SANITIZE ?= address,undefined
 EMU_SCHEDULE ?= mix
 
-.PHONY: all install test test-stacks bench clean test-emu
+.PHONY: all install test test-stacks bench clean test-emu audit-cuda
 
 all: test
 
@@ -54,6 +58,10 @@ test-stacks: install
 
 bench: install
 	$(VENV)/bin/fastloss-bench $(BENCH_ARGS)
+
+audit-cuda: install
+	$(PY) -m pip install -q $(AUDIT_TOOLS)
+	$(PY) bench/audit_cuda.py --out bench/results --check
 
 # Threads of a block run as fibers in a changing order (EMU_SCHEDULE: mix = reverse / random / warp-greedy, a
 # different one per launch), so a race changes the result instead of passing by luck.

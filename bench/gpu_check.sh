@@ -12,6 +12,8 @@
 #   build            pip install --no-build-isolation --no-deps with FASTLOSS_CUDA=ON and TORCH_CUDA_ARCH_LIST set
 #                    to this GPU's compute capability only (9.0 on Hopper)
 #   verify           the installed fastloss has its CUDA kernels
+#   audit            bench/audit_cuda.py on the library just built: the static predictions (registers, narrow
+#                    accesses, bytes in flight, ceilings) next to the measurements, <date>-audit-cuda-sm90.md
 #   tests-cuda       the CUDA-parametrized tests (ids [cuda...] / [...-cuda-...]), not the slow ones
 #   tests-cuda-slow  the CUDA tests past 2^31 elements (FASTLOSS_SLOW=1, -m slow)
 #   sanitizer-probe  compute-sanitizer on a trivial fastloss launch: does this machine support it?
@@ -47,7 +49,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 SELF=bench/gpu_check.sh
 PY=${PYTHON:-python3}
-STEPS=(preflight wheels build verify tests-cuda tests-cuda-slow sanitizer-probe memcheck racecheck synccheck bench)
+STEPS=(preflight wheels build verify audit tests-cuda tests-cuda-slow sanitizer-probe memcheck racecheck synccheck bench)
 MIN_STEP_S=${GPU_CHECK_MIN_STEP_S:-15}
 
 usage() { sed -n '2,/^$/p' "$SELF" | sed 's/^# \{0,1\}//'; }
@@ -335,6 +337,12 @@ if ((BUILD_OK)) || skipped build; then  # --skip build: verify checks the fastlo
     run_step verify gate 60 TERM "${VERIFY_CMD[@]}" || BUILD_OK=0
 else
     not_run verify gate "no build (the build step failed or did not finish)" "${VERIFY_CMD[@]}"
+fi
+AUDIT_CMD=("$PY" bench/audit_cuda.py --out "$OUTDIR" --md-only)
+if ((BUILD_OK)); then
+    run_step audit info 90 TERM "${AUDIT_CMD[@]}"
+else
+    not_run audit info "no working build (see build / verify)" "${AUDIT_CMD[@]}"
 fi
 
 # ---------------------------------------------------------------- tests, slow tests, sanitizers (side by side)

@@ -29,8 +29,8 @@ import fastloss
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 WORKLOAD = ROOT / "bench" / "gpu_workload.py"
-STEPS = ["preflight", "wheels", "build", "verify", "tests-cuda", "tests-cuda-slow", "sanitizer-probe", "memcheck",
-         "racecheck", "synccheck", "bench"]
+STEPS = ["preflight", "wheels", "build", "verify", "audit", "tests-cuda", "tests-cuda-slow", "sanitizer-probe",
+         "memcheck", "racecheck", "synccheck", "bench"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
@@ -104,6 +104,7 @@ def test_dry_run_lists_every_step_with_its_timeout_and_command(tmp_path):
         assert "--error-exitcode" in cmd and "bench/gpu_workload.py --device cuda" in cmd, cmd
     assert steps["memcheck"][1].startswith("env PYTORCH_NO_CUDA_MEMORY_CACHING=1 ")
 
+    assert "bench/audit_cuda.py --out" in steps["audit"][1]
     bench = steps["bench"][1]
     for word in ("-m fastloss.bench --preset gpu-quick", "--time-budget", f"--json {prefix}.json",
                  f"--md {prefix}.md"):

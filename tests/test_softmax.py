@@ -132,6 +132,34 @@ def test_few_long_rows(op, alg, device):
     assert rel_err(gx[1], gw[1]) <= (0.25 if op == "logsumexp" else 4 * TOL[torch.float32])
 
 
+def _offset_by_one(x):
+    """The same values in a contiguous tensor whose data starts one element past an allocation (misaligned)."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    y = buf[1:].view(x.shape)
+    y.copy_(x)
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [8, 64, 96, 100, 256, 1000, 1001])
+def test_short_rows_packed_and_elementwise(dtype, V, device):
+    # Rows up to 1024 elements: a lane reads its share in packs when every row starts on a pack boundary (V a
+    # multiple of the pack, aligned tensors), else element by element (odd V, or data one element off an alignment).
+    x = _rand((6, V), dtype, device, seed=V)
+    g = _rand((6, V), dtype, device, seed=V + 1)
+    for xx, gg in ((x, g), (_offset_by_one(x), _offset_by_one(g))):
+        for op in ("softmax", "log_softmax", "logsumexp"):
+            fl, ref, _ = OPS[op]
+            assert rel_err(fl(xx, "auto"), ref(x)) <= TOL[dtype], (op, xx.data_ptr() % 16)
+        for log in (False, True):
+            y = (fastloss.log_softmax if log else fastloss.softmax)(x, -1)
+            yy = _offset_by_one(y) if xx is not x else y
+            gi = (torch.ops.fastloss.log_softmax_backward if log else torch.ops.fastloss.softmax_backward)(gg, yy, -1)
+            yd, gd = y.double(), g.double()
+            want = gd - yd.exp() * gd.sum(-1, keepdim=True) if log else yd * (gd - (gd * yd).sum(-1, keepdim=True))
+            assert rel_err(gi, want) <= 4 * TOL[dtype], (log, xx.data_ptr() % 16)
+
+
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("alg", ["online", "two_pass"])
 def test_any_dim_and_layout(op, alg, device):

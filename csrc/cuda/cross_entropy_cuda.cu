@@ -101,6 +101,7 @@ __device__ __forceinline__ acc times_grad(const Softcap<acc>& tx, acc g, acc cap
 // The shift of the fused sums: the row's first transformed logit when finite, else 0.
 template <typename T, class Tx>
 __device__ __forceinline__ acc_t<T> row_shift(const T* x, const Tx& tx) {
+  // fl-audit: cold -- the row's first logit (the shift), once per row
   const acc_t<T> v = tx(static_cast<acc_t<T>>(x[0]));
   return isfinite(v) ? v : acc_t<T>(0);
 }
@@ -142,17 +143,19 @@ __device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t
   static_assert(kLoads % kChunk == 0);
   using P = Pack<T, K>;
   auto scalar = [&](int64_t j) {
+    // fl-audit: cold -- scalar head / tail (under one vector per thread); whole rows only for misaligned views
     acc va[1] = {static_cast<acc>(a[j])};
     acc vb[1] = {kTwo ? static_cast<acc>(b[j]) : acc(0)};
     f(va, vb, j, int64_t{0});
     if constexpr (kStore) out[j] = static_cast<T>(va[0]);
   };
-  auto store = [&](int64_t i, const acc* v) {
+  auto pack = [](const acc* v) {
     P r;
 #pragma unroll
     for (int k = 0; k < K; ++k) r.v[k] = static_cast<T>(v[k]);
-    reinterpret_cast<P*>(out + head)[i] = r;
+    return r;
   };
+  P* po = reinterpret_cast<P*>(out + head);
 #pragma unroll 1
   for (int64_t j = tid; j < head; j += nt) scalar(j);
   const int64_t nvec = (n - head) / K;
@@ -182,43 +185,28 @@ __device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t
       else f(va, va, head + ic * K, cs);
       if constexpr (kStore) {
 #pragma unroll
-        for (int u = 0; u < kChunk; ++u) store(ic + static_cast<int64_t>(u) * nt, va + u * K);
+        for (int u = 0; u < kChunk; ++u) po[ic + static_cast<int64_t>(u) * nt] = pack(va + u * K);
       }
     }
   }
+  // The body's remainder: under kLoads vectors per thread per row. Each pack is copied whole first: one 16-byte
+  // load (unpack(pa[i]) read it element by element).
 #pragma unroll 1
   for (; i < nvec; i += nt) {
     acc va[K], vb[K];
-    unpack(pa[i], va);
+    const P xa = pa[i];  // fl-audit: cold -- the remainder
+    unpack(xa, va);
     if constexpr (kTwo) {
-      unpack(pb[i], vb);
+      const P xb = pb[i];  // fl-audit: cold -- the remainder
+      unpack(xb, vb);
       f(va, vb, head + i * K, cs);
     } else {
       f(va, va, head + i * K, cs);
     }
-    if constexpr (kStore) store(i, va);
+    if constexpr (kStore) po[i] = pack(va);  // fl-audit: cold -- the remainder
   }
 #pragma unroll 1
   for (int64_t j = head + nvec * K + tid; j < n; j += nt) scalar(j);
-}
-
-// out[0..n) = value (ignored rows: many, in prompt-masked fine-tuning), with 16-byte stores.
-template <typename T>
-__device__ __forceinline__ void fill_row(T* out, int64_t n, T value, int tid, int nt) {
-  constexpr int K = kVecOf<T>;
-  using P = Pack<T, K>;
-  const int64_t head = aligned_head(out, n);
-#pragma unroll 1
-  for (int64_t j = tid; j < head; j += nt) out[j] = value;
-  const int64_t nvec = (n - head) / K;
-  P pv;
-#pragma unroll
-  for (int k = 0; k < K; ++k) pv.v[k] = value;
-  P* po = reinterpret_cast<P*>(out + head);
-#pragma unroll 1
-  for (int64_t i = tid; i < nvec; i += nt) po[i] = pv;
-#pragma unroll 1
-  for (int64_t j = head + nvec * K + tid; j < n; j += nt) out[j] = value;
 }
 
 template <typename V>
@@ -346,6 +334,8 @@ __device__ __forceinline__ Partial<StateT<kTwoPass, acc_t<T>>, 1> index_pass(con
     if (smooth) {
       acc part = acc(0);
       if (w != nullptr) {
+        // fl-audit: accepted -- per-element scalar __ldg of the class weight (smoothing with weights); 16-byte
+        // weight loads (when w + c0 is aligned) are a pending fix
 #pragma unroll
         for (int e = 0; e < M; ++e) part = fm::Ops<acc>::fma(v[e] - shift, __ldg(w + c0 + col_off<K>(e, cs)), part);
       } else {
@@ -399,6 +389,8 @@ __device__ __forceinline__ Partial<StateT<kTwoPass, acc_t<T>>, 2> prob_pass(cons
 #pragma unroll
       for (int e = 0; e < M; ++e) {
         acc t = fm::Ops<acc>::fma(yv[e], keep, add);
+        // fl-audit: accepted -- per-element scalar __ldg of the class weight (weighted rows); 16-byte weight
+        // loads (when w + c0 is aligned) are a pending fix
         if (w != nullptr) t *= __ldg(w + c0 + col_off<K>(e, cs));
         sy += t;
         syx = fm::Ops<acc>::fma(t, v[e] - shift, syx);
@@ -444,6 +436,7 @@ struct IndexArgs {
 // W = sum_c w_c, read on the device (C when unweighted).
 template <typename T>
 __device__ __forceinline__ double class_weight_sum(const IndexArgs<T>& a) {
+  // fl-audit: cold -- the 0-d weight sum, once per row
   return a.w_sum != nullptr ? static_cast<double>(*a.w_sum) : static_cast<double>(a.C);
 }
 
@@ -470,6 +463,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + group; row - group < a.N;
        row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
     const bool valid = row < a.N;
+    // fl-audit: cold -- the row's target index, once per row
     const int64_t t = valid ? a.target[row] : a.ignore_index;
     const bool ignored = t == a.ignore_index;
     if (valid && !ignored && lane == 0) {
@@ -510,14 +504,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       }
       if (valid && lane == 0) {
         if (active) {
+          // fl-audit: cold -- lane 0, once per row: x_t, w_t and the row's loss
           const acc x_t = tx(static_cast<acc>(xr[t]));
           const acc w_t = a.w != nullptr ? a.w[t] : acc(1);
           a.loss[row] = fm::ce_index_loss_kind<double>(a.loss_kind, a.loss_param, l, static_cast<double>(x_t),
                                                        static_cast<double>(w_t), sum_w_dx, static_cast<double>(shift),
                                                        class_weight_sum(a), a.eps, a.inv_C, a.z, sq, a.inv_cm1);
+          // fl-audit: cold -- lane 0, once per row: the row's lse and squentropy statistic
           a.lse[row] = l;
           if (a.sq_out != nullptr) a.sq_out[row] = sq;
         } else {
+          // fl-audit: cold -- lane 0, once per ignored / invalid row: its loss, lse and statistic
           a.loss[row] = ignored ? 0.0 : kNaN;
           a.lse[row] = ignored ? 0.0 : kNaN;
           if (a.sq_out != nullptr) a.sq_out[row] = ignored ? 0.0 : kNaN;
@@ -532,6 +529,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       T g_t = T(0);
       if constexpr (!reduce) {
         if (a.loss_kind == fm::kLossSquentropy) {
+          // fl-audit: cold -- the saved per-row statistic (or the saved lse), once per row
           if (a.sq_in != nullptr) {  // saved by the forward
             sq = active ? a.sq_in[row] : 0.0;
           } else {  // recomputed from the saved lse: every lane, uniform (kernel arguments)
@@ -541,20 +539,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
         }
       }
       if (active) {
+        // fl-audit: cold -- the target's class weight, once per row
         const acc w_t = a.w != nullptr ? a.w[t] : acc(1);
         const acc W = static_cast<acc>(class_weight_sum(a));
         // Comp-sum kinds scale the row by a factor of p_t: every lane reads the (capped) target logit. In place,
         // this read precedes the group barrier that orders every read of the row before any write.
+        // fl-audit: cold -- x_t, once per row (each lane of the group)
         const acc x_tk = a.loss_kind != fm::kLossCE ? tx(static_cast<acc>(xr[t])) : acc(0);
         const acc lp = static_cast<acc>(a.loss_param);
         fm::CeRow<acc> k;
         if constexpr (reduce) {
+          // fl-audit: cold -- the row's grad_scale, once per row
           k = fm::ce_index_coefs_kind(a.loss_kind, lp, static_cast<acc>(a.grad_scale[row]), acc(0),
                                       static_cast<acc>(l), x_tk, w_t, W, a.eps_a, a.inv_C_a, a.z_a,
                                       static_cast<acc>(sq), a.inv_cm1_a);
           m = st.m;
           inv_d = acc(1) / st.d;
         } else {
+          // fl-audit: cold -- the row's saved lse, grad_lse and grad_loss, once per row
           const double lr = a.lse_in[row];
           const acc gz = a.grad_lse != nullptr ? static_cast<acc>(a.grad_lse[row]) : acc(0);
           k = fm::ce_index_coefs_kind(a.loss_kind, lp, static_cast<acc>(a.grad_loss[row]), gz, static_cast<acc>(lr),
@@ -569,6 +571,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
         // Lane 0: the target entry, (a p_t - b w_t - c_t) dx'/dx in acc, from x_t read now (in place, the row pass
         // overwrites it). It is stored last, over what the row pass wrote there.
         if (lane == 0) {
+          // fl-audit: cold -- lane 0 reads x_t, once per row
           const acc x_t = tx(static_cast<acc>(xr[t]));
           const acc p_t = fm::softmax_at(x_t, m, inv_d);
           g_t = static_cast<T>(times_grad(tx, ka * p_t + ka2 * p_t * p_t - kb * w_t - k.c_t, x_t));
@@ -587,6 +590,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
 #pragma unroll
             for (int e = 0; e < M; ++e) {
               const acc xp = tx(v[e]);
+              // fl-audit: accepted -- per-element scalar __ldg of the class weight (weighted rows); 16-byte weight
+              // loads (when w + c0 is aligned) are a pending fix
               const acc wv = __ldg(w + c0 + col_off<K>(e, cs));
               const acc p = fm::softmax_at(xp, m, inv_d);
               v[e] = times_grad(tx, fm::Ops<acc>::fma(ka2 * p, p, ka * p) - kb * wv, xp);
@@ -606,9 +611,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
           row_pass<kIndexLoads, false, true>(xr, xr, gr, C, vec ? aligned_head(xr, C) : C, lane, gsize, f);
         }
       } else if (valid) {
-        fill_row(gr, C, static_cast<T>(ignored ? 0.0 : kNaN), lane, gsize);
+        segment_fill(gr, C, static_cast<T>(ignored ? 0.0 : kNaN), lane, gsize);
       }
       group_sync(gsize);
+      // fl-audit: cold -- lane 0 writes the target entry, once per row
       if (active && lane == 0) *target_out = g_t;
     }
   }
@@ -682,6 +688,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx>)
     }
     if (valid && lane == 0) {
       const double l = finish_lse(st);
+      // fl-audit: cold -- lane 0, once per row: loss, lse and sum_wy
       a.loss[row] = fm::ce_prob_loss<double>(l, sy, syx, static_cast<double>(shift), a.z);
       a.lse[row] = l;
       a.sum_wy[row] = sy;
@@ -704,6 +711,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx>)
 #pragma unroll 1
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + (static_cast<int>(threadIdx.x) >> a.gshift);
        row < a.N; row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    // fl-audit: cold -- the row's grad_loss, lse, sum_wy and grad_lse, once per row
     const double gl = a.grad_loss[row], lr = a.lse_in[row];
     const acc g = static_cast<acc>(gl);
     const acc ca = static_cast<acc>(gl * (a.sum_wy_in[row] + 2.0 * a.z * lr) +
@@ -722,6 +730,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx>)
         for (int e = 0; e < M; ++e) {
           const acc xp = tx(v[e]);
           const acc yp = yv[e] * keep + add;
+          // fl-audit: accepted -- per-element scalar __ldg of the class weight (weighted rows); 16-byte weight
+          // loads (when w + c0 is aligned) are a pending fix
           const acc wv = __ldg(w + c0 + col_off<K>(e, cs));
           v[e] = times_grad(tx, ca * fm::softmax_at(xp, m, inv_d) - g * wv * yp, xp);
         }
@@ -750,6 +760,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Identity>)
     scale_rows_kernel(T* x, const double* scale, int64_t N, int64_t C, bool per_row, int gshift) {
   using acc = acc_t<T>;
+  // fl-audit: cold -- the shared scale, once per thread
   if (!per_row && scale[0] == 1.0) return;
   const int gsize = 1 << gshift;
   const int lane = static_cast<int>(threadIdx.x) & (gsize - 1);
@@ -757,6 +768,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Identity>)
 #pragma unroll 1
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + (static_cast<int>(threadIdx.x) >> gshift);
        row < N; row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    // fl-audit: cold -- the row's scale, once per row
     const double sd = scale[per_row ? row : 0];
     if (sd == 1.0) continue;
     const acc s = static_cast<acc>(sd);

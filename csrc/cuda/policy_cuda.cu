@@ -115,6 +115,7 @@ struct LogprobRow {
 
 template <typename T>
 __device__ __forceinline__ LogprobRow<T> logprob_row(const LogprobArgs<T>& a, int64_t row, int tid) {
+  // fl-audit: cold -- the row's token, one load per thread per row
   const int64_t tok = a.tokens[row];
   if (tid == 0) {
     CUDA_KERNEL_ASSERT(tok >= 0 && tok < a.V);
@@ -144,9 +145,11 @@ __global__ void __launch_bounds__(kThreads) logprob_forward_kernel(const Logprob
     st = block_allreduce(st);
     if (tid == 0) {
       const double l = lse_of(fm::OnlineState<acc>{st.m, st.d});
+      // fl-audit: cold -- thread 0, once per row: the row's lse and log p(token) (with the token's own logit)
       a.lse[row] = l;
       a.logp[row] = r.ok ? static_cast<double>(r.x[r.tok]) * a.inv_t - l : std::numeric_limits<double>::quiet_NaN();
       if constexpr (kEntropy) {
+        // fl-audit: cold -- thread 0 writes the row's entropy once per row
         a.entropy[row] = ::log(static_cast<double>(st.d)) - static_cast<double>(st.w) / static_cast<double>(st.d);
       }
     }
@@ -162,6 +165,7 @@ __global__ void __launch_bounds__(kThreads) logprob_backward_kernel(const Logpro
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
     const LogprobRow<T> r = logprob_row(a, row, tid);
     T* out = a.grad + row * a.V;
+    // fl-audit: cold -- the row's upstream gradients and saved entropy / lse, one double each per row
     const acc glp = a.g_lp != nullptr ? static_cast<acc>(a.g_lp[row]) : acc(0);
     const acc gh = a.g_h != nullptr ? static_cast<acc>(a.g_h[row]) : acc(0);
     const acc h = a.g_h != nullptr ? static_cast<acc>(a.entropy[row]) : acc(0);
@@ -170,10 +174,12 @@ __global__ void __launch_bounds__(kThreads) logprob_backward_kernel(const Logpro
       const acc lp = fm::logprob_at(v * it, parts.m, parts.log_scale);
       return fm::logprob_entropy_grad(lp, glp, gh, h) * it;
     };
+    // fl-audit: cold -- thread 0 reads the token's logit once per row
     const acc x_k = tid == 0 && r.ok ? static_cast<acc>(r.x[r.tok]) : acc(0);
     __syncthreads();  // x_k read before any thread overwrites the row (grad may alias x)
     segment_map<false>(r.x, r.x, out, a.V, common_head(r.x, r.x, static_cast<const T*>(out), a.V), tid, nt, f);
     __syncthreads();
+    // fl-audit: cold -- thread 0 writes the token's gradient entry once per row
     if (tid == 0 && r.ok) out[r.tok] = static_cast<T>(f(x_k, x_k) + glp * it);
   }
 }
@@ -208,6 +214,7 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
     const T* s = a.s + row * V;
     const T* t = a.t + row * V;
     double* st = a.stats + row * kDistillStats;
+    // fl-audit: cold -- the row's target, one load per thread per row
     const int64_t target = a.target != nullptr ? a.target[row] : -1;
     const bool masked = a.target != nullptr && target == a.ignore_index;
     if (a.target != nullptr && !masked && tid == 0) {
@@ -217,12 +224,13 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
     if (masked || bad) {  // uniform over the block
       const double fill = bad ? std::numeric_limits<double>::quiet_NaN() : 0.0;
       if (tid == 0 && kMode != Mode::Backward) {
+        // fl-audit: cold -- thread 0, once per masked row: its loss and statistics
         a.loss[row] = fill;
         for (int i = 0; i < kDistillStats; ++i) st[i] = 0.0;
       }
       if constexpr (kMode != Mode::Forward) {
         T* out = a.grad + row * V;
-        for (int64_t j = tid; j < V; j += nt) out[j] = static_cast<T>(fill);
+        segment_fill(out, V, static_cast<T>(fill), tid, nt);
       }
       continue;
     }
@@ -277,13 +285,16 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
       double lse_x = 0.0;
       if (hard) {
         lse_x = raw ? lse_of(ox) : lse_s;
+        // fl-audit: cold -- the target's student logit, one load per thread per row (hard term only)
         row_loss += a.hard_weight * (lse_x - static_cast<double>(s[target]));
       }
       __syncthreads();  // every thread has read s[target] before the gradient pass may overwrite it
       if (tid == 0) {
+        // fl-audit: cold -- thread 0 writes the row's loss and statistics once per row
         a.loss[row] = row_loss;
         st[kLseStudent] = lse_s;
         st[kLseTeacher] = lse_t;
+        // fl-audit: cold -- the last two statistics, as above
         st[kRowAux] = aux;
         st[kLseHard] = lse_x;
       }
@@ -291,6 +302,7 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
     }
 
     if constexpr (kMode != Mode::Forward) {
+      // fl-audit: cold -- the row's saved statistics and grad scale, a few doubles per row
       const auto ps = fm::lse_parts<acc>(st[kLseStudent]), pt = fm::lse_parts<acc>(st[kLseTeacher]);
       const auto px = fm::lse_parts<acc>(st[kLseHard]);
       const acc aux = static_cast<acc>(st[kRowAux]);
@@ -303,11 +315,13 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
         return d;
       };
       T* out = a.grad + row * V;
+      // fl-audit: cold -- thread 0 reads the target's two logits once per row (hard term only)
       const acc s_k = hard && tid == 0 ? static_cast<acc>(s[target]) : acc(0);
       const acc t_k = hard && tid == 0 ? static_cast<acc>(t[target]) : acc(0);
       __syncthreads();  // s_k read before the row is overwritten (grad may alias the student logits)
       segment_map<true>(s, t, out, V, common_head(s, t, static_cast<const T*>(out), V), tid, nt, f);
       __syncthreads();
+      // fl-audit: cold -- thread 0 writes the target's gradient entry once per row
       if (hard && tid == 0) out[target] = static_cast<T>(f(s_k, t_k) - gh);
     }
   }

@@ -81,9 +81,12 @@ __device__ __forceinline__ void segment_visit(const T* __restrict__ a, const T* 
   using acc = acc_t<T>;
   constexpr int kVec = kVecOf<T>;
   using P = Pack<T, kVec>;
+  // fl-audit: cold -- heads and tails: under one 16-byte vector per thread per segment (whole rows only when the
+  // row's two tensors sit at different 16-byte offsets, see same_alignment)
   auto scalar = [&](int64_t j) {
     acc va[1] = {static_cast<acc>(a[j])};
     if constexpr (kTwo) {
+      // fl-audit: cold -- (the same head / tail element of the second tensor)
       acc vb[1] = {static_cast<acc>(b[j])};
       f(va, vb);
     } else {
@@ -120,12 +123,13 @@ __device__ __forceinline__ void segment_visit(const T* __restrict__ a, const T* 
       f(va, va);
     }
   }
+  // fl-audit: cold -- the remainder: fewer than kUnroll vectors per thread per segment
   for (; i < nvec; i += nthreads) {
     const P xa = pa[i];
     acc va[kVec];
     unpack(xa, va);
     if constexpr (kTwo) {
-      const P xb = pb[i];
+      const P xb = pb[i];  // fl-audit: cold -- the remainder
       acc vb[kVec];
       unpack(xb, vb);
       f(va, vb);
@@ -146,6 +150,7 @@ __device__ __forceinline__ void segment_map(const T* a, const T* b, T* out,
   using acc = acc_t<T>;
   constexpr int kVec = kVecOf<T>;
   using P = Pack<T, kVec>;
+  // fl-audit: cold -- heads and tails, as in segment_visit
   auto scalar = [&](int64_t j) {
     acc vb = acc(0);
     if constexpr (kTwo) vb = static_cast<acc>(b[j]);
@@ -172,6 +177,27 @@ __device__ __forceinline__ void segment_map(const T* a, const T* b, T* out,
   }
 
   for (int64_t j = head + nvec * kVec + tid; j < n; j += nthreads) scalar(j);
+}
+
+// out[0..n) = value with 16-byte stores (ignored rows' gradients: many, in prompt-masked fine-tuning).
+template <typename T>
+__device__ __forceinline__ void segment_fill(T* out, int64_t n, T value, int tid, int nthreads) {
+  constexpr int kVec = kVecOf<T>;
+  using P = Pack<T, kVec>;
+  const int64_t head = aligned_head(out, n);
+  // fl-audit: cold -- the head before the first 16-byte boundary: under one vector per thread
+#pragma unroll 1
+  for (int64_t j = tid; j < head; j += nthreads) out[j] = value;
+  const int64_t nvec = (n - head) / kVec;
+  P pv;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) pv.v[k] = value;
+  P* po = reinterpret_cast<P*>(out + head);
+#pragma unroll 1
+  for (int64_t i = tid; i < nvec; i += nthreads) po[i] = pv;
+  // fl-audit: cold -- the tail after the last whole vector: under one vector per thread
+#pragma unroll 1
+  for (int64_t j = head + nvec * kVec + tid; j < n; j += nthreads) out[j] = value;
 }
 
 // ---------------------------------------------------------------- all-reductions

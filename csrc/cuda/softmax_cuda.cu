@@ -215,6 +215,75 @@ __device__ __forceinline__ fm::OnlineState<acc> warp_row_state(const acc (&v)[N]
 }
 
 // ---------------------------------------------------------------- kernels: warp path
+//
+// A lane reads (and writes) its share of a row in packs of kW elements, kW the smaller of a 16-byte vector and the
+// lane's whole share (kItems): pack j of a lane holds columns (j kLanes + lane) kW + k, so consecutive lanes touch
+// consecutive packs (coalesced). Packs need every row to start on a pack boundary: V a multiple of kW and the
+// tensors aligned to a pack (a uniform test, once per launch). Other rows take one element per access.
+
+template <typename T, int kItems>
+constexpr int kWarpPackOf = kItems < kVecOf<T> ? kItems : kVecOf<T>;
+
+template <int kW, typename T>
+__device__ __forceinline__ bool packs_fit(const T* p, int64_t V) {
+  return V % kW == 0 && reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kW) == 0;
+}
+
+// v[0..kItems) = the lane's elements of row p[0..V) (`pad` past its end or for an invalid row).
+template <int kLanes, int kItems, int kW, typename T, typename acc>
+__device__ __forceinline__ void warp_load(const T* __restrict__ p, int64_t V, bool valid, int lane, bool packed,
+                                          acc pad, acc (&v)[kItems]) {
+  using P = Pack<T, kW>;
+  if (packed) {
+#pragma unroll
+    for (int j = 0; j < kItems / kW; ++j) {
+      const int col = (j * kLanes + lane) * kW;  // a pack lies wholly inside the row or wholly past it
+      if (valid && col < V) {
+        // fl-audit: accepted -- narrower than 16 bytes only when kItems < kVec: a lane's whole share of a row
+        // shorter than 32 vectors, in one load
+        const P x = reinterpret_cast<const P*>(p)[col / kW];
+        unpack(x, v + j * kW);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kW; ++k) v[j * kW + k] = pad;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * kLanes + lane;
+      // fl-audit: accepted -- rows that do not start on a pack boundary (V not a multiple of kW, misaligned views):
+      // one element per load
+      v[i] = (valid && col < V) ? static_cast<acc>(p[col]) : pad;
+    }
+  }
+}
+
+// out[0..V) of the lane's elements = f(i) (i its element index), for a valid row.
+template <int kLanes, int kItems, int kW, typename T, typename F>
+__device__ __forceinline__ void warp_store(T* __restrict__ out, int64_t V, int lane, bool packed, F&& f) {
+  using P = Pack<T, kW>;
+  if (packed) {
+#pragma unroll
+    for (int j = 0; j < kItems / kW; ++j) {
+      const int col = (j * kLanes + lane) * kW;
+      if (col < V) {
+        P r;
+#pragma unroll
+        for (int k = 0; k < kW; ++k) r.v[k] = static_cast<T>(f(j * kW + k));
+        // fl-audit: accepted -- narrower than 16 bytes only when kItems < kVec (as warp_load)
+        reinterpret_cast<P*>(out)[col / kW] = r;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * kLanes + lane;
+      // fl-audit: accepted -- rows that do not start on a pack boundary (as warp_load): one element per store
+      if (col < V) out[col] = static_cast<T>(f(i));
+    }
+  }
+}
 
 // Forward, one row per group of kLanes lanes. The loop bound is uniform over the block (groups past the last row
 // run on padding and store nothing), so every shuffle sees the whole warp.
@@ -224,36 +293,29 @@ __global__ void __launch_bounds__(kWarpThreads, kWarpMinBlocks)
                         Mode mode, Algorithm alg) {
   using acc = acc_t<scalar_t>;
   constexpr int kRowsPerBlock = kWarpThreads / kLanes;
+  constexpr int kW = kWarpPackOf<scalar_t, kItems>;
   const int lane = threadIdx.x % kLanes;
   const int group = threadIdx.x / kLanes;
+  const bool packed = packs_fit<kW>(x, V) && (mode == Mode::Lse || packs_fit<kW>(out, V));
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; first < rows;
        first += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const int64_t row = first + group;
     const bool valid = row < rows;
     const int64_t base = (valid ? row : 0) * V;
     acc v[kItems];
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int col = i * kLanes + lane;
-      v[i] = (valid && col < V) ? static_cast<acc>(x[base + col]) : -fm::Limits<acc>::inf;
-    }
+    warp_load<kLanes, kItems, kW>(x + base, V, valid, lane, packed, -fm::Limits<acc>::inf, v);
     const auto st = warp_row_state<kLanes>(v, alg);
     if (mode == Mode::Lse) {
+      // fl-audit: cold -- lane 0 writes the row's lse once per row
       if (valid && lane == 0) out[row] = static_cast<scalar_t>(finish_online(st));
-    } else if (mode == Mode::LogSoftmax) {
+    } else if (valid && mode == Mode::LogSoftmax) {
       const acc log_d = fm::Ops<acc>::log(st.d);
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int col = i * kLanes + lane;
-        if (valid && col < V) out[base + col] = static_cast<scalar_t>(fm::log_softmax_at(v[i], st.m, log_d));
-      }
-    } else {
+      warp_store<kLanes, kItems, kW>(out + base, V, lane, packed,
+                                     [&](int i) { return fm::log_softmax_at(v[i], st.m, log_d); });
+    } else if (valid) {
       const acc inv_d = acc(1) / st.d;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int col = i * kLanes + lane;
-        if (valid && col < V) out[base + col] = static_cast<scalar_t>(fm::softmax_at(v[i], st.m, inv_d));
-      }
+      warp_store<kLanes, kItems, kW>(out + base, V, lane, packed,
+                                     [&](int i) { return fm::softmax_at(v[i], st.m, inv_d); });
     }
   }
 }
@@ -265,30 +327,26 @@ __global__ void __launch_bounds__(kWarpThreads, kWarpMinBlocks)
                          scalar_t* __restrict__ gin, int64_t rows, int64_t V, bool log) {
   using acc = acc_t<scalar_t>;
   constexpr int kRowsPerBlock = kWarpThreads / kLanes;
+  constexpr int kW = kWarpPackOf<scalar_t, kItems>;
   const int lane = threadIdx.x % kLanes;
   const int group = threadIdx.x / kLanes;
+  const bool packed = packs_fit<kW>(g, V) && packs_fit<kW>(y, V) && packs_fit<kW>(gin, V);
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; first < rows;
        first += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const int64_t row = first + group;
     const bool valid = row < rows;
     const int64_t base = (valid ? row : 0) * V;
     acc gv[kItems], yv[kItems];
+    warp_load<kLanes, kItems, kW>(g + base, V, valid, lane, packed, acc(0), gv);
+    warp_load<kLanes, kItems, kW>(y + base, V, valid, lane, packed, acc(0), yv);
     acc s = acc(0);
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int col = i * kLanes + lane;
-      const bool in = valid && col < V;
-      gv[i] = in ? static_cast<acc>(g[base + col]) : acc(0);
-      yv[i] = in ? static_cast<acc>(y[base + col]) : acc(0);
-      s += log ? gv[i] : gv[i] * yv[i];
-    }
+    for (int i = 0; i < kItems; ++i) s += log ? gv[i] : gv[i] * yv[i];
     s = warp_allreduce<kLanes>(s);
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int col = i * kLanes + lane;
-      if (valid && col < V) {
-        gin[base + col] = static_cast<scalar_t>(log ? gv[i] - fm::exp_nonpos(yv[i]) * s : yv[i] * (gv[i] - s));
-      }
+    if (valid) {
+      warp_store<kLanes, kItems, kW>(gin + base, V, lane, packed, [&](int i) {
+        return log ? gv[i] - fm::exp_nonpos(yv[i]) * s : yv[i] * (gv[i] - s);
+      });
     }
   }
 }
@@ -303,6 +361,7 @@ __global__ void __launch_bounds__(kBlockMaxThreads)
     const scalar_t* xr = x + r * V;
     const auto st = block_row_state(xr, V, alg);
     if (mode == Mode::Lse) {
+      // fl-audit: cold -- thread 0 writes the row's lse once per row
       if (threadIdx.x == 0) out[r] = static_cast<scalar_t>(finish_online(st));
     } else {
       block_write_softmax(xr, out + r * V, V, st, mode == Mode::LogSoftmax);
@@ -342,12 +401,14 @@ __global__ void __launch_bounds__(kSplitThreads)
     if (alg == Algorithm::TwoPass) {
       const auto s = block_allreduce(thread_exp(seg, n, head));
       if (threadIdx.x == 0) {
+        // fl-audit: cold -- thread 0 writes the (row, chunk)'s partial (a, k) once per chunk
         ws[2 * b] = s.a;
         ws[2 * b + 1] = s.k;
       }
     } else {
       const auto s = block_allreduce(thread_online(seg, n, head));
       if (threadIdx.x == 0) {
+        // fl-audit: cold -- thread 0 writes the (row, chunk)'s partial (m, d) once per chunk
         ws[2 * b] = s.m;
         ws[2 * b + 1] = s.d;
       }
@@ -369,15 +430,18 @@ __global__ void __launch_bounds__(kSplitThreads)
     fm::OnlineState<acc> st;
     if (alg == Algorithm::TwoPass) {
       auto s = fm::exp_init<acc>();
+      // fl-audit: cold -- the row's chunk states, one (a, k) pair per chunk: a few per thread per row at most
       for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) s = fm::exp_merge(s, {wr[2 * c], wr[2 * c + 1]});
       s = block_allreduce(s);
       st = fm::exp_needs_fallback(s) ? block_row_state(x + r * V, V, Algorithm::Online) : fm::exp_to_online(s);
     } else {
       auto s = fm::online_init<acc>();
+      // fl-audit: cold -- the row's chunk states, one (m, d) pair per chunk: a few per thread per row at most
       for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) s = fm::online_merge(s, {wr[2 * c], wr[2 * c + 1]});
       st = block_allreduce(s);
     }
     if (threadIdx.x == 0) {
+      // fl-audit: cold -- thread 0 writes the row's lse and / or its merged (m, d) once per row
       if (out != nullptr) out[r] = static_cast<scalar_t>(finish_online(st));
       if (row != nullptr) {
         row[2 * r] = st.m;
@@ -397,6 +461,7 @@ __global__ void __launch_bounds__(kSplitThreads)
     const int64_t r = b / chunks, begin = (b - r * chunks) * chunk_len;
     const int64_t n = std::min(chunk_len, V - begin);
     const int64_t off = r * V + begin;
+    // fl-audit: cold -- the row's merged (m, d), two loads per thread per (row, chunk)
     block_write_softmax(x + off, out + off, n, {row[2 * r], row[2 * r + 1]}, log);
   }
 }
@@ -413,6 +478,7 @@ __global__ void __launch_bounds__(kSplitThreads)
     const int64_t off = r * V + begin;
     const int64_t head = same_alignment(g + off, y + off) ? aligned_head(g + off, n) : n;
     const auto s = block_allreduce(thread_backward_sum(g + off, y + off, n, head, log));
+    // fl-audit: cold -- thread 0 writes the (row, chunk)'s partial sum once per chunk
     if (threadIdx.x == 0) ws[b] = s;
   }
 }
@@ -430,6 +496,7 @@ __global__ void __launch_bounds__(kSplitThreads)
     const int64_t n = std::min(chunk_len, V - begin);
     const int64_t off = r * V + begin;
     acc s = acc(0);
+    // fl-audit: cold -- the row's chunk partial sums, a few per thread per (row, chunk) at most
     for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) s += ws[r * chunks + c];
     s = block_allreduce(s);
     block_write_backward(g + off, y + off, gin + off, n, backward_head(g + off, y + off, gin + off, n), s, log);
@@ -461,6 +528,8 @@ __global__ void __launch_bounds__(kEltThreads)
     for (int64_t i = tid; i < nvec; i += stride) {
       int64_t r = i * kVec / V;
       int64_t c = i * kVec - r * V;
+      // fl-audit: accepted -- the row's grad and lse re-read for every 16-byte vector (one address for most of a
+      // warp, so cache hits, but two scalar loads per vector in the hot loop); a row-tiled grid would load them once
       acc gr = static_cast<acc>(grad[r]), lr = static_cast<acc>(lse[r]);
       const P xv = px[i];
       P o;
@@ -471,6 +540,7 @@ __global__ void __launch_bounds__(kEltThreads)
         if (++c == V && k + 1 < kVec) {
           c = 0;
           ++r;
+          // fl-audit: cold -- the next row's grad and lse, reloaded at a row boundary: once per row
           gr = static_cast<acc>(grad[r]);
           lr = static_cast<acc>(lse[r]);
         }
@@ -481,6 +551,8 @@ __global__ void __launch_bounds__(kEltThreads)
   }
   for (int64_t j = done + tid; j < n; j += stride) {
     const int64_t r = j / V;
+    // fl-audit: cold -- the remainder (under kVec elements of the whole tensor), or the whole tensor when x
+    // or gin is not 16-byte aligned (a misaligned view: the rare fallback)
     gin[j] = static_cast<scalar_t>(static_cast<acc>(grad[r]) *
                                    fm::exp_nonpos(static_cast<acc>(x[j]) - static_cast<acc>(lse[r])));
   }

@@ -62,6 +62,8 @@ __global__ void __launch_bounds__(kTopKThreads)
     fm::TopKList<acc> list(val, idx, k);
     fm::OnlineState<acc> s = fm::online_init<acc>();
     for (int64_t j = threadIdx.x; j < V; j += kTopKThreads) {
+      // fl-audit: accepted -- one scalar load per element of the row (block-strided); 16-byte loads with an
+      // aligned head and tail, as segment_visit (indices = head + vector * kVec + k), are pending
       const acc v = static_cast<acc>(xr[j]);
       s = fm::online_update(s, v);
       list.push(v, j);
@@ -75,6 +77,7 @@ __global__ void __launch_bounds__(kTopKThreads)
       const Cand<acc> best = block_allreduce(c);
       if (best.owner == static_cast<int>(threadIdx.x)) {
         ++head;
+        // fl-audit: cold -- the k winners: one value and one index store per selection round (k <= kMaxTopK)
         out_v[r * k + q] = static_cast<scalar_t>(fm::topk_probability(best.v, lse));
         out_i[r * k + q] = best.i;
       }

@@ -65,10 +65,12 @@ __global__ void __launch_bounds__(kThreads) spherical_forward_kernel(const Spher
   const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
 #pragma unroll 1
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    // fl-audit: cold -- the row's target, one load per thread per row
     const int64_t c = a.target[row];
     double* st = a.stats + row * kSphericalStats;
     if (c == a.ignore_index) {
       if (tid == 0) {
+        // fl-audit: cold -- thread 0 writes an ignored row's loss and statistics once per row
         a.loss[row] = 0.0;
         st[kStatShift] = st[kStatVar] = st[kStatTarget] = 0.0;
       }
@@ -78,10 +80,12 @@ __global__ void __launch_bounds__(kThreads) spherical_forward_kernel(const Spher
       CUDA_KERNEL_ASSERT(c >= 0 && c < a.V);
     }
     if (c < 0 || c >= a.V) {
+      // fl-audit: cold -- thread 0 writes a bad-target row's NaN loss once per row
       if (tid == 0) a.loss[row] = std::numeric_limits<double>::quiet_NaN();
       continue;
     }
     const T* x = a.x + row * a.V;
+    // fl-audit: cold -- the target's logit (the pivot), one load per thread per row
     const acc pivot = static_cast<acc>(x[c]);
     fm::MomentState<acc> s = fm::moment_init<acc>();
     segment_visit<kLoads, false>(x, x, a.V, aligned_head(x, a.V), tid, nt, [&](auto& v, auto&) {
@@ -109,8 +113,10 @@ __global__ void __launch_bounds__(kThreads) spherical_forward_kernel(const Spher
       const double var = static_cast<double>(s.m2) / V;
       const double dmu = static_cast<double>(s.mean);
       const double oc = static_cast<double>(pivot);
+      // fl-audit: cold -- thread 0 writes the row's loss and statistics once per row
       a.loss[row] = a.kind == fm::kOneHotMSE ? fm::onehot_mse_value(static_cast<double>(rest_sq), oc)
                                              : fm::spherical_terms(a.kind, oc, dmu, var, V, a.a, a.b).loss;
+      // fl-audit: cold -- the row's three statistics, as above
       st[kStatShift] = dmu;
       st[kStatVar] = var;
       st[kStatTarget] = oc;
@@ -124,6 +130,7 @@ __global__ void __launch_bounds__(kThreads) spherical_backward_kernel(const Sphe
   const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
 #pragma unroll 1
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    // fl-audit: cold -- the row's target, one load per thread per row
     const int64_t c = a.target[row];
     const T* x = a.x + row * a.V;
     T* out = a.grad + row * a.V;
@@ -134,11 +141,12 @@ __global__ void __launch_bounds__(kThreads) spherical_backward_kernel(const Sphe
       }
       // Zero for ignored rows (NaN for a bad target, should asserts be compiled out).
       const acc fill = c == a.ignore_index ? acc(0) : std::numeric_limits<acc>::quiet_NaN();
-      segment_map<false>(x, x, out, a.V, head, tid, nt, [&](acc, acc) { return fill; });
+      segment_fill(out, a.V, static_cast<T>(fill), tid, nt);
       continue;
     }
     const double* st = a.stats + row * kSphericalStats;
     const double V = static_cast<double>(a.V);
+    // fl-audit: cold -- the row's saved statistics and grad_loss, a few doubles per row
     const double oc = st[kStatTarget];
     const fm::SphericalGradCoef k = fm::spherical_grad_coef(
         a.kind, fm::spherical_terms(a.kind, oc, st[kStatShift], st[kStatVar], V, a.a, a.b), a.g[row], V, oc,
@@ -147,6 +155,7 @@ __global__ void __launch_bounds__(kThreads) spherical_backward_kernel(const Sphe
     const acc p1 = static_cast<acc>(k.p1), p2 = static_cast<acc>(k.p2);
     segment_map<false>(x, x, out, a.V, head, tid, nt, [&](acc v, acc) { return c0 + c1 * ((v - p1) - p2); });
     __syncthreads();  // every thread's pass is done before the target's entry is set
+    // fl-audit: cold -- thread 0 writes the target's gradient entry once per row
     if (tid == 0) out[c] = static_cast<T>(fm::spherical_grad_at_target(k, oc));
   }
 }
@@ -160,14 +169,17 @@ __global__ void __launch_bounds__(kThreads) spherical_terms_kernel(const double*
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < N;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const double* s = stats + r * kSphericalStats;
+    // fl-audit: cold -- one thread per row: its target
     const int64_t c = target[r];
     fm::SphericalTerms t{0.0, 0.0, 0.0, 0.0};
     if (c != ignore_index) {
       CUDA_KERNEL_ASSERT(c >= 0 && c < V);
+      // fl-audit: cold -- one thread per row: its three saved statistics
       t = c >= 0 && c < V ? fm::spherical_terms(kind, s[kStatTarget], s[kStatShift], s[kStatVar],
                                                 static_cast<double>(V), a, b)
                           : fm::SphericalTerms{NAN, NAN, NAN, NAN};
     }
+    // fl-audit: cold -- one thread per row: its loss and three partials
     loss[r] = t.loss;
     partials[3 * r] = t.d_oc;
     partials[3 * r + 1] = t.d_mu;
