@@ -33,9 +33,9 @@ yet says so the same way, and is counted in the table as accepted:
 
     // fl-audit: accepted -- <why it stays for now>
 
-With ``--check`` it exits 1 when a float / half / bfloat16 kernel uses local memory (spills or a stack array) and its
-definition does not carry an ``accepted`` comment, or when any kernel has a global access narrower than 16 bytes that
-is neither cold nor accepted.
+With ``--check`` it exits 1 when a float / half / bfloat16 kernel uses local memory (spills or a stack array) and
+the comment block above its declaration carries no ``accepted`` comment, or when any kernel has a global access
+narrower than 16 bytes that is neither cold nor accepted.
 """
 
 from __future__ import annotations
@@ -283,6 +283,25 @@ def source_accepts(chain, marker: str) -> bool:
     return any(marker in lines[k] for k in range(max(0, line - 5), min(len(lines), line)))
 
 
+def declaration_accepts(chain, marker: str) -> bool:
+    """Whether the comment block right above a kernel's declaration (the lines up from its first source line to the
+    previous blank line, at most 12) carries `marker`."""
+    own = next(((p, n) for p, n in chain or () if "/csrc/" in p), None)
+    if own is None:
+        return False
+    try:
+        with open(repo_file(own[0]), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for k in range(min(own[1], len(lines)) - 1, max(-1, own[1] - 13), -1):
+        if not lines[k].strip():
+            break
+        if marker in lines[k]:
+            return True
+    return False
+
+
 def where(chain) -> str:
     """The innermost location in fastloss's own sources."""
     for path, line in chain or ():
@@ -416,11 +435,28 @@ def collect(paths: list[str]) -> list[Kernel]:
 
 def problems(k: Kernel) -> list[str]:
     out = []
-    if k.dtype != "double" and (k.local or k.spill_ops) and not source_accepts(k.src, ACCEPTED):
+    if k.dtype != "double" and (k.local or k.spill_ops) and not declaration_accepts(k.src, ACCEPTED):
         out.append(f"local memory ({k.local} B, {k.spill_ops} LDL/STL)")
     for op, w, src in k.narrow:
         out.append(f"{w}-byte {op[:3]} at {where(src)}")
     return sorted(set(out))
+
+
+PASSES_RE = re.compile(r"fl-passes: (\S+) = (\d+)R \+ (\d+)W \(floor (\d+)R \+ (\d+)W\)(?: -- (.*))?")
+
+
+def declared_passes() -> list[dict]:
+    """The `// fl-passes:` declarations next to the launchers (checked against the CPU execution layer's byte counts
+    by tests/test_emu_traffic.py): passes over the row data, read (R) and written (W), and the op's floor."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(SOURCE_ROOT, "csrc", "cuda", "*.cu"))):
+        with open(path, encoding="utf-8") as f:
+            for m in PASSES_RE.finditer(f.read()):
+                r, w, fr, fw = (int(g) for g in m.groups()[1:5])
+                out.append({"op": m.group(1), "reads": r, "writes": w, "floor_reads": fr, "floor_writes": fw,
+                            "pass_bound": (fr + fw) / (r + w), "note": m.group(6) or "",
+                            "file": os.path.relpath(path, SOURCE_ROOT)})
+    return out
 
 
 def pct(x) -> str:
@@ -461,6 +497,9 @@ def report(kernels: list[Kernel], commit: str) -> tuple[str, dict]:
             f"{'; '.join(probs) if probs else 'ok'}{f' ({len(k.accepted)} accepted)' if k.accepted else ''} |"
         )
     n_bad = sum(1 for j in js if j["problems"])
+    passes = declared_passes()
+    prow = [f"| `{p['op']}` | {p['reads']}R + {p['writes']}W | {p['floor_reads']}R + {p['floor_writes']}W | "
+            f"{pct(p['pass_bound'])} | {p['note']} |" for p in passes]
     md = [
         f"# Static audit of the sm_90 kernels ({today}, commit {commit})",
         "",
@@ -480,10 +519,20 @@ def report(kernels: list[Kernel], commit: str) -> tuple[str, dict]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
+        "## Passes over the row data, per op",
+        "",
+        "Declared next to the launchers (`// fl-passes:`), checked against the bytes the CPU execution layer counts",
+        "(tests/test_emu_traffic.py). Pass-bound ceiling: the floor's bytes over the declared bytes (rows longer than",
+        "the L2 can hold between passes; a re-read right after the statistics pass may come from L2 for short rows).",
+        "",
+        "| op | passes | floor | pass-bound ceiling | note |",
+        "|---|---|---|---|---|",
+        *prow,
+        "",
     ]
     return "\n".join(md), {"date": today, "commit": commit, "model": {
         "sms": SMS, "clock_hz": CLOCK_HZ, "copy_bw": COPY_BW, "latency_s": LATENCY_S,
-        "needed_in_flight_per_sm": NEEDED_IN_FLIGHT}, "kernels": js}
+        "needed_in_flight_per_sm": NEEDED_IN_FLIGHT}, "kernels": js, "passes": passes}
 
 
 def main(argv=None) -> int:

@@ -105,3 +105,7 @@ def test_local_memory_needs_a_reason(sources):
     assert any("local memory" in p for p in audit.problems(k))
     k.dtype = "double"  # float64 kernels may spill (reported, not a failure)
     assert not any("local memory" in p for p in audit.problems(k))
+    # The kernel's first source line is k.cu:3; a reason in the comment block right above it is accepted.
+    (sources / "k.cu").write_text("\n// fl-audit: accepted -- why\nkernel(\n\n\n\n// fl-audit: cold -- row\n\nx\n")
+    k.dtype = "c10::BFloat16"
+    assert not any("local memory" in p for p in audit.problems(k))

@@ -202,6 +202,8 @@ struct DistillArgs {
   T* grad;
 };
 
+// fl-audit: accepted -- sm_90, bf16 / half reverse-KL forward + gradient: ptxas keeps one 4-byte value in local
+// memory across the row loop's head (one STL + one LDL per row, outside the element loops; L1-resident)
 template <typename T, int kDiv, Mode kMode>
 __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> a) {
   using acc = acc_t<T>;
@@ -331,6 +333,9 @@ unsigned row_grid(int64_t N) { return grid_size(N); }
 
 // ---------------------------------------------------------------- launchers
 
+// Passes over the logits (tests/test_emu_traffic.py; bench/audit_cuda.py):
+// fl-passes: token_logprobs = 1R + 0W (floor 1R + 0W)
+// fl-passes: token_logprobs_backward = 1R + 1W (floor 1R + 1W)
 void logprob_forward(const at::Tensor& x, const at::Tensor& tokens, double inv_t, const at::Tensor& logp,
                      const at::Tensor& entropy, const at::Tensor& lse) {
   const DeviceGuard guard(x.device());
@@ -370,6 +375,9 @@ void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, double inv_
 }
 
 template <Mode kMode>
+// Forward with the gradient: the statistics of both rows, then both re-read to write the student's gradient.
+// fl-passes: distillation_forward_kl = 4R + 1W (floor 2R + 1W)
+// fl-passes: distillation_jsd = 6R + 1W (floor 2R + 1W) -- the two lse's, the mixture's sums, the gradient
 void launch_distill(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& target,
                     const DistillParams& p, const at::Tensor& loss, const at::Tensor& stats, const at::Tensor& scale,
                     const at::Tensor& grad) {

@@ -5,6 +5,7 @@
 // without pulling anything heavy.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -15,6 +16,16 @@
 // the array before every block; csrc/cuda_emu/cuda_emu.h).
 #ifndef FL_SHARED
 #define FL_SHARED(type, name, dims) __shared__ type name dims
+#endif
+
+// FL_ROW_TRAFFIC(tid, read, written): under the CPU execution layer, thread 0 of the threads walking a row segment
+// adds the segment's bytes to the layer's traffic counts (csrc/cuda_emu/cuda_emu.h add_traffic), once per segment.
+// Nothing under nvcc.
+#ifdef FASTLOSS_CUDA_EMU
+#define FL_ROW_TRAFFIC(tid, read, written) \
+  ((tid) == 0 ? ::fastloss::emu::add_traffic(static_cast<uint64_t>(read), static_cast<uint64_t>(written)) : void())
+#else
+#define FL_ROW_TRAFFIC(tid, read, written) ((void)0)
 #endif
 
 namespace fastloss {
@@ -81,6 +92,7 @@ __device__ __forceinline__ void segment_visit(const T* __restrict__ a, const T* 
   using acc = acc_t<T>;
   constexpr int kVec = kVecOf<T>;
   using P = Pack<T, kVec>;
+  FL_ROW_TRAFFIC(tid, n * sizeof(T) * (kTwo ? 2 : 1), 0);
   // fl-audit: cold -- heads and tails: under one 16-byte vector per thread per segment (whole rows only when the
   // row's two tensors sit at different 16-byte offsets, see same_alignment)
   auto scalar = [&](int64_t j) {
@@ -150,6 +162,7 @@ __device__ __forceinline__ void segment_map(const T* a, const T* b, T* out,
   using acc = acc_t<T>;
   constexpr int kVec = kVecOf<T>;
   using P = Pack<T, kVec>;
+  FL_ROW_TRAFFIC(tid, n * sizeof(T) * (kTwo ? 2 : 1), n * sizeof(T));
   // fl-audit: cold -- heads and tails, as in segment_visit
   auto scalar = [&](int64_t j) {
     acc vb = acc(0);
@@ -179,12 +192,114 @@ __device__ __forceinline__ void segment_map(const T* a, const T* b, T* out,
   for (int64_t j = head + nvec * kVec + tid; j < n; j += nthreads) scalar(j);
 }
 
+// ---------------------------------------------------------------- row traversal with columns (row_pass)
+//
+// Thread `tid` of the `nt` threads of a group visits a[0..n): a scalar head of `head` elements (up to the first
+// 16-byte boundary; head = n turns the whole row scalar), a body of 16-byte vectors, the body's remainder vector by
+// vector, a scalar tail. In the body each thread first issues kLoads vector loads per stream (vectors i, i + nt,
+// ..., so that a warp reads consecutive 16-byte words), keeps them packed while in flight, then unpacks and hands
+// them to the callback kChunk vectors (kChunk * kVec elements, 8 or fewer) at a time. The callback gets acc
+// arrays of M elements (M = 1, kVec, or kChunk * kVec); element e sits at column c0 + col_off<kVec>(e, cs). A
+// thread meets its columns in increasing order (softmax_topk's per-thread lists rely on it).
+
+template <int K>
+__device__ __forceinline__ int64_t col_off(int e, int64_t cs) {
+  return static_cast<int64_t>(e / K) * cs + e % K;
+}
+
+// Vectors per callback: 8 elements of 2-byte types, 8 floats, 8 doubles (capped by the loads in flight).
+template <typename T, int kLoads>
+constexpr int kChunkOf = std::min(kLoads, std::max(1, 8 / kVecOf<T>));
+
+// f(va, vb, c0, cs): va the elements of a, vb those of b (when kTwo; otherwise va again). f may modify va; with
+// kStore, the values f leaves in va are then stored to out (which may alias a: every element is read before it is
+// written, by the same thread). `head` must align a, b (kTwo) and out (kStore) alike.
+template <int kLoads, bool kTwo, bool kStore, typename T, typename F>
+__device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t n, int64_t head, int tid, int nt,
+                                         F&& f) {
+  using acc = acc_t<T>;
+  constexpr int K = kVecOf<T>;
+  constexpr int kChunk = kChunkOf<T, kLoads>;
+  static_assert(kLoads % kChunk == 0);
+  using P = Pack<T, K>;
+  FL_ROW_TRAFFIC(tid, n * sizeof(T) * (kTwo ? 2 : 1), kStore ? n * sizeof(T) : 0);
+  auto scalar = [&](int64_t j) {
+    // fl-audit: cold -- scalar head / tail (under one vector per thread); whole rows only for misaligned views
+    acc va[1] = {static_cast<acc>(a[j])};
+    acc vb[1] = {kTwo ? static_cast<acc>(b[j]) : acc(0)};
+    f(va, vb, j, int64_t{0});
+    if constexpr (kStore) out[j] = static_cast<T>(va[0]);
+  };
+  auto pack = [](const acc* v) {
+    P r;
+#pragma unroll
+    for (int k = 0; k < K; ++k) r.v[k] = static_cast<T>(v[k]);
+    return r;
+  };
+  P* po = reinterpret_cast<P*>(out + head);
+#pragma unroll 1
+  for (int64_t j = tid; j < head; j += nt) scalar(j);
+  const int64_t nvec = (n - head) / K;
+  const P* pa = reinterpret_cast<const P*>(a + head);
+  const P* pb = reinterpret_cast<const P*>(b + head);
+  const int64_t cs = static_cast<int64_t>(nt) * K;
+  int64_t i = tid;
+#pragma unroll 1
+  for (; i + static_cast<int64_t>(kLoads - 1) * nt < nvec; i += static_cast<int64_t>(kLoads) * nt) {
+    P xa[kLoads], xb[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) xa[u] = pa[i + static_cast<int64_t>(u) * nt];
+    if constexpr (kTwo) {
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) xb[u] = pb[i + static_cast<int64_t>(u) * nt];
+    }
+#pragma unroll
+    for (int c = 0; c < kLoads; c += kChunk) {
+      acc va[kChunk * K], vb[kChunk * K];
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) {
+        unpack(xa[c + u], va + u * K);
+        if constexpr (kTwo) unpack(xb[c + u], vb + u * K);
+      }
+      const int64_t ic = i + static_cast<int64_t>(c) * nt;
+      if constexpr (kTwo) f(va, vb, head + ic * K, cs);
+      else f(va, va, head + ic * K, cs);
+      if constexpr (kStore) {
+#pragma unroll
+        for (int u = 0; u < kChunk; ++u) po[ic + static_cast<int64_t>(u) * nt] = pack(va + u * K);
+      }
+    }
+  }
+  // The body's remainder: under kLoads vectors per thread per row. Each pack is copied whole first: one 16-byte
+  // load (unpack(pa[i]) read it element by element).
+#pragma unroll 1
+  for (; i < nvec; i += nt) {
+    acc va[K], vb[K];
+    const P xa = pa[i];  // fl-audit: cold -- the remainder
+    unpack(xa, va);
+    if constexpr (kTwo) {
+      const P xb = pb[i];  // fl-audit: cold -- the remainder
+      unpack(xb, vb);
+      f(va, vb, head + i * K, cs);
+    } else {
+      f(va, va, head + i * K, cs);
+    }
+    if constexpr (kStore) po[i] = pack(va);  // fl-audit: cold -- the remainder
+  }
+#pragma unroll 1
+  for (int64_t j = head + nvec * K + tid; j < n; j += nt) scalar(j);
+}
+
+template <typename V>
+constexpr int extent_of = std::extent_v<std::remove_reference_t<V>>;
+
 // out[0..n) = value with 16-byte stores (ignored rows' gradients: many, in prompt-masked fine-tuning).
 template <typename T>
 __device__ __forceinline__ void segment_fill(T* out, int64_t n, T value, int tid, int nthreads) {
   constexpr int kVec = kVecOf<T>;
   using P = Pack<T, kVec>;
   const int64_t head = aligned_head(out, n);
+  FL_ROW_TRAFFIC(tid, 0, n * sizeof(T));
   // fl-audit: cold -- the head before the first 16-byte boundary: under one vector per thread
 #pragma unroll 1
   for (int64_t j = tid; j < head; j += nthreads) out[j] = value;

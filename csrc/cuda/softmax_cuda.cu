@@ -234,6 +234,7 @@ template <int kLanes, int kItems, int kW, typename T, typename acc>
 __device__ __forceinline__ void warp_load(const T* __restrict__ p, int64_t V, bool valid, int lane, bool packed,
                                           acc pad, acc (&v)[kItems]) {
   using P = Pack<T, kW>;
+  FL_ROW_TRAFFIC(valid ? lane : 1, V * sizeof(T), 0);
   if (packed) {
 #pragma unroll
     for (int j = 0; j < kItems / kW; ++j) {
@@ -263,6 +264,7 @@ __device__ __forceinline__ void warp_load(const T* __restrict__ p, int64_t V, bo
 template <int kLanes, int kItems, int kW, typename T, typename F>
 __device__ __forceinline__ void warp_store(T* __restrict__ out, int64_t V, int lane, bool packed, F&& f) {
   using P = Pack<T, kW>;
+  FL_ROW_TRAFFIC(lane, 0, V * sizeof(T));
   if (packed) {
 #pragma unroll
     for (int j = 0; j < kItems / kW; ++j) {
@@ -520,6 +522,7 @@ __global__ void __launch_bounds__(kEltThreads)
   const int64_t n = rows * V;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  FL_ROW_TRAFFIC(tid, n * sizeof(scalar_t), n * sizeof(scalar_t));  // the grid walks the whole tensor once
   int64_t done = 0;
   if (vec_ok) {
     const int64_t nvec = n / kVec;
@@ -561,6 +564,11 @@ __global__ void __launch_bounds__(kEltThreads)
 // ---------------------------------------------------------------- host side
 
 template <typename scalar_t>
+// Passes over the row data (checked against the CPU execution layer's byte counts, tests/test_emu_traffic.py; read
+// by bench/audit_cuda.py for its pass-bound ceilings):
+// fl-passes: softmax = 2R + 1W (floor 1R + 1W) -- block path (V > 1024): the statistics, then a re-read to write
+// fl-passes: softmax_warp = 1R + 1W (floor 1R + 1W) -- warp path (V <= 1024): the row stays in registers
+// fl-passes: logsumexp = 1R + 0W (floor 1R + 0W)
 void forward_impl(const at::Tensor& x, const at::Tensor& out, Mode mode, Algorithm alg) {
   using acc = acc_t<scalar_t>;
   const int64_t rows = x.size(0), V = x.size(1);
@@ -603,6 +611,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, Mode mode, Algorit
 }
 
 template <typename scalar_t>
+// fl-passes: softmax_backward = 4R + 1W (floor 2R + 1W) -- block path: sum(g y), then g and y re-read to write
+// fl-passes: softmax_backward_warp = 2R + 1W (floor 2R + 1W)
 void backward_impl(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& gin, bool log) {
   using acc = acc_t<scalar_t>;
   const int64_t rows = out.size(0), V = out.size(1);
@@ -639,6 +649,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& out, const at::Tens
 }
 
 template <typename scalar_t>
+// fl-passes: logsumexp_backward = 1R + 1W (floor 1R + 1W)
 void logsumexp_backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lse,
                              const at::Tensor& gin) {
   const int64_t rows = x.size(0), V = x.size(1);

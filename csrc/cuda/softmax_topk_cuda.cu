@@ -21,6 +21,7 @@ namespace fastloss {
 namespace cuda {
 
 template <int kMax>
+// fl-passes: softmax_topk = 1R + 0W (floor 1R + 0W) (tests/test_emu_traffic.py)
 void launch(const at::Tensor& x, int64_t k, const at::Tensor& values, const at::Tensor& indices) {
   const int64_t rows = x.size(0), V = x.size(1);
   const unsigned grid = grid_size(std::min<int64_t>(rows, kTopKMaxGrid));

@@ -50,6 +50,9 @@ __device__ __forceinline__ Cand<T> shfl_xor(const Cand<T>& c, int off) {
 }
 
 // kMax: the list capacity (8, 32 or kMaxTopK), so registers are sized for the k asked.
+// fl-audit: accepted -- the per-thread top-k list is indexed at run time, so it lives in local memory (L1: 256
+// threads x kMax x 12 bytes); each element costs one read of its last entry, and a register or shared-memory list
+// is pending
 template <typename scalar_t, int kMax>
 __global__ void __launch_bounds__(kTopKThreads)
     softmax_topk_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t V, int k, scalar_t* __restrict__ out_v,
@@ -61,13 +64,16 @@ __global__ void __launch_bounds__(kTopKThreads)
     const scalar_t* xr = x + r * V;
     fm::TopKList<acc> list(val, idx, k);
     fm::OnlineState<acc> s = fm::online_init<acc>();
-    for (int64_t j = threadIdx.x; j < V; j += kTopKThreads) {
-      // fl-audit: accepted -- one scalar load per element of the row (block-strided); 16-byte loads with an
-      // aligned head and tail, as segment_visit (indices = head + vector * kVec + k), are pending
-      const acc v = static_cast<acc>(xr[j]);
-      s = fm::online_update(s, v);
-      list.push(v, j);
-    }
+    // 16-byte loads, 2 in flight per thread; each thread meets its columns in increasing order, as push needs.
+    constexpr int K = kVecOf<scalar_t>;
+    auto visit = [&](auto& v, auto&, int64_t c0, int64_t cs) {
+      constexpr int M = extent_of<decltype(v)>;
+      s = fm::online_update_block(s, v);
+#pragma unroll
+      for (int e = 0; e < M; ++e) list.push(v[e], c0 + col_off<K>(e, cs));
+    };
+    row_pass<2, false, false>(xr, xr, static_cast<scalar_t*>(nullptr), V, aligned_head(xr, V),
+                              static_cast<int>(threadIdx.x), kTopKThreads, visit);
     s = block_allreduce(s);
     const double lse = finish_lse(s);
     int head = 0;

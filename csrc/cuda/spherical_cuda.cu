@@ -203,6 +203,9 @@ SphericalArgs<scalar_t> make_args(const at::Tensor& x, const at::Tensor& target,
   return args;
 }
 
+// Passes over the logits (tests/test_emu_traffic.py; bench/audit_cuda.py); the one-hot MSE's forward adds a read.
+// fl-passes: spherical = 1R + 0W (floor 1R + 0W)
+// fl-passes: spherical_backward = 1R + 1W (floor 1R + 1W)
 void spherical_forward(const at::Tensor& x, const at::Tensor& target, const SphericalParams& p,
                        const at::Tensor& loss, const at::Tensor& stats) {
   const DeviceGuard guard(x.device());

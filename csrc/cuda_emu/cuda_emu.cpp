@@ -507,6 +507,23 @@ std::vector<std::string> compiled_kernels() {
   return {compiled().begin(), compiled().end()};
 }
 
+namespace {
+std::atomic<uint64_t> g_read{0}, g_written{0};
+}  // namespace
+
+void add_traffic(uint64_t read, uint64_t written) {
+  g_read.fetch_add(read, std::memory_order_relaxed);
+  g_written.fetch_add(written, std::memory_order_relaxed);
+}
+void traffic(uint64_t* read, uint64_t* written) {
+  *read = g_read.load(std::memory_order_relaxed);
+  *written = g_written.load(std::memory_order_relaxed);
+}
+void reset_traffic() {
+  g_read.store(0);
+  g_written.store(0);
+}
+
 std::map<std::string, uint64_t> launch_counts() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return counts();

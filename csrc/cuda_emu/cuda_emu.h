@@ -85,6 +85,14 @@ void set_max_grid_x(int64_t n);
 // Launch counts per kernel name.
 std::map<std::string, uint64_t> launch_counts();
 
+// Global-memory bytes of row data the kernels read and wrote since the last reset: the row helpers of
+// csrc/cuda/row_reduce.cuh (and the few kernels that walk rows themselves) add the bytes of each segment they
+// traverse, once per segment (FL_ROW_TRAFFIC). Per-row scalars (targets, losses, statistics) are not counted, so
+// bytes / (rows x V x element size) is the op's number of passes over its row data (tests/test_emu_traffic.py).
+void add_traffic(uint64_t read, uint64_t written);
+void traffic(uint64_t* read, uint64_t* written);
+void reset_traffic();
+
 // Kernel instantiations compiled into the program (registered at load by the launch helper of
 // csrc/cuda/launch.cuh): `signature` is the helper's __PRETTY_FUNCTION__, from which the kernel's name with its
 // template arguments is taken; returns that name (stable storage), the key of launch_counts().

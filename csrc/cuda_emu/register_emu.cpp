@@ -53,4 +53,10 @@ __attribute__((visibility("default"))) void fastloss_cuda_emu_set_max_grid(int64
 
 __attribute__((visibility("default"))) int64_t fastloss_cuda_emu_max_grid() { return fastloss::emu::max_grid_x(); }
 
+__attribute__((visibility("default"))) void fastloss_cuda_emu_traffic(uint64_t* read, uint64_t* written) {
+  fastloss::emu::traffic(read, written);
+}
+
+__attribute__((visibility("default"))) void fastloss_cuda_emu_reset_traffic() { fastloss::emu::reset_traffic(); }
+
 }  // extern "C"

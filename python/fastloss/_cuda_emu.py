@@ -22,6 +22,7 @@ if available:
     _lib.fastloss_cuda_emu_schedule.restype = ctypes.c_uint64
     _lib.fastloss_cuda_emu_set_max_grid.argtypes = [ctypes.c_int64]
     _lib.fastloss_cuda_emu_max_grid.restype = ctypes.c_int64
+    _lib.fastloss_cuda_emu_traffic.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64)]
 
 def _need() -> None:
     if not available:
@@ -39,6 +40,20 @@ def launch_counts() -> dict[str, int]:
         count, name = line.split("\t", 1)
         out[name] = int(count)
     return out
+
+
+def traffic() -> tuple[int, int]:
+    """(bytes read, bytes written) of row data by the kernels since :func:`reset_traffic` (counted by the row
+    helpers, once per row segment; per-row scalars such as targets and losses are not counted)."""
+    _need()
+    r, w = ctypes.c_uint64(0), ctypes.c_uint64(0)
+    _lib.fastloss_cuda_emu_traffic(ctypes.byref(r), ctypes.byref(w))
+    return r.value, w.value
+
+
+def reset_traffic() -> None:
+    _need()
+    _lib.fastloss_cuda_emu_reset_traffic()
 
 
 def kernel_of(instantiation: str) -> str:
