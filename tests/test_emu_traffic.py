@@ -63,6 +63,11 @@ def _ce(**kw):
     return _grad_of(lambda x: fastloss.cross_entropy(x, _t(N, V), **kw), _x(N, V))
 
 
+def _both(pair):
+    (fr, fw), (br, bw) = pair
+    return fr + br, fw + bw
+
+
 def _distill(div):
     return _grad_of(lambda s: fastloss.distillation_loss(s, _x(N, V, seed=2), divergence=div), _x(N, V))
 
@@ -79,9 +84,11 @@ OPS = {
     "softmax_topk": lambda: _fwd(lambda x: fastloss.softmax_topk(x, 5), _x(N, V)),
     "cross_entropy": lambda: _ce()[0],
     "cross_entropy_backward": lambda: _ce()[1],
+    "cross_entropy_train": lambda: _both(_ce()),
     "cross_entropy_inplace": lambda: _ce(inplace_backward=True)[0],
     "token_logprobs": lambda: _grad_of(lambda x: fastloss.token_logprobs(x, _t(N, V)), _x(N, V))[0],
     "token_logprobs_backward": lambda: _grad_of(lambda x: fastloss.token_logprobs(x, _t(N, V)), _x(N, V))[1],
+    "token_logprobs_train": lambda: _both(_grad_of(lambda x: fastloss.token_logprobs(x, _t(N, V)), _x(N, V))),
     "distillation_forward_kl": lambda: _distill("forward_kl")[0],
     "distillation_jsd": lambda: _distill("jsd")[0],
     "spherical": lambda: _grad_of(lambda x: fastloss.spherical_loss(x, _t(N, V), a=1.0, b=2.0), _x(N, V))[0],

@@ -743,6 +743,7 @@ IndexArgs<scalar_t> index_args(const CrossEntropyInputs& in, const CrossEntropyP
 // bench/audit_cuda.py for its pass-bound ceilings). Forward then backward is 2R + 1W against a floor of 1R + 1W.
 // fl-passes: cross_entropy = 1R + 0W (floor 1R + 0W) -- the loss (and lse) only
 // fl-passes: cross_entropy_backward = 1R + 1W (floor 1R + 1W) -- the logits re-read from HBM
+// fl-passes: cross_entropy_train = 2R + 1W (floor 1R + 1W) -- forward then backward, as in training
 // fl-passes: cross_entropy_inplace = 2R + 1W (floor 1R + 1W) -- the statistics, then the gradient pass re-reads
 // the row (from L2 while the row is short: the kernel walks it right after), writing over the logits
 void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& loss,

@@ -336,6 +336,7 @@ unsigned row_grid(int64_t N) { return grid_size(N); }
 // Passes over the logits (tests/test_emu_traffic.py; bench/audit_cuda.py):
 // fl-passes: token_logprobs = 1R + 0W (floor 1R + 0W)
 // fl-passes: token_logprobs_backward = 1R + 1W (floor 1R + 1W)
+// fl-passes: token_logprobs_train = 2R + 1W (floor 1R + 1W) -- forward then backward
 void logprob_forward(const at::Tensor& x, const at::Tensor& tokens, double inv_t, const at::Tensor& logp,
                      const at::Tensor& entropy, const at::Tensor& lse) {
   const DeviceGuard guard(x.device());
