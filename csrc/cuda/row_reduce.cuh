@@ -111,17 +111,21 @@ __device__ __forceinline__ void segment_visit(const T* __restrict__ a, const T* 
   const P* pa = reinterpret_cast<const P*>(a + head);
   const P* pb = reinterpret_cast<const P*>(b + head);
   int64_t i = tid;
-  for (; i + static_cast<int64_t>(kUnroll - 1) * nthreads < nvec; i += static_cast<int64_t>(kUnroll) * nthreads) {
+  // Addresses advance by pointer (as in row_pass), so every load's address is ready at the top of the iteration.
+  const P* qa = pa + i;
+  const P* qb = pb + i;
+  const int64_t step = static_cast<int64_t>(kUnroll) * nthreads;
+  for (; i + static_cast<int64_t>(kUnroll - 1) * nthreads < nvec; i += step, qa += step, qb += step) {
     // Every pack copied into registers before any is unpacked: a copy of a whole Pack is one 16-byte load
     // (LDG.E.128), and all kUnroll (x2) loads issue before the first use. (unpack reading through the global
     // pointer compiled to one 2- or 4-byte load per element.)
     P xa[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) xa[u] = pa[i + static_cast<int64_t>(u) * nthreads];
+    for (int u = 0; u < kUnroll; ++u) xa[u] = qa[static_cast<int64_t>(u) * nthreads];
     P xb[kTwo ? kUnroll : 1];
     if constexpr (kTwo) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) xb[u] = pb[i + static_cast<int64_t>(u) * nthreads];
+      for (int u = 0; u < kUnroll; ++u) xb[u] = qb[static_cast<int64_t>(u) * nthreads];
     }
     acc va[kUnroll * kVec];
 #pragma unroll
@@ -175,10 +179,7 @@ __device__ __forceinline__ void segment_map(const T* a, const T* b, T* out,
   const P* pa = reinterpret_cast<const P*>(a + head);
   const P* pb = reinterpret_cast<const P*>(b + head);
   P* po = reinterpret_cast<P*>(out + head);
-  for (int64_t i = tid; i < nvec; i += nthreads) {
-    const P xa = pa[i];
-    P xb;
-    if constexpr (kTwo) xb = pb[i];
+  auto map = [&](const P& xa, const P& xb) {
     P r;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -186,7 +187,31 @@ __device__ __forceinline__ void segment_map(const T* a, const T* b, T* out,
       if constexpr (kTwo) vb = static_cast<acc>(xb.v[k]);
       r.v[k] = static_cast<T>(f(static_cast<acc>(xa.v[k]), vb));
     }
-    po[i] = r;
+    return r;
+  };
+  // Two vectors per stream in flight per thread, loaded (addresses advancing by pointer) before either is stored:
+  // one 16-byte load at a time left a thread 16 bytes in flight. out may alias a: each thread reads its elements
+  // before it writes them.
+  int64_t i = tid;
+  const P* qa = pa + i;
+  const P* qb = pb + i;
+  P* qo = po + i;
+  const int64_t step = 2 * static_cast<int64_t>(nthreads);
+  for (; i + nthreads < nvec; i += step, qa += step, qb += step, qo += step) {
+    const P xa0 = qa[0], xa1 = qa[nthreads];
+    P xb0, xb1;
+    if constexpr (kTwo) {
+      xb0 = qb[0];
+      xb1 = qb[nthreads];
+    }
+    qo[0] = map(xa0, xb0);
+    qo[nthreads] = map(xa1, xb1);
+  }
+  if (i < nvec) {  // the remainder: at most one vector per thread
+    const P xa = pa[i];  // fl-audit: cold -- the remainder
+    P xb;
+    if constexpr (kTwo) xb = pb[i];  // fl-audit: cold -- the remainder
+    po[i] = map(xa, xb);  // fl-audit: cold -- the remainder
   }
 
   for (int64_t j = head + nvec * kVec + tid; j < n; j += nthreads) scalar(j);
@@ -244,14 +269,20 @@ __device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t
   const P* pb = reinterpret_cast<const P*>(b + head);
   const int64_t cs = static_cast<int64_t>(nt) * K;
   int64_t i = tid;
+  // Addresses advance by pointer: every load's address is ready at the top of the iteration, so all of them issue
+  // before the first is used (with index arithmetic ptxas sometimes unpacked the first pack before computing the
+  // second's address, halving the bytes in flight).
+  const P* qa = pa + i;
+  const P* qb = pb + i;
+  const int64_t step = static_cast<int64_t>(kLoads) * nt;
 #pragma unroll 1
-  for (; i + static_cast<int64_t>(kLoads - 1) * nt < nvec; i += static_cast<int64_t>(kLoads) * nt) {
+  for (; i + static_cast<int64_t>(kLoads - 1) * nt < nvec; i += step, qa += step, qb += step) {
     P xa[kLoads], xb[kLoads];
 #pragma unroll
-    for (int u = 0; u < kLoads; ++u) xa[u] = pa[i + static_cast<int64_t>(u) * nt];
+    for (int u = 0; u < kLoads; ++u) xa[u] = qa[static_cast<int64_t>(u) * nt];
     if constexpr (kTwo) {
 #pragma unroll
-      for (int u = 0; u < kLoads; ++u) xb[u] = pb[i + static_cast<int64_t>(u) * nt];
+      for (int u = 0; u < kLoads; ++u) xb[u] = qb[static_cast<int64_t>(u) * nt];
     }
 #pragma unroll
     for (int c = 0; c < kLoads; c += kChunk) {
@@ -262,7 +293,7 @@ __device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t
         if constexpr (kTwo) unpack(xb[c + u], vb + u * K);
       }
       const int64_t ic = i + static_cast<int64_t>(c) * nt;
-      if constexpr (kTwo) f(va, vb, head + ic * K, cs);
+      if constexpr (kTwo) f(va, vb, head + ic * K, cs);  // fl-audit: accepted -- the callback's class weights
       else f(va, va, head + ic * K, cs);
       if constexpr (kStore) {
 #pragma unroll
