@@ -261,7 +261,7 @@ __device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t
     for (int k = 0; k < K; ++k) r.v[k] = static_cast<T>(v[k]);
     return r;
   };
-  P* po = reinterpret_cast<P*>(out + head);
+  P* po = kStore ? reinterpret_cast<P*>(out + head) : nullptr;  // out may be null without kStore
 #pragma unroll 1
   for (int64_t j = tid; j < head; j += nt) scalar(j);
   const int64_t nvec = (n - head) / K;
