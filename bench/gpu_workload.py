@@ -14,11 +14,11 @@ What it calls (forward and backward unless said otherwise), each on small tensor
   ===============  =========================================================================================
   shape [rows, V]  CUDA kernel it selects
   ===============  =========================================================================================
-  (5, 7)           warp path, groups of 8 lanes (V <= 8, 4 rows per warp)
-  (6, 13)          warp path, groups of 16 lanes (9 <= V <= 16, 2 rows per warp)
-  (5, 31)          warp path, 32 lanes x 1 item
-  (4, 50) (3, 100) warp path, 32 lanes x 2, 4 and 8 items
-  (3, 200)
+  (5, 2) (6, 3)    warp path, a thread per row (one 16-byte vector or less: V <= 2 double, 4 float, 8 half)
+  (5, 7) (6, 13)   warp path, groups of 2 to 16 lanes with one vector each (several rows per warp), by dtype
+  (5, 31) (4, 50)  (rows that are not a whole number of vectors: a scalar head and tail per row)
+  (3, 100)
+  (3, 200)         warp path, 32 lanes x one vector (kVec items) for every dtype but float64 (4 vectors)
   (4, 300)         warp path, 32 lanes x 16 items (also for float64, whose warp path ends at V = 512)
   (3, 1000)        warp path, 32 lanes x 32 items; float64: block path
   (3, 20011)       block path, 512 threads (16-byte vectors, a scalar tail)
@@ -29,7 +29,8 @@ What it calls (forward and backward unless said otherwise), each on small tensor
   transposed       softmax over dim 0 of a non-contiguous tensor (the layout path)
   ===============  =========================================================================================
 
-* softmax_topk with k = 1, 5 (<= 8), 20 (<= 32), 100, 128 (<= 128: the fused kernel's three list sizes) and 129,
+* softmax_topk with k = 1, 5 (<= 8: within one thread's register list), 20, 100, 128 (<= 128: the fused kernel,
+  threads rescanning their share when they give more than 8 winners) and 129,
   200 (above the CUDA fused limit of 128: the composite path), both algorithms, every dtype, on rows of 300, 4099
   and 262147; backward through the values.
 * cross_entropy on row lengths that pick every group size of csrc/cuda/cross_entropy_cuda.cu ((6, 13): 8 threads
@@ -80,9 +81,9 @@ IGNORE = -100
 # (label, rows, V) per size. "small" is what the sanitizer runs; "tiny" keeps every call but shrinks the long rows
 # (on CUDA the split path then goes untested: it is for a quick run of the script on the CPU).
 ROW_SHAPES = {
-    "small": [("warp8", 5, 7), ("warp16", 6, 13), ("warp32x1", 5, 31), ("warp32x2", 4, 50), ("warp32x4", 3, 100),
-              ("warp32x8", 3, 200), ("warp32x16", 4, 300), ("warp32x32", 3, 1000), ("block512", 3, 20011),
-              ("split", 2, 262147)],
+    "small": [("thread2", 5, 2), ("thread4", 6, 3), ("warp8", 5, 7), ("warp16", 6, 13), ("warp32", 5, 31),
+              ("warp64", 4, 50), ("warp128", 3, 100), ("warp32x8", 3, 200), ("warp32x16", 4, 300),
+              ("warp32x32", 3, 1000), ("block512", 3, 20011), ("split", 2, 262147)],
     "tiny": [("warp8", 5, 7), ("warp16", 6, 13), ("warp32x1", 5, 31), ("warp32x16", 4, 300),
              ("warp32x32", 3, 1000), ("block", 3, 2053)],
 }

@@ -84,9 +84,9 @@ def _x(rows, v, dtype=torch.float32, seed=0):
 
 # (problem, the kernels it must launch) -- the kernel selection of csrc/cuda/*.cu, branch by branch.
 SELECTION = [
-    ("softmax V=7", lambda: fastloss.softmax(_x(5, 7), -1), {"warp_forward_kernel<float, 8, 1>"}),
-    ("softmax V=13", lambda: fastloss.softmax(_x(5, 13), -1), {"warp_forward_kernel<float, 16, 1>"}),
-    ("softmax V=31", lambda: fastloss.softmax(_x(5, 31), -1), {"warp_forward_kernel<float, 32, 1>"}),
+    ("softmax V=7", lambda: fastloss.softmax(_x(5, 7), -1), {"warp_forward_kernel<float, 2, 4>"}),
+    ("softmax V=13", lambda: fastloss.softmax(_x(5, 13), -1), {"warp_forward_kernel<float, 4, 4>"}),
+    ("softmax V=31", lambda: fastloss.softmax(_x(5, 31), -1), {"warp_forward_kernel<float, 8, 4>"}),
     ("softmax V=100", lambda: fastloss.softmax(_x(5, 100), -1), {"warp_forward_kernel<float, 32, 4>"}),
     ("softmax V=1000", lambda: fastloss.softmax(_x(3, 1000), -1), {"warp_forward_kernel<float, 32, 32>"}),
     ("softmax V=1000 double", lambda: fastloss.softmax(_x(3, 1000, torch.float64), -1),
@@ -104,8 +104,11 @@ SELECTION = [
     ("softmax backward split",
      lambda: torch.ops.fastloss.softmax_backward(_x(2, 262147), _x(2, 262147, seed=1), -1),
      {"split_backward_sum_kernel<float>", "split_backward_apply_kernel<float>"}),
-    ("logsumexp backward", lambda: torch.ops.fastloss.logsumexp_backward(
-        _x(1, 3)[0], _x(3, 70), torch.logsumexp(_x(3, 70), -1), -1, False), {"logsumexp_backward_kernel<float>"}),
+    ("logsumexp backward V=70", lambda: torch.ops.fastloss.logsumexp_backward(
+        _x(1, 3)[0], _x(3, 70), torch.logsumexp(_x(3, 70), -1), -1, False), {"logsumexp_backward_flat_kernel<float>"}),
+    ("logsumexp backward V=300", lambda: torch.ops.fastloss.logsumexp_backward(
+        _x(1, 3)[0], _x(3, 300), torch.logsumexp(_x(3, 300), -1), -1, False),
+     {"logsumexp_backward_rows_kernel<float>"}),
     ("softmax_topk k=5", lambda: fastloss.softmax_topk(_x(3, 300), 5), {"softmax_topk_kernel<float, 8>"}),
     ("softmax_topk k=20 half", lambda: fastloss.softmax_topk(_x(3, 300, torch.float16), 20),
      {"softmax_topk_kernel<c10::Half, 32>"}),

@@ -2,9 +2,10 @@
 //
 // Every problem is a contiguous [rows, V] matrix. The kernel is picked from the row length:
 //
-//  * warp path (V <= 1024, double: V <= 512): a row lives in the registers of a group of kLanes = min(32,
-//    next_pow2(V)) lanes, kItems = next_pow2(V) / kLanes elements each; rows shorter than 32 share a warp. The
-//    row is read once, reduced with shuffles, and (softmax) written from registers. Coalesced scalar loads.
+//  * warp path (V <= 1024, double: V <= 512): a row lives in the registers of a group of kLanes lanes (1..32,
+//    at least one 16-byte vector per lane; with_warp_shape), rows shorter than 32 vectors share a warp. The row
+//    is read once in 16-byte packs (a scalar head and tail of under a vector each), reduced with shuffles, and
+//    (softmax) written from registers.
 //  * block path (longer rows): one block per row (grid-stride over rows), 16-byte vector loads with a scalar head
 //    up to the first 16-byte boundary and a scalar tail, a shuffle + shared-memory all-reduce; softmax re-reads
 //    the row for its second pass (mostly from L2 for moderate V).
@@ -93,19 +94,20 @@ SplitPlan plan_split(int64_t rows, int64_t V) {
 }
 
 // Calls f(integral_constant<kLanes>, integral_constant<kItems>) for the warp-path shape of a row of length V
-// (V <= kWarpMaxV). Rows of <= 8 elements use groups of 8 lanes (4 rows per warp).
-template <typename scalar_t, typename F>
+// (V <= kWarpMaxV): kNext = next_pow2(V) elements over kLanes lanes, at least one 16-byte vector (kVec elements)
+// per lane, so that the body of a row is read in 16-byte packs; kLanes = kNext / kItems (1 for rows of one vector
+// or less: a thread per row, no shuffles), 32 from kNext = 32 kVec on. Starts from kNext = kVec.
+template <typename scalar_t, int kNextIn = 0, typename F>
 void with_warp_shape(int64_t V, F&& f) {
   using std::integral_constant;
-  if (V <= 8) return f(integral_constant<int, 8>{}, integral_constant<int, 1>{});
-  if (V <= 16) return f(integral_constant<int, 16>{}, integral_constant<int, 1>{});
-  if (V <= 32) return f(integral_constant<int, 32>{}, integral_constant<int, 1>{});
-  if (V <= 64) return f(integral_constant<int, 32>{}, integral_constant<int, 2>{});
-  if (V <= 128) return f(integral_constant<int, 32>{}, integral_constant<int, 4>{});
-  if (V <= 256) return f(integral_constant<int, 32>{}, integral_constant<int, 8>{});
-  if (V <= 512) return f(integral_constant<int, 32>{}, integral_constant<int, 16>{});
-  if constexpr (kWarpMaxV<scalar_t> >= 1024) return f(integral_constant<int, 32>{}, integral_constant<int, 32>{});
-  TORCH_INTERNAL_ASSERT(false, "fastloss: row length ", V, " is too long for the warp path");
+  constexpr int kNext = kNextIn == 0 ? kVecOf<scalar_t> : kNextIn;
+  if constexpr (kNext > kWarpMaxV<scalar_t>) {
+    TORCH_INTERNAL_ASSERT(false, "fastloss: row length ", V, " is too long for the warp path");
+  } else {
+    constexpr int kItems = std::max(kVecOf<scalar_t>, kNext / kWarpSize);
+    if (V <= kNext) return f(integral_constant<int, kNext / kItems>{}, integral_constant<int, kItems>{});
+    return with_warp_shape<scalar_t, 2 * kNext>(V, std::forward<F>(f));
+  }
 }
 
 // ---------------------------------------------------------------- per-thread / per-block row pieces
@@ -216,72 +218,107 @@ __device__ __forceinline__ fm::OnlineState<acc> warp_row_state(const acc (&v)[N]
 
 // ---------------------------------------------------------------- kernels: warp path
 //
-// A lane reads (and writes) its share of a row in packs of kW elements, kW the smaller of a 16-byte vector and the
-// lane's whole share (kItems): pack j of a lane holds columns (j kLanes + lane) kW + k, so consecutive lanes touch
-// consecutive packs (coalesced). Packs need every row to start on a pack boundary: V a multiple of kW and the
-// tensors aligned to a pack (a uniform test, once per launch). Other rows take one element per access.
+// A group of kLanes lanes holds a row in registers: a scalar head of h elements (up to the row's first 16-byte
+// boundary, h < kVec), a body of nb 16-byte packs, a scalar tail of under kVec elements. Body pack j of a lane is
+// pack j kLanes + lane of the body (consecutive lanes touch consecutive packs: coalesced); the head and tail
+// elements ("extras", E = h + tail of them) are spread over the lanes the same way, slot x of a lane being extra
+// x kLanes + lane. A lane's values: v[0..kItems) the body, v[kItems..kItems + kExtra) its extras.
+//
+// The head length is the row's own, so every row length is read in packs; the row's tensors (x and out, or g, y
+// and gin) must only sit at the same offset from a 16-byte boundary (a uniform test, once per launch). Otherwise
+// (a misaligned view) the row is read one element per access: v[i] = column i kLanes + lane.
 
-template <typename T, int kItems>
-constexpr int kWarpPackOf = kItems < kVecOf<T> ? kItems : kVecOf<T>;
+template <int kLanes, int kItems, typename T>
+constexpr int kExtraOf = std::min((2 * (kVecOf<T> - 1) + kLanes - 1) / kLanes, kItems);
 
-template <int kW, typename T>
-__device__ __forceinline__ bool packs_fit(const T* p, int64_t V) {
-  return V % kW == 0 && reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kW) == 0;
-}
+template <int kLanes, int kItems, typename T>
+struct WarpRow {
+  static constexpr int kW = kVecOf<T>;
+  static constexpr int kExtra = kExtraOf<kLanes, kItems, T>;
+  int64_t h = 0, nb = 0, extras = 0;  // head length, body packs, head + tail elements
 
-// v[0..kItems) = the lane's elements of row p[0..V) (`pad` past its end or for an invalid row).
-template <int kLanes, int kItems, int kW, typename T, typename acc>
+  __device__ __forceinline__ WarpRow(const T* row, int64_t V, bool packed) {
+    if (packed) {
+      h = aligned_head(row, V);
+      nb = (V - h) / kW;
+      extras = V - nb * kW;
+    }
+  }
+  // Column of extra e (< extras): the head's, then the tail's.
+  __device__ __forceinline__ int64_t extra_col(int64_t e) const { return e < h ? e : e + nb * kW; }
+};
+
+// v = the lane's elements of row p[0..V) (`pad` where it has none, or for an invalid row).
+template <int kLanes, int kItems, typename T, typename acc, int M>
 __device__ __forceinline__ void warp_load(const T* __restrict__ p, int64_t V, bool valid, int lane, bool packed,
-                                          acc pad, acc (&v)[kItems]) {
+                                          acc pad, acc (&v)[M]) {
+  using R = WarpRow<kLanes, kItems, T>;
+  constexpr int kW = R::kW;
+  static_assert(M == kItems + R::kExtra);
   using P = Pack<T, kW>;
   FL_ROW_TRAFFIC(valid ? lane : 1, V * sizeof(T), 0);
+#pragma unroll
+  for (int i = 0; i < M; ++i) v[i] = pad;
+  if (!valid) return;
   if (packed) {
+    const R row(p, V, true);
+    const P* body = reinterpret_cast<const P*>(p + row.h);
 #pragma unroll
     for (int j = 0; j < kItems / kW; ++j) {
-      const int col = (j * kLanes + lane) * kW;  // a pack lies wholly inside the row or wholly past it
-      if (valid && col < V) {
-        // fl-audit: accepted -- narrower than 16 bytes only when kItems < kVec: a lane's whole share of a row
-        // shorter than 32 vectors, in one load
-        const P x = reinterpret_cast<const P*>(p)[col / kW];
+      const int64_t pk = static_cast<int64_t>(j) * kLanes + lane;
+      if (pk < row.nb) {
+        const P x = body[pk];  // the pack copied whole: one 16-byte load (unpack through the pointer: one per element)
         unpack(x, v + j * kW);
-      } else {
-#pragma unroll
-        for (int k = 0; k < kW; ++k) v[j * kW + k] = pad;
       }
+    }
+#pragma unroll
+    for (int x = 0; x < R::kExtra; ++x) {
+      const int64_t e = static_cast<int64_t>(x) * kLanes + lane;
+      // fl-audit: cold -- the row's head and tail: under one 16-byte vector each, per row
+      if (e < row.extras) v[kItems + x] = static_cast<acc>(p[row.extra_col(e)]);
     }
   } else {
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int col = i * kLanes + lane;
-      // fl-audit: accepted -- rows that do not start on a pack boundary (V not a multiple of kW, misaligned views):
-      // one element per load
-      v[i] = (valid && col < V) ? static_cast<acc>(p[col]) : pad;
+      // fl-audit: cold -- misaligned views only (the row's tensors at different 16-byte offsets): one element per
+      // load
+      if (col < V) v[i] = static_cast<acc>(p[col]);
     }
   }
 }
 
-// out[0..V) of the lane's elements = f(i) (i its element index), for a valid row.
-template <int kLanes, int kItems, int kW, typename T, typename F>
+// out[0..V) of the lane's elements = f(i), i its value index as in warp_load, for a valid row.
+template <int kLanes, int kItems, typename T, typename F>
 __device__ __forceinline__ void warp_store(T* __restrict__ out, int64_t V, int lane, bool packed, F&& f) {
+  using R = WarpRow<kLanes, kItems, T>;
+  constexpr int kW = R::kW;
   using P = Pack<T, kW>;
   FL_ROW_TRAFFIC(lane, 0, V * sizeof(T));
   if (packed) {
+    const R row(out, V, true);
+    P* body = reinterpret_cast<P*>(out + row.h);
 #pragma unroll
     for (int j = 0; j < kItems / kW; ++j) {
-      const int col = (j * kLanes + lane) * kW;
-      if (col < V) {
+      const int64_t pk = static_cast<int64_t>(j) * kLanes + lane;
+      if (pk < row.nb) {
         P r;
 #pragma unroll
         for (int k = 0; k < kW; ++k) r.v[k] = static_cast<T>(f(j * kW + k));
-        // fl-audit: accepted -- narrower than 16 bytes only when kItems < kVec (as warp_load)
-        reinterpret_cast<P*>(out)[col / kW] = r;
+        body[pk] = r;
       }
+    }
+#pragma unroll
+    for (int x = 0; x < R::kExtra; ++x) {
+      const int64_t e = static_cast<int64_t>(x) * kLanes + lane;
+      // fl-audit: cold -- the row's head and tail (as warp_load)
+      if (e < row.extras) out[row.extra_col(e)] = static_cast<T>(f(kItems + x));
     }
   } else {
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int col = i * kLanes + lane;
-      // fl-audit: accepted -- rows that do not start on a pack boundary (as warp_load): one element per store
+      // fl-audit: cold -- misaligned views only (as warp_load): one element per store
       if (col < V) out[col] = static_cast<T>(f(i));
     }
   }
@@ -295,29 +332,29 @@ __global__ void __launch_bounds__(kWarpThreads, kWarpMinBlocks)
                         Mode mode, Algorithm alg) {
   using acc = acc_t<scalar_t>;
   constexpr int kRowsPerBlock = kWarpThreads / kLanes;
-  constexpr int kW = kWarpPackOf<scalar_t, kItems>;
+  constexpr int M = kItems + kExtraOf<kLanes, kItems, scalar_t>;
   const int lane = threadIdx.x % kLanes;
   const int group = threadIdx.x / kLanes;
-  const bool packed = packs_fit<kW>(x, V) && (mode == Mode::Lse || packs_fit<kW>(out, V));
+  const bool packed = mode == Mode::Lse || same_alignment(x, static_cast<const scalar_t*>(out));
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; first < rows;
        first += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const int64_t row = first + group;
     const bool valid = row < rows;
     const int64_t base = (valid ? row : 0) * V;
-    acc v[kItems];
-    warp_load<kLanes, kItems, kW>(x + base, V, valid, lane, packed, -fm::Limits<acc>::inf, v);
+    acc v[M];
+    warp_load<kLanes, kItems>(x + base, V, valid, lane, packed, -fm::Limits<acc>::inf, v);
     const auto st = warp_row_state<kLanes>(v, alg);
     if (mode == Mode::Lse) {
       // fl-audit: cold -- lane 0 writes the row's lse once per row
       if (valid && lane == 0) out[row] = static_cast<scalar_t>(finish_online(st));
     } else if (valid && mode == Mode::LogSoftmax) {
       const acc log_d = fm::Ops<acc>::log(st.d);
-      warp_store<kLanes, kItems, kW>(out + base, V, lane, packed,
-                                     [&](int i) { return fm::log_softmax_at(v[i], st.m, log_d); });
+      warp_store<kLanes, kItems>(out + base, V, lane, packed,
+                                 [&](int i) { return fm::log_softmax_at(v[i], st.m, log_d); });
     } else if (valid) {
       const acc inv_d = acc(1) / st.d;
-      warp_store<kLanes, kItems, kW>(out + base, V, lane, packed,
-                                     [&](int i) { return fm::softmax_at(v[i], st.m, inv_d); });
+      warp_store<kLanes, kItems>(out + base, V, lane, packed,
+                                 [&](int i) { return fm::softmax_at(v[i], st.m, inv_d); });
     }
   }
 }
@@ -329,24 +366,24 @@ __global__ void __launch_bounds__(kWarpThreads, kWarpMinBlocks)
                          scalar_t* __restrict__ gin, int64_t rows, int64_t V, bool log) {
   using acc = acc_t<scalar_t>;
   constexpr int kRowsPerBlock = kWarpThreads / kLanes;
-  constexpr int kW = kWarpPackOf<scalar_t, kItems>;
+  constexpr int M = kItems + kExtraOf<kLanes, kItems, scalar_t>;
   const int lane = threadIdx.x % kLanes;
   const int group = threadIdx.x / kLanes;
-  const bool packed = packs_fit<kW>(g, V) && packs_fit<kW>(y, V) && packs_fit<kW>(gin, V);
+  const bool packed = same_alignment(g, y) && same_alignment(g, static_cast<const scalar_t*>(gin));
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; first < rows;
        first += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const int64_t row = first + group;
     const bool valid = row < rows;
     const int64_t base = (valid ? row : 0) * V;
-    acc gv[kItems], yv[kItems];
-    warp_load<kLanes, kItems, kW>(g + base, V, valid, lane, packed, acc(0), gv);
-    warp_load<kLanes, kItems, kW>(y + base, V, valid, lane, packed, acc(0), yv);
+    acc gv[M], yv[M];
+    warp_load<kLanes, kItems>(g + base, V, valid, lane, packed, acc(0), gv);
+    warp_load<kLanes, kItems>(y + base, V, valid, lane, packed, acc(0), yv);
     acc s = acc(0);
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) s += log ? gv[i] : gv[i] * yv[i];
+    for (int i = 0; i < M; ++i) s += log ? gv[i] : gv[i] * yv[i];
     s = warp_allreduce<kLanes>(s);
     if (valid) {
-      warp_store<kLanes, kItems, kW>(gin + base, V, lane, packed, [&](int i) {
+      warp_store<kLanes, kItems>(gin + base, V, lane, packed, [&](int i) {
         return log ? gv[i] - fm::exp_nonpos(yv[i]) * s : yv[i] * (gv[i] - s);
       });
     }
@@ -505,17 +542,47 @@ __global__ void __launch_bounds__(kSplitThreads)
   }
 }
 
-// ---------------------------------------------------------------- kernel: logsumexp backward (elementwise)
+// ---------------------------------------------------------------- kernels: logsumexp backward
 
-// gin[r, j] = grad[r] * exp(x[r, j] - lse[r]) over the flat [rows * V] buffer, so no row length is special.
-// With vec_ok (x and gin 16-byte aligned) each thread handles one 16-byte vector at a time: one 64-bit division
-// finds its first (row, column), later elements step the column and wrap into the next row (several times
-// when V < kVec).
+// gin[r, j] = grad[r] * exp(x[r, j] - lse[r]).
+//
+// Rows of at least one 16-byte vector per lane (V >= 32 kVec): warp w of the grid takes row segments of
+// kLseSegVecs vectors per lane, loads the row's grad and lse once per segment and maps the segment with 16-byte
+// loads and stores (segment_map; the head aligns x and gin alike, or the segment is read element by element when
+// their offsets differ).
+constexpr int kLseSegVecs = 8;
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kEltThreads)
-    logsumexp_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                              const scalar_t* __restrict__ lse, scalar_t* __restrict__ gin, int64_t rows, int64_t V,
-                              bool vec_ok) {
+    logsumexp_backward_rows_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                   const scalar_t* __restrict__ lse, scalar_t* __restrict__ gin, int64_t rows,
+                                   int64_t V) {
+  using acc = acc_t<scalar_t>;
+  constexpr int64_t kSeg = static_cast<int64_t>(kLseSegVecs) * kWarpSize * kVecOf<scalar_t>;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t warps_per_block = blockDim.x / kWarpSize;
+  const int64_t segs = (V + kSeg - 1) / kSeg;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / kWarpSize; w < rows * segs;
+       w += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    const int64_t r = w / segs, begin = (w - r * segs) * kSeg;
+    const int64_t n = std::min(kSeg, V - begin);
+    const int64_t off = r * V + begin;
+    // fl-audit: cold -- the row's grad and lse, once per segment of kLseSegVecs vectors per lane
+    const acc gr = static_cast<acc>(grad[r]), lr = static_cast<acc>(lse[r]);
+    const int64_t head = same_alignment(x + off, gin + off) ? aligned_head(x + off, n) : n;
+    segment_map<false>(x + off, x + off, gin + off, n, head, lane, kWarpSize,
+                       [=](acc xv, acc) { return gr * fm::exp_nonpos(xv - lr); });
+  }
+}
+
+// Shorter rows (V < 32 kVec), over the flat [rows * V] buffer: with vec_ok (x and gin 16-byte aligned) each thread
+// handles one 16-byte vector at a time: one 64-bit division finds its first (row, column), later elements step the
+// column and wrap into the next row (several times when V < kVec).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kEltThreads)
+    logsumexp_backward_flat_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                   const scalar_t* __restrict__ lse, scalar_t* __restrict__ gin, int64_t rows,
+                                   int64_t V, bool vec_ok) {
   using acc = acc_t<scalar_t>;
   constexpr int kVec = kVecOf<scalar_t>;
   using P = Pack<scalar_t, kVec>;
@@ -531,8 +598,8 @@ __global__ void __launch_bounds__(kEltThreads)
     for (int64_t i = tid; i < nvec; i += stride) {
       int64_t r = i * kVec / V;
       int64_t c = i * kVec - r * V;
-      // fl-audit: accepted -- the row's grad and lse re-read for every 16-byte vector (one address for most of a
-      // warp, so cache hits, but two scalar loads per vector in the hot loop); a row-tiled grid would load them once
+      // fl-audit: cold -- short rows only (V < 32 vectors; longer rows take the rows kernel): the vector's row's
+      // grad and lse, for a row of at most 31 vectors
       acc gr = static_cast<acc>(grad[r]), lr = static_cast<acc>(lse[r]);
       const P xv = px[i];
       P o;
@@ -656,12 +723,24 @@ void logsumexp_backward_impl(const at::Tensor& grad, const at::Tensor& x, const 
   if (rows == 0 || V == 0) return;
   const scalar_t* px = x.const_data_ptr<scalar_t>();
   scalar_t* pi = gin.mutable_data_ptr<scalar_t>();
-  const bool vec_ok = reinterpret_cast<uintptr_t>(px) % kVecBytes == 0 && reinterpret_cast<uintptr_t>(pi) % kVecBytes == 0;
-  const int64_t work = vec_ok ? ceil_div(rows * V, kVecOf<scalar_t>) : rows * V;
+  const scalar_t* pg = grad.const_data_ptr<scalar_t>();
+  const scalar_t* pl = lse.const_data_ptr<scalar_t>();
+  constexpr int kVec = kVecOf<scalar_t>;
   // Enough blocks to fill the GPU several times over; beyond that threads loop (grid-stride).
-  const int64_t blocks = std::min<int64_t>(ceil_div(work, kEltThreads), static_cast<int64_t>(sm_count()) * 32);
-  launch_kernel<&logsumexp_backward_kernel<scalar_t>>(grid_size(blocks), kEltThreads, 0, current_stream(),
-      grad.const_data_ptr<scalar_t>(), px, lse.const_data_ptr<scalar_t>(), pi, rows, V, vec_ok);
+  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 32;
+  if (V >= static_cast<int64_t>(kWarpSize) * kVec) {
+    constexpr int64_t kSeg = static_cast<int64_t>(kLseSegVecs) * kWarpSize * kVec;
+    const int64_t warps = rows * ceil_div(V, kSeg);
+    const int64_t blocks = std::min<int64_t>(ceil_div(warps, kEltThreads / kWarpSize), max_blocks);
+    launch_kernel<&logsumexp_backward_rows_kernel<scalar_t>>(grid_size(blocks), kEltThreads, 0, current_stream(),
+        pg, px, pl, pi, rows, V);
+    return;
+  }
+  const bool vec_ok = reinterpret_cast<uintptr_t>(px) % kVecBytes == 0 && reinterpret_cast<uintptr_t>(pi) % kVecBytes == 0;
+  const int64_t work = vec_ok ? ceil_div(rows * V, kVec) : rows * V;
+  const int64_t blocks = std::min<int64_t>(ceil_div(work, kEltThreads), max_blocks);
+  launch_kernel<&logsumexp_backward_flat_kernel<scalar_t>>(grid_size(blocks), kEltThreads, 0, current_stream(),
+      pg, px, pl, pi, rows, V, vec_ok);
 }
 
 // ---------------------------------------------------------------- the kernel table
