@@ -28,10 +28,23 @@ not reach into the callee -- carries, on that line or the four above, a comment 
 
     // fl-audit: cold -- <why: once per row, a row's head / tail, a remainder loop, a fallback for misaligned views>
 
+A call whose callee's accesses are all as cold as the call (a row helper's remainder loop calling the kernel's
+callback, which may load class weights) says so at the call, and the marker then reaches the accesses of everything
+inlined there:
+
+    // fl-audit: cold-call -- <why>
+
 Cold accesses are left out of the hot loops and of the checks. A narrow access that is on the hot path and not fixed
 yet says so the same way, and is counted in the table as accepted:
 
     // fl-audit: accepted -- <why it stays for now>
+
+A branch of a hot loop that runs rarely (an insertion into a per-thread list that only a new best element reaches)
+would swell the loop's static instruction count; its instructions -- everything whose source chain, inlined-at
+call sites included, passes a line marked so (or within the four lines below the marker) -- are left out of the
+counts and reported apart:
+
+    // fl-audit: rare -- <why the branch seldom runs>
 
 With ``--check`` it exits 1 when a float / half / bfloat16 kernel uses local memory (spills or a stack array) and
 the comment block above its declaration carries no ``accepted`` comment, or when any kernel has a global access
@@ -73,6 +86,8 @@ NEEDED_IN_FLIGHT = COPY_BW / SMS * LATENCY_S  # bytes per SM
 
 ELEMENT_BYTES = {"double": 8, "float": 4, "c10::Half": 2, "c10::BFloat16": 2}
 ACCEPTED = "fl-audit: accepted"
+RARE = "fl-audit: rare"
+COLD_CALL = "fl-audit: cold-call"
 COLD = "fl-audit: cold"
 
 
@@ -133,6 +148,7 @@ class Loop:
     end: int
     instrs: int = 0
     mufu: int = 0
+    rare: int = 0  # instructions of branches marked rare, left out of instrs and mufu
     accesses: Counter = field(default_factory=Counter)  # "LDG 16" -> count
     load_bytes: int = 0
     store_bytes: int = 0
@@ -283,6 +299,22 @@ def source_accepts(chain, marker: str) -> bool:
     return any(marker in lines[k] for k in range(max(0, line - 5), min(len(lines), line)))
 
 
+def chain_marked(chain, marker: str) -> bool:
+    """Whether any fastloss location of the chain (the instruction's own line or a call site it was inlined at)
+    carries `marker` on that line or one of the four above: a marked call reaches everything inlined into it."""
+    for path, line in chain or ():
+        if "/csrc/" not in path:
+            continue
+        try:
+            with open(repo_file(path), encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        if any(marker in lines[k] for k in range(max(0, line - 5), min(len(lines), line))):
+            return True
+    return False
+
+
 def declaration_accepts(chain, marker: str) -> bool:
     """Whether the comment block right above a kernel's declaration (the lines up from its first source line to the
     previous blank line, at most 12) carries `marker`."""
@@ -319,18 +351,20 @@ def analyse(k: Kernel, ins: list[Instr]) -> None:
              and i.target <= i.addr]  # type: ignore[attr-defined]
     hot: set[tuple[int, int]] = set()
     for i in ins:
-        if not i.op.startswith(("LDG", "STG")) or source_accepts(i.src, COLD):
+        if not i.op.startswith(("LDG", "STG")) or source_accepts(i.src, COLD) or chain_marked(i.src, COLD_CALL):
             continue
         w = access_width(i.op)
         if w < 16:
             (k.accepted if source_accepts(i.src, ACCEPTED) else k.narrow).append((i.op, w, i.src))
             continue
         around = [lp for lp in loops if lp[0] <= i.addr <= lp[1]]
-        if around:
+        if around and not chain_marked(i.src, RARE):  # a loop that only rare code runs is not a hot loop
             hot.add(min(around, key=lambda lp: lp[1] - lp[0]))
     for (s, e) in sorted(hot):
         body = [i for i in ins if s <= i.addr <= e and i.op != "NOP"]
-        lp = Loop(s, e, instrs=len(body), mufu=sum(1 for i in body if i.op.startswith("MUFU")))
+        counted = [i for i in body if not chain_marked(i.src, RARE)]
+        lp = Loop(s, e, instrs=len(counted), mufu=sum(1 for i in counted if i.op.startswith("MUFU")),
+                  rare=len(body) - len(counted))
         for i in body:
             if i.op.startswith(("LDG", "STG")):
                 w = access_width(i.op)
@@ -361,7 +395,7 @@ def ceilings(k: Kernel) -> dict:
     vec = [lp for lp in k.loops if lp.vector and lp.bytes]
     if not vec:
         return {"issue": None, "mufu": None, "latency": None, "ceiling": None, "bound": "no vector loop"}
-    issue = min(min(1.0, ISSUE_PER_CLK / (BYTES_PER_CLK * lp.instrs / lp.bytes)) for lp in vec)
+    issue = min(min(1.0, ISSUE_PER_CLK / (BYTES_PER_CLK * max(lp.instrs, 1) / lp.bytes)) for lp in vec)
     mufu = min(min(1.0, MUFU_PER_CLK / (BYTES_PER_CLK * lp.mufu / lp.bytes)) if lp.mufu else 1.0 for lp in vec)
     in_flight = min(lp.in_flight for lp in vec if lp.load_bytes) if any(lp.load_bytes for lp in vec) else None
     latency = min(1.0, in_flight * threads / NEEDED_IN_FLIGHT) if in_flight is not None else 1.0
@@ -480,8 +514,9 @@ def report(kernels: list[Kernel], commit: str) -> tuple[str, dict]:
             "kernel": k.name, "cubin": k.cubin, "dtype": k.dtype, "registers": k.regs, "stack": k.stack,
             "local": k.local, "spill_instructions": k.spill_ops, "shared": k.shared, "block": k.block,
             "blocks_per_sm": blocks, "threads_per_sm": threads,
-            "loops": [{"instructions": lp.instrs, "mufu": lp.mufu, "accesses": dict(lp.accesses),
-                       "load_bytes": lp.load_bytes, "store_bytes": lp.store_bytes, "in_flight": lp.in_flight,
+            "loops": [{"instructions": lp.instrs, "rare_instructions": lp.rare, "mufu": lp.mufu,
+                       "accesses": dict(lp.accesses), "load_bytes": lp.load_bytes, "store_bytes": lp.store_bytes,
+                       "in_flight": lp.in_flight,
                        "vector": lp.vector} for lp in k.loops],
             "instructions_per_byte": ipb, "instructions_per_element": ipb * eb if ipb and eb else None,
             **c, "problems": probs, "accepted": [f"{w}-byte {op[:3]} at {where(src)}" for op, w, src in k.accepted],
@@ -509,8 +544,9 @@ def report(kernels: list[Kernel], commit: str) -> tuple[str, dict]:
         f"{NEEDED_IN_FLIGHT / 1024:.1f} KiB in flight per SM needed at an assumed 700 ns latency). Columns: registers;",
         "stack / local bytes / LDL+STL instructions; launch-bounds block; resident threads per SM; global accesses in",
         "hot loops (op.width-in-bytes x count, summed over loops); SASS instructions per byte of global traffic and",
-        "per element of the input type in the worst hot loop; KiB in flight per SM; the issue, MUFU and latency",
-        "ceilings; the smallest of them, and which one it is.",
+        "per element of the input type in the worst hot loop (branches marked `fl-audit: rare` left out: the JSON",
+        "lists their instructions); KiB in flight per SM; the issue, MUFU and latency ceilings; the smallest of",
+        "them, and which one it is.",
         "",
         f"{len(js)} kernel instantiations, {n_bad} with problems.",
         "",
@@ -572,8 +608,8 @@ def main(argv=None) -> int:
         for k in kernels:
             print(short(k.name))
             for lp in k.loops:
-                print(f"  loop {lp.start:#x}-{lp.end:#x}: {lp.instrs} instr, {lp.mufu} MUFU, {dict(lp.accesses)}, "
-                      f"{lp.in_flight} B in flight/thread")
+                print(f"  loop {lp.start:#x}-{lp.end:#x}: {lp.instrs} instr (+{lp.rare} rare), {lp.mufu} MUFU, "
+                      f"{dict(lp.accesses)}, {lp.in_flight} B in flight/thread")
     bad = [(k["kernel"], p) for k in js["kernels"] for p in k["problems"]]
     for name, p in bad:
         print(f"audit_cuda: {short(name)}: {p}", file=sys.stderr)

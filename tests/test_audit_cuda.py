@@ -109,3 +109,18 @@ def test_local_memory_needs_a_reason(sources):
     (sources / "k.cu").write_text("\n// fl-audit: accepted -- why\nkernel(\n\n\n\n// fl-audit: cold -- row\n\nx\n")
     k.dtype = "c10::BFloat16"
     assert not any("local memory" in p for p in audit.problems(k))
+
+
+def test_rare_branches_leave_the_counts(sources):
+    # row.cuh:12 (the 2-byte load, the 4-byte store and the loop's branch) marked rare: out of the counts; the
+    # row.cuh:8 instructions still count. A marker at a call site reaches everything inlined there.
+    lines = (sources / "row.cuh").read_text().splitlines()
+    lines[9] = "// fl-audit: rare -- seldom"  # line 10: within four lines above line 12
+    (sources / "row.cuh").write_text("\n".join(lines) + "\n")
+    lp = kernel().loops[0]
+    assert (lp.instrs, lp.rare) == (4, 3)
+    assert dict(lp.accesses) == {"LDG 16": 2, "LDG 2": 1, "STG 4": 1}  # accesses are still the loop's
+    lines[9] = "x"
+    (sources / "row.cuh").write_text("\n".join(lines) + "\n")
+    (sources / "k.cu").write_text("\n// fl-audit: rare -- the whole call\n")  # above k.cu:4: every loop instruction
+    assert kernel().loops == []  # a loop only rare code runs is no hot loop
