@@ -81,7 +81,10 @@ void set_loss(CrossEntropyParams& p, c10::string_view loss, double param) {
   p.loss_param = param;
 }
 
-// Class weights as contiguous float32 on the logits' device, with their sum kept on the device.
+// Class weights as contiguous float32 (float64 for float64 logits) on the logits' device, with their sum kept on
+// the device: kWv = 16 / element-size copies in one buffer, copy j starting j elements past a 16-byte boundary
+// (the buffer is allocator-aligned; the stride is 1 more than a multiple of kWv), so that the CUDA kernels read
+// the weights of any row as aligned 16-byte vectors (csrc/cuda/row_reduce.cuh row_weights). One copy kernel.
 void prepare_weight(CrossEntropyInputs& in, const std::optional<at::Tensor>& weight) {
   if (!weight || !weight->defined()) return;
   const at::Tensor& w = *weight;
@@ -91,7 +94,14 @@ void prepare_weight(CrossEntropyInputs& in, const std::optional<at::Tensor>& wei
               in.logits.size(1), "], got ", w.sizes());
   TORCH_CHECK(w.device() == in.logits.device(), kOp, ": `weight` is on ", w.device(), " but `input` is on ",
               in.logits.device());
-  in.weight = w.to(weight_dtype(in.logits)).contiguous();
+  const at::ScalarType dt = weight_dtype(in.logits);
+  const int64_t C = w.size(0);
+  const int64_t kwv = 16 / static_cast<int64_t>(c10::elementSize(dt));
+  const int64_t stride = (C + kwv - 1) / kwv * kwv + kwv + 1;  // = 1 (mod kwv), room for C
+  at::Tensor buf = at::empty({kwv * stride}, w.options().dtype(dt));
+  buf.as_strided({kwv, C}, {stride, 1}).copy_(w.expand({kwv, C}));
+  in.weight = buf.as_strided({C}, {1});
+  in.weight_copy_stride = stride;
   in.weight_sum = in.weight.sum();
 }
 

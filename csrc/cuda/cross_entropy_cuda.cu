@@ -224,10 +224,13 @@ __device__ __forceinline__ S state_update(S s, const acc (&v)[M]) {
 template <bool kTwoPass, int kLoads, typename T, class Tx>
 __device__ __forceinline__ Partial<StateT<kTwoPass, acc_t<T>>, 1> index_pass(const T* x, int64_t n, int tid, int nt,
                                                                           const Tx& tx, bool smooth,
-                                                                          const acc_t<T>* w, acc_t<T> shift) {
+                                                                          const acc_t<T>* w_all, int64_t w_stride,
+                                                                          acc_t<T> shift) {
   using acc = acc_t<T>;
   constexpr int K = kVecOf<T>;
   auto r = partial_init<kTwoPass, 1, acc>();
+  const int64_t head = aligned_head(x, n);
+  const acc* w = row_weights(w_all, w_stride, head);
   auto f = [&](auto& v, const auto&, int64_t c0, int64_t cs) {
     constexpr int M = extent_of<decltype(v)>;
 #pragma unroll
@@ -236,10 +239,10 @@ __device__ __forceinline__ Partial<StateT<kTwoPass, acc_t<T>>, 1> index_pass(con
     if (smooth) {
       acc part = acc(0);
       if (w != nullptr) {
-        // fl-audit: accepted -- per-element scalar __ldg of the class weight (smoothing with weights); 16-byte
-        // weight loads (when w + c0 is aligned) are a pending fix
+        acc wv[M];
+        class_weights<K>(w, c0, cs, wv);
 #pragma unroll
-        for (int e = 0; e < M; ++e) part = fm::Ops<acc>::fma(v[e] - shift, __ldg(w + c0 + col_off<K>(e, cs)), part);
+        for (int e = 0; e < M; ++e) part = fm::Ops<acc>::fma(v[e] - shift, wv[e], part);
       } else {
 #pragma unroll
         for (int e = 0; e < M; ++e) part += v[e] - shift;
@@ -247,7 +250,7 @@ __device__ __forceinline__ Partial<StateT<kTwoPass, acc_t<T>>, 1> index_pass(con
       r.a += static_cast<double>(part);
     }
   };
-  row_pass<kLoads, false, false>(x, x, static_cast<T*>(nullptr), n, aligned_head(x, n), tid, nt, f);
+  row_pass<kLoads, false, false>(x, x, static_cast<T*>(nullptr), n, head, tid, nt, f);
   return r;
 }
 
@@ -277,23 +280,25 @@ __device__ __forceinline__ Partial<fm::OnlineState<acc_t<T>>, 1> sq_pass(const T
 template <bool kTwoPass, int kLoads, typename T, class Tx>
 __device__ __forceinline__ Partial<StateT<kTwoPass, acc_t<T>>, 2> prob_pass(const T* x, const T* y, int64_t n,
                                                                          int64_t head, int tid, int nt, const Tx& tx,
-                                                                         bool sums, const acc_t<T>* w, acc_t<T> keep,
-                                                                         acc_t<T> add, acc_t<T> shift) {
+                                                                         bool sums, const acc_t<T>* w_all,
+                                                                         int64_t w_stride, acc_t<T> keep, acc_t<T> add,
+                                                                         acc_t<T> shift) {
   using acc = acc_t<T>;
   constexpr int K = kVecOf<T>;
   auto r = partial_init<kTwoPass, 2, acc>();
+  const acc* w = row_weights(w_all, w_stride, head);
   auto f = [&](auto& v, const auto& yv, int64_t c0, int64_t cs) {
     constexpr int M = extent_of<decltype(v)>;
 #pragma unroll
     for (int e = 0; e < M; ++e) v[e] = tx(v[e]);
     if (sums) {  // first, so that the probabilities are dead before the state's update
       acc sy = acc(0), syx = acc(0);
+      acc wv[M];
+      if (w != nullptr) class_weights<K>(w, c0, cs, wv);
 #pragma unroll
       for (int e = 0; e < M; ++e) {
         acc t = fm::Ops<acc>::fma(yv[e], keep, add);
-        // fl-audit: accepted -- per-element scalar __ldg of the class weight (weighted rows); 16-byte weight
-        // loads (when w + c0 is aligned) are a pending fix
-        if (w != nullptr) t *= __ldg(w + c0 + col_off<K>(e, cs));
+        if (w != nullptr) t *= wv[e];
         sy += t;
         syx = fm::Ops<acc>::fma(t, v[e] - shift, syx);
       }
@@ -314,7 +319,8 @@ struct IndexArgs {
   const T* x;
   T* grad;  // ForwardGrad (may alias x) and Backward; null for Forward
   const int64_t* target;
-  const acc* w;      // class weights, or null
+  const acc* w;      // class weights (copy 0 of the op layer's shifted copies), or null
+  int64_t w_stride;  // elements between the copies (row_weights)
   const acc* w_sum;  // their sum (0-d, on the device), or null: W = C
   double* loss;      // Forward, ForwardGrad
   double* lse;
@@ -385,18 +391,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       const acc shift = sums ? row_shift(xr, tx) : acc(0);
       double sum_w_dx;
       if (a.alg == Algorithm::TwoPass) {
-        const auto r = group_allreduce(index_pass<true, kIndexLoads>(xr, n, lane, gsize, tx, sums, a.w, shift), gsize);
+        const auto r = group_allreduce(
+            index_pass<true, kIndexLoads>(xr, n, lane, gsize, tx, sums, a.w, a.w_stride, shift), gsize);
         sum_w_dx = r.a;
         const bool need = fm::exp_needs_fallback(r.s);
         st = fm::exp_to_online(r.s);
         if (group_any(need, gsize)) {
-          const auto o =
-              group_allreduce(index_pass<false, kIndexLoads>(xr, need ? n : 0, lane, gsize, tx, false, a.w, shift),
-                              gsize);
+          // fl-audit: rare -- the two-pass split's online fallback: rows with |x| > ~2.9e6, an inf or a NaN
+          const auto o = group_allreduce(
+              index_pass<false, kIndexLoads>(xr, need ? n : 0, lane, gsize, tx, false, a.w, a.w_stride, shift), gsize);
           if (need) st = o.s;
         }
       } else {
-        const auto r = group_allreduce(index_pass<false, kIndexLoads>(xr, n, lane, gsize, tx, sums, a.w, shift), gsize);
+        const auto r = group_allreduce(
+            index_pass<false, kIndexLoads>(xr, n, lane, gsize, tx, sums, a.w, a.w_stride, shift), gsize);
         sum_w_dx = r.a;
         st = r.s;
       }
@@ -484,22 +492,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       T* const target_out = gr + (active ? t : 0);
       if (active) {
         const bool vec = same_alignment(xr, gr);
+        const int64_t head = vec ? aligned_head(xr, C) : C;
         if (a.w != nullptr) {
           constexpr int K = kVecOf<T>;
-          const acc* w = a.w;
+          const acc* w = row_weights(a.w, a.w_stride, head);
           auto f = [&](auto& v, const auto&, int64_t c0, int64_t cs) {
             constexpr int M = extent_of<decltype(v)>;
+            acc wv[M];
+            class_weights<K>(w, c0, cs, wv);
 #pragma unroll
             for (int e = 0; e < M; ++e) {
               const acc xp = tx(v[e]);
-              // fl-audit: accepted -- per-element scalar __ldg of the class weight (weighted rows); 16-byte weight
-              // loads (when w + c0 is aligned) are a pending fix
-              const acc wv = __ldg(w + c0 + col_off<K>(e, cs));
               const acc p = fm::softmax_at(xp, m, inv_d);
-              v[e] = times_grad(tx, fm::Ops<acc>::fma(ka2 * p, p, ka * p) - kb * wv, xp);
+              v[e] = times_grad(tx, fm::Ops<acc>::fma(ka2 * p, p, ka * p) - kb * wv[e], xp);
             }
           };
-          row_pass<kIndexLoads, false, true>(xr, xr, gr, C, vec ? aligned_head(xr, C) : C, lane, gsize, f);
+          row_pass<kIndexLoads, false, true>(xr, xr, gr, C, head, lane, gsize, f);
         } else {
           auto f = [&](auto& v, const auto&, int64_t, int64_t) {
             constexpr int M = extent_of<decltype(v)>;
@@ -510,7 +518,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
               v[e] = times_grad(tx, fm::Ops<acc>::fma(ka2 * p, p, ka * p) - kb, xp);
             }
           };
-          row_pass<kIndexLoads, false, true>(xr, xr, gr, C, vec ? aligned_head(xr, C) : C, lane, gsize, f);
+          row_pass<kIndexLoads, false, true>(xr, xr, gr, C, head, lane, gsize, f);
         }
       } else if (valid) {
         segment_fill(gr, C, static_cast<T>(ignored ? 0.0 : kNaN), lane, gsize);
@@ -530,7 +538,8 @@ struct ProbArgs {
   const T* x;
   const T* y;
   T* grad;  // backward
-  const acc* w;
+  const acc* w;       // class weights (copy 0 of the op layer's shifted copies), or null
+  int64_t w_stride;   // elements between the copies (row_weights)
   double* loss;  // forward
   double* lse;
   double* sum_wy;
@@ -545,8 +554,11 @@ struct ProbArgs {
   int gshift;
 };
 
+// 3 blocks per SM (80 registers), as kBoth: with class weights the probability forward holds three streams' values
+// (logits, probabilities, weights) and spilled at 64; 768 threads x 2 streams x 16 bytes = 24 KB in flight per SM
+// still covers the latency (bench/audit_cuda.py).
 template <typename T, class Tx>
-__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx>)
+__global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, true>)
     ce_prob_forward_kernel(const ProbArgs<T> a, const Tx tx) {
   using acc = acc_t<T>;
   const int gsize = 1 << a.gshift;
@@ -569,21 +581,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx>)
     double sy, syx;
     if (a.alg == Algorithm::TwoPass) {
       const auto r = group_allreduce(
-          prob_pass<true, kProbLoads>(xr, yr, n, head, lane, gsize, tx, true, a.w, keep, add, shift), gsize);
+          prob_pass<true, kProbLoads>(xr, yr, n, head, lane, gsize, tx, true, a.w, a.w_stride, keep, add, shift), gsize);
       sy = r.a;
       syx = r.b;
       const bool need = fm::exp_needs_fallback(r.s);
       st = fm::exp_to_online(r.s);
       if (group_any(need, gsize)) {
         const int64_t nf = need ? n : 0;
-        const auto o = group_allreduce(
-            prob_pass<false, kProbLoads>(xr, yr, nf, need ? head : 0, lane, gsize, tx, false, a.w, keep, add, shift),
-            gsize);
+        // fl-audit: rare -- the two-pass split's online fallback: rows with |x| > ~2.9e6, an inf or a NaN
+        const auto o = group_allreduce(prob_pass<false, kProbLoads>(xr, yr, nf, need ? head : 0, lane, gsize, tx, false,
+                                                                    a.w, a.w_stride, keep, add, shift),
+                                       gsize);
         if (need) st = o.s;
       }
     } else {
       const auto r = group_allreduce(
-          prob_pass<false, kProbLoads>(xr, yr, n, head, lane, gsize, tx, true, a.w, keep, add, shift), gsize);
+          prob_pass<false, kProbLoads>(xr, yr, n, head, lane, gsize, tx, true, a.w, a.w_stride, keep, add, shift), gsize);
       sy = r.a;
       syx = r.b;
       st = r.s;
@@ -625,17 +638,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx>)
     T* gr = a.grad + row * C;
     const int64_t head = same_alignment(xr, yr) && same_alignment(xr, gr) ? aligned_head(xr, C) : C;
     if (a.w != nullptr) {
-      const acc* w = a.w;
+      const acc* w = row_weights(a.w, a.w_stride, head);
       auto f = [&](auto& v, const auto& yv, int64_t c0, int64_t cs) {
         constexpr int M = extent_of<decltype(v)>;
+        acc wv[M];
+        class_weights<K>(w, c0, cs, wv);
 #pragma unroll
         for (int e = 0; e < M; ++e) {
           const acc xp = tx(v[e]);
           const acc yp = yv[e] * keep + add;
-          // fl-audit: accepted -- per-element scalar __ldg of the class weight (weighted rows); 16-byte weight
-          // loads (when w + c0 is aligned) are a pending fix
-          const acc wv = __ldg(w + c0 + col_off<K>(e, cs));
-          v[e] = times_grad(tx, ca * fm::softmax_at(xp, m, inv_d) - g * wv * yp, xp);
+          v[e] = times_grad(tx, ca * fm::softmax_at(xp, m, inv_d) - g * wv[e] * yp, xp);
         }
       };
       row_pass<kProbLoads, true, true>(xr, yr, gr, C, head, lane, gsize, f);
@@ -719,6 +731,8 @@ IndexArgs<scalar_t> index_args(const CrossEntropyInputs& in, const CrossEntropyP
   a.x = in.logits.const_data_ptr<scalar_t>();
   a.target = in.target.const_data_ptr<int64_t>();
   a.w = weight_ptr<scalar_t>(in);
+  a.w_stride = in.weight_copy_stride;
+  TORCH_INTERNAL_ASSERT(a.w == nullptr || a.w_stride > 0, "fastloss: class weights without their shifted copies");
   a.w_sum = weight_sum_ptr<scalar_t>(in);
   a.N = in.logits.size(0);
   a.C = in.logits.size(1);
@@ -790,6 +804,8 @@ ProbArgs<scalar_t> prob_args(const CrossEntropyInputs& in, const CrossEntropyPar
   a.x = in.logits.const_data_ptr<scalar_t>();
   a.y = in.target.const_data_ptr<scalar_t>();
   a.w = weight_ptr<scalar_t>(in);
+  a.w_stride = in.weight_copy_stride;
+  TORCH_INTERNAL_ASSERT(a.w == nullptr || a.w_stride > 0, "fastloss: class weights without their shifted copies");
   a.N = in.logits.size(0);
   a.C = in.logits.size(1);
   a.keep = static_cast<acc_t<scalar_t>>(1.0 - p.label_smoothing);

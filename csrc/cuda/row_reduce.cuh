@@ -293,7 +293,7 @@ __device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t
         if constexpr (kTwo) unpack(xb[c + u], vb + u * K);
       }
       const int64_t ic = i + static_cast<int64_t>(c) * nt;
-      if constexpr (kTwo) f(va, vb, head + ic * K, cs);  // fl-audit: accepted -- the callback's class weights
+      if constexpr (kTwo) f(va, vb, head + ic * K, cs);
       else f(va, va, head + ic * K, cs);
       if constexpr (kStore) {
 #pragma unroll
@@ -311,14 +311,48 @@ __device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t
     if constexpr (kTwo) {
       const P xb = pb[i];  // fl-audit: cold -- the remainder
       unpack(xb, vb);
-      f(va, vb, head + i * K, cs);
-    } else {
-      f(va, va, head + i * K, cs);
     }
+    // fl-audit: cold-call -- the remainder: the callback's own loads (class weights) as cold as the row's here
+    if constexpr (kTwo) f(va, vb, head + i * K, cs);
+    else f(va, va, head + i * K, cs);
     if constexpr (kStore) po[i] = pack(va);  // fl-audit: cold -- the remainder
   }
 #pragma unroll 1
   for (int64_t j = head + nvec * K + tid; j < n; j += nt) scalar(j);
+}
+
+// Class weights for a row whose 16-byte body starts at column `head`: of the 16 / sizeof(W) copies the op layer
+// keeps (csrc/cross_entropy_ops.cpp prepare_weight; copy j starts j elements past a 16-byte boundary, `stride`
+// elements after copy j - 1), the one in which column `head` sits on a 16-byte boundary. Null stays null.
+template <typename W>
+__device__ __forceinline__ const W* row_weights(const W* w, int64_t stride, int64_t head) {
+  constexpr int kWv = kVecBytes / static_cast<int>(sizeof(W));
+  if (w == nullptr) return w;
+  return w + ((kWv - head % kWv) % kWv) * stride;
+}
+
+// Class weights of a row_pass callback's elements: wv[e] = w[c0 + col_off<K>(e, cs)] (M = 1 for head and tail
+// elements, else whole groups of K consecutive columns), w from row_weights for the row's head, so that every
+// group starts on a 16-byte boundary and is read as K * sizeof(W) / 16 vectors.
+template <int K, typename W, int M>
+__device__ __forceinline__ void class_weights(const W* __restrict__ w, int64_t c0, int64_t cs, W (&wv)[M]) {
+  if constexpr (M == 1) {
+    wv[0] = __ldg(w + c0);  // fl-audit: cold -- a head or tail element's weight: under one vector per row
+  } else {
+    constexpr int kWv = kVecBytes / static_cast<int>(sizeof(W));  // 4 float, 2 double
+    static_assert(K % kWv == 0 && M % K == 0);
+    using PW = Pack<W, kWv>;
+#pragma unroll
+    for (int u = 0; u < M / K; ++u) {
+      const PW* q = reinterpret_cast<const PW*>(w + c0 + static_cast<int64_t>(u) * cs);
+#pragma unroll
+      for (int g = 0; g < K / kWv; ++g) {
+        const PW x = q[g];
+#pragma unroll
+        for (int k = 0; k < kWv; ++k) wv[u * K + g * kWv + k] = x.v[k];
+      }
+    }
+  }
 }
 
 template <typename V>

@@ -29,6 +29,10 @@ struct CrossEntropyInputs {
   at::Tensor target;      // [N] int64, or [N, C] probabilities
   at::Tensor weight;      // [C] float32 (float64 for float64 logits), or undefined
   at::Tensor weight_sum;  // 0-d sum of weight, same dtype, or undefined
+  // `weight` is copy 0 of 16 / sizeof(weight element) copies in one buffer, copy j starting j elements past a
+  // 16-byte boundary and weight_copy_stride elements after copy j - 1: every row finds one whose 16-byte vectors
+  // line up with its own (csrc/cuda/row_reduce.cuh row_weights). 0 when weight is undefined.
+  int64_t weight_copy_stride = 0;
   at::Tensor sum_sq;      // squentropy: [N] float64 sum_c p_c^2, written by index_forward / read by index_backward
                           // when defined (undefined: the backward recomputes it with a pass over the row)
 };
