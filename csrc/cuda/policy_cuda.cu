@@ -200,10 +200,11 @@ struct DistillArgs {
   double* stats;      // [N, kDistillStats]: written by the forward, read by the backward
   const double* scale;  // ForwardGrad: grad_scale; Backward: grad_loss
   T* grad;
+  // target != nullptr, and with a hard term (hard_weight != 0): kernel parameters, which ptxas re-reads where it
+  // had kept the tests' predicates in local memory across the assertion's call (4 bytes per thread).
+  bool has_target, hard;
 };
 
-// fl-audit: accepted -- sm_90: in a few instantiations (bf16 / half reverse KL, float JSD forward + gradient) ptxas
-// keeps one 4-byte value in local memory across a row (one STL + one LDL per row, outside the element loops)
 template <typename T, int kDiv, Mode kMode>
 __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> a) {
   using acc = acc_t<T>;
@@ -217,12 +218,12 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
     const T* t = a.t + row * V;
     double* st = a.stats + row * kDistillStats;
     // fl-audit: cold -- the row's target, one load per thread per row
-    const int64_t target = a.target != nullptr ? a.target[row] : -1;
-    const bool masked = a.target != nullptr && target == a.ignore_index;
-    if (a.target != nullptr && !masked && tid == 0) {
+    const int64_t target = a.has_target ? a.target[row] : -1;
+    const bool masked = a.has_target && target == a.ignore_index;
+    if (a.has_target && !masked && tid == 0) {
       CUDA_KERNEL_ASSERT(target >= 0 && target < V);
     }
-    const bool bad = a.target != nullptr && !masked && !(target >= 0 && target < V);
+    const bool bad = a.has_target && !masked && !(target >= 0 && target < V);
     if (masked || bad) {  // uniform over the block
       const double fill = bad ? std::numeric_limits<double>::quiet_NaN() : 0.0;
       if (tid == 0 && kMode != Mode::Backward) {
@@ -236,7 +237,7 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
       }
       continue;
     }
-    const bool hard = a.hard_weight != 0.0 && a.target != nullptr;
+    const bool hard = a.hard;
 
     if constexpr (kMode != Mode::Backward) {
       fm::WState<acc> wa = fm::w_init<acc>();
@@ -399,7 +400,9 @@ void launch_distill(const at::Tensor& student, const at::Tensor& teacher, const 
         loss.defined() ? loss.mutable_data_ptr<double>() : nullptr,
         const_cast<double*>(stats.const_data_ptr<double>()),
         scale.defined() ? scale.const_data_ptr<double>() : nullptr,
-        grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr};
+        grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr,
+        target.defined(),
+        p.hard_weight != 0.0 && target.defined()};
     const unsigned grid = row_grid(student.size(0));
     if (p.divergence == fm::kForwardKL) {
       launch_kernel<&distill_kernel<scalar_t, fm::kForwardKL, kMode>>(grid, kThreads, 0, stream, args);
