@@ -34,6 +34,11 @@ inlined there:
 
     // fl-audit: cold-call -- <why>
 
+A hot load whose bytes come from L2 rather than HBM (a [C] vector of class weights that every row re-reads) counts
+as an access and as instructions, but not as HBM traffic nor as bytes in flight against HBM latency:
+
+    // fl-audit: l2 -- <why>
+
 Cold accesses are left out of the hot loops and of the checks. A narrow access that is on the hot path and not fixed
 yet says so the same way, and is counted in the table as accepted:
 
@@ -88,6 +93,7 @@ ELEMENT_BYTES = {"double": 8, "float": 4, "c10::Half": 2, "c10::BFloat16": 2}
 ACCEPTED = "fl-audit: accepted"
 RARE = "fl-audit: rare"
 COLD_CALL = "fl-audit: cold-call"
+L2 = "fl-audit: l2"
 COLD = "fl-audit: cold"
 
 
@@ -152,6 +158,7 @@ class Loop:
     accesses: Counter = field(default_factory=Counter)  # "LDG 16" -> count
     load_bytes: int = 0
     store_bytes: int = 0
+    l2_bytes: int = 0  # loads marked l2: not HBM traffic
     in_flight: int = 0  # most load bytes issued and not yet used, per thread
 
     @property
@@ -249,9 +256,9 @@ def regs_of(operand_text: str) -> set[int]:
     return {int(r) for r in re.findall(r"\bR(\d+)\b", operand_text)}
 
 
-def in_flight_bytes(body: list[Instr]) -> int:
+def in_flight_bytes(body: list[Instr], l2: frozenset = frozenset()) -> int:
     """Most global-load bytes one thread has issued and not yet used, over two passes of the loop body (so loads
-    issued at the bottom for the next iteration count)."""
+    issued at the bottom for the next iteration count); loads at the addresses in `l2` (served by L2) left out."""
     pending: list[tuple[set[int], int]] = []
     best = 0
     for it in range(2):
@@ -269,7 +276,7 @@ def in_flight_bytes(body: list[Instr]) -> int:
                 dest = {min(dest) + k for k in range(max(1, w // 4))}
             if dest:  # a load whose registers are overwritten before use is dead, no longer in flight
                 pending = [(regs, b) for regs, b in pending if not (regs & dest)]
-            if ins.op.startswith("LDG"):
+            if ins.op.startswith("LDG") and ins.addr not in l2:
                 pending.append((dest or {-1}, w))
             if it == 1:
                 best = max(best, sum(w for _, w in pending))
@@ -365,16 +372,20 @@ def analyse(k: Kernel, ins: list[Instr]) -> None:
         counted = [i for i in body if not chain_marked(i.src, RARE)]
         lp = Loop(s, e, instrs=len(counted), mufu=sum(1 for i in counted if i.op.startswith("MUFU")),
                   rare=len(body) - len(counted))
+        l2 = set()
         for i in body:
             if i.op.startswith(("LDG", "STG")):
                 w = access_width(i.op)
                 kind = i.op[:3]
                 lp.accesses[f"{kind} {w}"] += 1
-                if kind == "LDG":
+                if kind == "LDG" and source_accepts(i.src, L2):
+                    lp.l2_bytes += w
+                    l2.add(i.addr)
+                elif kind == "LDG":
                     lp.load_bytes += w
                 else:
                     lp.store_bytes += w
-        lp.in_flight = in_flight_bytes(body)
+        lp.in_flight = in_flight_bytes(body, frozenset(l2))
         k.loops.append(lp)
 
 
@@ -516,7 +527,7 @@ def report(kernels: list[Kernel], commit: str) -> tuple[str, dict]:
             "blocks_per_sm": blocks, "threads_per_sm": threads,
             "loops": [{"instructions": lp.instrs, "rare_instructions": lp.rare, "mufu": lp.mufu,
                        "accesses": dict(lp.accesses), "load_bytes": lp.load_bytes, "store_bytes": lp.store_bytes,
-                       "in_flight": lp.in_flight,
+                       "l2_load_bytes": lp.l2_bytes, "in_flight": lp.in_flight,
                        "vector": lp.vector} for lp in k.loops],
             "instructions_per_byte": ipb, "instructions_per_element": ipb * eb if ipb and eb else None,
             **c, "problems": probs, "accepted": [f"{w}-byte {op[:3]} at {where(src)}" for op, w, src in k.accepted],

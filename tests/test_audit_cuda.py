@@ -124,3 +124,14 @@ def test_rare_branches_leave_the_counts(sources):
     (sources / "row.cuh").write_text("\n".join(lines) + "\n")
     (sources / "k.cu").write_text("\n// fl-audit: rare -- the whole call\n")  # above k.cu:4: every loop instruction
     assert kernel().loops == []  # a loop only rare code runs is no hot loop
+
+
+def test_l2_loads_are_not_hbm_traffic(sources):
+    # The two 16-byte loads (row.cuh:8) marked as L2 reads: still accesses, no longer HBM bytes nor in flight.
+    lines = (sources / "row.cuh").read_text().splitlines()
+    lines[4] = "// fl-audit: l2 -- a [C] vector every row re-reads"  # line 5: within four lines above line 8
+    (sources / "row.cuh").write_text("\n".join(lines) + "\n")
+    lp = kernel().loops[0]
+    assert dict(lp.accesses) == {"LDG 16": 2, "LDG 2": 1, "STG 4": 1}
+    assert (lp.load_bytes, lp.l2_bytes, lp.store_bytes) == (2, 32, 4)
+    assert lp.in_flight == 2  # only the 2-byte load, until the store reads it

@@ -347,6 +347,7 @@ __device__ __forceinline__ void class_weights(const W* __restrict__ w, int64_t c
       const PW* q = reinterpret_cast<const PW*>(w + c0 + static_cast<int64_t>(u) * cs);
 #pragma unroll
       for (int g = 0; g < K / kWv; ++g) {
+        // fl-audit: l2 -- the [C] class weights, re-read by every row: L2 traffic, not HBM
         const PW x = q[g];
 #pragma unroll
         for (int k = 0; k < kWv; ++k) wv[u * K + g * kWv + k] = x.v[k];
