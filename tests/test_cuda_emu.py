@@ -114,7 +114,7 @@ SELECTION = [
      {"softmax_topk_kernel<c10::Half>"}),
     ("softmax_topk k=128", lambda: fastloss.softmax_topk(_x(2, 300), 128), {"softmax_topk_kernel<float>"}),
     ("cross_entropy", lambda: fastloss.cross_entropy(_x(6, 13), torch.arange(6) % 13),
-     {"ce_index_kernel<float, Identity, Mode::Forward>"}),
+     {"ce_index_kernel<float, Identity, Mode::Forward, false>"}),
     ("token_logprobs", lambda: fastloss.token_logprobs(_x(3, 300), torch.arange(3)),
      {"logprob_forward_kernel<float, false>"}),
     ("token_logprobs entropy", lambda: fastloss.token_logprobs(_x(3, 300), torch.arange(3), return_entropy=True),

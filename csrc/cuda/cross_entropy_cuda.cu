@@ -21,8 +21,9 @@
 //  * scale_rows_kernel: x[r, :] *= scale[r]; rows (or the whole launch, for one shared scale) whose scale is
 //    exactly 1 return at once.
 //
-// Every kernel is a template over the logits' dtype and the transform (identity or softcap); smoothing, weights,
-// z-loss and the algorithm are uniform runtime branches. All launches go to the current stream; nothing
+// Every kernel is a template over the logits' dtype and the transform (identity or softcap), those that reduce
+// rows also over the algorithm (online or two-pass: each instantiation holds one algorithm's loops); smoothing,
+// weights and z-loss are uniform runtime branches. All launches go to the current stream; nothing
 // synchronises the host (the class-weight sum is read through its pointer on the device); indices are int64_t.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -337,7 +338,6 @@ struct IndexArgs {
   acc inv_cm1_a;
   double* sq_out;           // squentropy: sum_c p_c^2 per row, written by the forward (or null)
   const double* sq_in;      // ... read by the backward (null: recomputed with a pass over the row)
-  Algorithm alg;
   int gshift;
 };
 
@@ -352,7 +352,7 @@ __device__ __forceinline__ double class_weight_sum(const IndexArgs<T>& a) {
 // Backward: grad[r, :] = grad_loss[r] * dloss_r / dx + grad_lse[r] * softmax, from the saved lse.
 // Ignored rows: loss = lse = 0 and a zero gradient row. A target outside [0, C) that is not ignore_index fails
 // CUDA_KERNEL_ASSERT (like nll_loss); were device asserts compiled out, the row is never read and reports NaN.
-template <typename T, class Tx, Mode kMode>
+template <typename T, class Tx, Mode kMode, bool kTwoPass>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::ForwardGrad>)
     ce_index_kernel(const IndexArgs<T> a, const Tx tx) {
   using acc = acc_t<T>;
@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       const bool sums = smooth && active;
       const acc shift = sums ? row_shift(xr, tx) : acc(0);
       double sum_w_dx;
-      if (a.alg == Algorithm::TwoPass) {
+      if constexpr (kTwoPass) {
         const auto r = group_allreduce(
             index_pass<true, kIndexLoads>(xr, n, lane, gsize, tx, sums, a.w, a.w_stride, shift), gsize);
         sum_w_dx = r.a;
@@ -550,14 +550,13 @@ struct ProbArgs {
   int64_t N, C;
   double z;
   acc keep, add;  // y' = keep * y + add
-  Algorithm alg;
   int gshift;
 };
 
 // 3 blocks per SM (80 registers), as kBoth: with class weights the probability forward holds three streams' values
 // (logits, probabilities, weights) and spilled at 64; 768 threads x 2 streams x 16 bytes = 24 KB in flight per SM
 // still covers the latency (bench/audit_cuda.py).
-template <typename T, class Tx>
+template <typename T, class Tx, bool kTwoPass>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, true>)
     ce_prob_forward_kernel(const ProbArgs<T> a, const Tx tx) {
   using acc = acc_t<T>;
@@ -579,7 +578,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, true>)
     const acc shift = valid ? row_shift(xr, tx) : acc(0);
     fm::OnlineState<acc> st;
     double sy, syx;
-    if (a.alg == Algorithm::TwoPass) {
+    if constexpr (kTwoPass) {
       const auto r = group_allreduce(
           prob_pass<true, kProbLoads>(xr, yr, n, head, lane, gsize, tx, true, a.w, a.w_stride, keep, add, shift), gsize);
       sy = r.a;
@@ -715,13 +714,28 @@ const acc_t<scalar_t>* weight_sum_ptr(const CrossEntropyInputs& in) {
   return in.weight_sum.defined() ? in.weight_sum.const_data_ptr<acc_t<scalar_t>>() : nullptr;
 }
 
+// f(integral_constant<bool, two-pass>): the algorithm is a template parameter of the kernels that reduce rows, so
+// that each instantiation holds one algorithm's loops (registers, and the audit's per-kernel ceilings).
+template <typename F>
+void with_algorithm(const CrossEntropyParams& p, F&& f) {
+  if (p.algorithm == Algorithm::TwoPass) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 template <Mode kMode, typename scalar_t>
 void launch_index(IndexArgs<scalar_t> args, const CrossEntropyParams& p) {
   args.gshift = group_shift<scalar_t>(args.C, kIndexLoads);
   const unsigned blocks = row_blocks(args.N, args.gshift);
   const Stream stream = current_stream();
   with_transform<scalar_t>(p, [&](auto tx) {
-    launch_kernel<&ce_index_kernel<scalar_t, decltype(tx), kMode>>(blocks, kThreads, 0, stream, args, tx);
+    if constexpr (kMode == Mode::Backward) {  // no reduction of the logits: from the saved lse
+      launch_kernel<&ce_index_kernel<scalar_t, decltype(tx), kMode, false>>(blocks, kThreads, 0, stream, args, tx);
+    } else {
+      with_algorithm(p, [&](auto two) {
+        launch_kernel<&ce_index_kernel<scalar_t, decltype(tx), kMode, decltype(two)::value>>(blocks, kThreads, 0,
+                                                                                            stream, args, tx);
+      });
+    }
   });
 }
 
@@ -749,7 +763,6 @@ IndexArgs<scalar_t> index_args(const CrossEntropyInputs& in, const CrossEntropyP
   a.inv_cm1_a = static_cast<acc_t<scalar_t>>(a.inv_cm1);
   a.sq_out = nullptr;
   a.sq_in = nullptr;
-  a.alg = p.algorithm;
   return a;
 }
 
@@ -811,7 +824,6 @@ ProbArgs<scalar_t> prob_args(const CrossEntropyInputs& in, const CrossEntropyPar
   a.keep = static_cast<acc_t<scalar_t>>(1.0 - p.label_smoothing);
   a.add = static_cast<acc_t<scalar_t>>(p.label_smoothing / static_cast<double>(a.C));
   a.z = p.z_loss;
-  a.alg = p.algorithm;
   a.gshift = group_shift<scalar_t>(a.C, kProbLoads);
   return a;
 }
@@ -830,7 +842,10 @@ void ce_prob_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, 
     const unsigned blocks = row_blocks(N, a.gshift);
     const Stream stream = current_stream();
     with_transform<scalar_t>(p, [&](auto tx) {
-      launch_kernel<&ce_prob_forward_kernel<scalar_t, decltype(tx)>>(blocks, kThreads, 0, stream, a, tx);
+      with_algorithm(p, [&](auto two) {
+        launch_kernel<&ce_prob_forward_kernel<scalar_t, decltype(tx), decltype(two)::value>>(blocks, kThreads, 0,
+                                                                                            stream, a, tx);
+      });
     });
   });
 }
