@@ -44,6 +44,28 @@ def test_long_rows_and_other_dims(alg, device):
     assert rel_err(vals.double(), ev) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_winners_gathered_in_one_threads_columns(dtype, device):
+    # The CUDA kernel's threads each keep their best 8 in registers; a thread that gives more of the k winners
+    # rescans its share of the row. Here the largest logits (tied in fives) sit in the columns of one thread of the
+    # 256 (every 256th 16-byte vector from the row's first 16-byte boundary): that thread gives 78 of k = 128 in
+    # float32. Elsewhere (CPU kernels) just another row.
+    V, k = 20011, 128
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, V, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
+    vec = 16 // x.element_size()
+    for r in range(2):
+        mis = (x.data_ptr() + r * V * x.element_size()) % 16
+        head = 0 if mis == 0 else (16 - mis) // x.element_size()
+        cols = torch.arange(head, V - vec + 1, device=device)
+        cols = cols[((cols - head) // vec) % 256 == 0]
+        x[r, cols] = (100 + (cols * 7 + r) % 5).to(dtype)
+    vals, idx = fastloss.softmax_topk(x, k)
+    ev, ei = _expected(x, k, -1)
+    assert torch.equal(idx.cpu(), ei.cpu())
+    assert rel_err(vals.double(), ev) <= TOL[dtype]
+
+
 def test_ties_smaller_index_first(device):
     x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]], device=device)
     vals, idx = fastloss.softmax_topk(x, 4)
