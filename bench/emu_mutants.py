@@ -70,9 +70,9 @@ MUTANTS = {
     ),
     "warp-path-tail-off-by-one": (
         "csrc/cuda/softmax_cuda.cu",
-        "      v[i] = (valid && col < V) ? static_cast<acc>(x[base + col]) : -fm::Limits<acc>::inf;",
-        "      v[i] = (valid && col < V - 1) ? static_cast<acc>(x[base + col]) : -fm::Limits<acc>::inf;",
-        "warp_forward_kernel: the last element of each row read as padding",
+        "      if (e < row.extras) v[kItems + x] = static_cast<acc>(p[row.extra_col(e)]);",
+        "      if (e + 1 < row.extras) v[kItems + x] = static_cast<acc>(p[row.extra_col(e)]);",
+        "warp_load: a row's last head / tail element read as padding",
     ),
     "ce-group-reduce-no-barrier": (
         "csrc/cuda/cross_entropy_cuda.cu",
@@ -80,11 +80,11 @@ MUTANTS = {
         "  if (lane == 0) part[warp] = s;\n",
         "cross-entropy group_allreduce: the barrier between writing and reading the per-warp slots removed",
     ),
-    "topk-slot-by-lane": (
+    "topk-no-rescan": (
         "csrc/cuda/softmax_topk_kernel.cuh",
-        "if (lane == 0) slots[warp] = c;",
-        "if (lane == 0) slots[lane] = c;",
-        "softmax_topk block arg-best: the per-warp slot indexed by the lane instead of the warp",
+        "if (list.empty() && more && q + 1 < k) {",
+        "if (false) {",
+        "softmax_topk: a thread that gives more than its 8 listed winners never rescans its share",
     ),
     # For the sanitizer run (--sanitize): defects that leave the results right on x86 but touch memory they must not.
     "row-tail-writes-past-the-end": (

@@ -57,13 +57,13 @@ def reset_traffic() -> None:
 
 
 def kernel_of(instantiation: str) -> str:
-    """``warp_forward_kernel<float, 8, 1>`` -> ``warp_forward_kernel``."""
+    """``warp_forward_kernel<float, 2, 4>`` -> ``warp_forward_kernel``."""
     return re.split(r"<", instantiation, maxsplit=1)[0]
 
 
 def report(instantiations: bool = False) -> tuple[str, list[str]]:
     """The summary line (``cuda-emu: N of M kernels launched ...``) and what never launched: the kernels, or with
-    ``instantiations`` every compiled instantiation (``warp_forward_kernel<float, 8, 1>``)."""
+    ``instantiations`` every compiled instantiation (``warp_forward_kernel<float, 2, 4>``)."""
     counts = launch_counts()
     kernels: dict[str, int] = {}
     for inst, n in counts.items():
