@@ -84,12 +84,13 @@ struct Softcap {
 
 // Blocks per SM the register budget must allow (ptxas caps registers at 65536 / (kThreads * blocks)): 4 (64
 // registers) for the plain kernels; 3 (80) with the softcap, whose tanh per element needs a few more registers
-// and makes the kernel more compute-heavy anyway, and for the in-place forward (kBoth: a reduction and a row write
-// in one kernel), which sits right at 64; float64 rows run libm's double exp / log / tanh per element:
+// and makes the kernel more compute-heavy anyway, and for kernels with more live values (kHeavy: the in-place
+// forward, a reduction and a row write in one kernel, which sits right at 64; the probability forward, whose
+// weighted rows hold three streams' values); float64 rows run libm's double exp / log / tanh per element:
 // register-hungry and off the LLM path, so they get the whole register file (one block) rather than spill.
-template <typename T, class Tx, bool kBoth = false>
+template <typename T, class Tx, bool kHeavy = false>
 constexpr int kMinBlocksOf =
-    std::is_same_v<T, double> ? 1 : (std::is_same_v<Tx, Identity> && !kBoth ? kMinBlocks : 3);
+    std::is_same_v<T, double> ? 1 : (std::is_same_v<Tx, Identity> && !kHeavy ? kMinBlocks : 3);
 
 // g * dx'/dx (the identity's factor is 1: no multiply).
 template <typename acc>
@@ -553,7 +554,7 @@ struct ProbArgs {
   int gshift;
 };
 
-// 3 blocks per SM (80 registers), as kBoth: with class weights the probability forward holds three streams' values
+// 3 blocks per SM (80 registers, kHeavy): with class weights the probability forward holds three streams' values
 // (logits, probabilities, weights) and spilled at 64; 768 threads x 2 streams x 16 bytes = 24 KB in flight per SM
 // still covers the latency (bench/audit_cuda.py).
 template <typename T, class Tx, bool kTwoPass>

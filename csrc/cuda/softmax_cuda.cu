@@ -235,15 +235,10 @@ template <int kLanes, int kItems, typename T>
 struct WarpRow {
   static constexpr int kW = kVecOf<T>;
   static constexpr int kExtra = kExtraOf<kLanes, kItems, T>;
-  int64_t h = 0, nb = 0, extras = 0;  // head length, body packs, head + tail elements
+  int64_t h, nb, extras;  // head length, body packs, head + tail elements
 
-  __device__ __forceinline__ WarpRow(const T* row, int64_t V, bool packed) {
-    if (packed) {
-      h = aligned_head(row, V);
-      nb = (V - h) / kW;
-      extras = V - nb * kW;
-    }
-  }
+  __device__ __forceinline__ WarpRow(const T* row, int64_t V)
+      : h(aligned_head(row, V)), nb((V - h) / kW), extras(V - nb * kW) {}
   // Column of extra e (< extras): the head's, then the tail's.
   __device__ __forceinline__ int64_t extra_col(int64_t e) const { return e < h ? e : e + nb * kW; }
 };
@@ -261,7 +256,7 @@ __device__ __forceinline__ void warp_load(const T* __restrict__ p, int64_t V, bo
   for (int i = 0; i < M; ++i) v[i] = pad;
   if (!valid) return;
   if (packed) {
-    const R row(p, V, true);
+    const R row(p, V);
     const P* body = reinterpret_cast<const P*>(p + row.h);
 #pragma unroll
     for (int j = 0; j < kItems / kW; ++j) {
@@ -296,7 +291,7 @@ __device__ __forceinline__ void warp_store(T* __restrict__ out, int64_t V, int l
   using P = Pack<T, kW>;
   FL_ROW_TRAFFIC(lane, 0, V * sizeof(T));
   if (packed) {
-    const R row(out, V, true);
+    const R row(out, V);
     P* body = reinterpret_cast<P*>(out + row.h);
 #pragma unroll
     for (int j = 0; j < kItems / kW; ++j) {
