@@ -6,7 +6,8 @@
 # BUILD_DIR (CMake's build folder, default build/<venv name>), PYTEST_ARGS, BENCH_ARGS.
 #
 #   make test-stacks  the transformers patch inside training stacks (PEFT, FSDP2 / DDP on gloo processes, gradient
-#                  checkpointing, autocast, torch.compile): installs STACKS_SPEC (peft) into VENV, runs the tests marked
+#                  checkpointing, autocast, torch.compile) and TRL's trainers on fastloss: installs STACKS_SPEC (peft,
+#                  trl) into VENV, runs the tests marked
 #                  `stacks` (skipped by `make test`).
 #   make audit-cuda  the static audit of the CUDA kernels' sm_90 code (bench/audit_cuda.py) on VENV's CUDA build:
 #                  installs AUDIT_TOOLS (cuobjdump, nvdisasm) into VENV, writes bench/results/<date>-audit-cuda-sm90.md
@@ -23,7 +24,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch>=2.11
 HF_SPEC     ?= transformers==5.23.0 accelerate==1.15.0
-STACKS_SPEC ?= peft==0.21.2
+STACKS_SPEC ?= peft==0.21.2 trl==1.16.0
 FASTLOSS_CUDA ?= AUTO
 PY          := $(VENV)/bin/python
 BUILD_DIR   ?= build/$(notdir $(VENV))

@@ -174,6 +174,20 @@ def _distill_tiny(device: str) -> list[Problem]:
             make_problem(48, 1000, torch.float32, device, hidden=32, teacher_hidden=48, suites=DISTILL_LINEAR_SUITES)]
 
 
+TRL_SUITES = ("linear_token_logprobs", "linear_distillation_jsd")
+"""Issue #21: fastloss against TRL's fused LM head and chunked divergence (the ``trl`` implementations)."""
+
+
+def _trl_cpu_goal(device: str) -> list[Problem]:
+    # Issue #21's CPU goal: N=2048 tokens, D=1024, V=32768, fp32, log-probs + entropy forward + backward; the
+    # divergence on the same head shape (GKD's beta 0.5; TRL's DistillationTrainer default).
+    return [make_problem(2048, 32768, torch.float32, device, hidden=1024, suites=TRL_SUITES)]
+
+
+def _trl_tiny(device: str) -> list[Problem]:
+    return [make_problem(48, 1000, torch.float32, device, hidden=32, teacher_hidden=48, suites=TRL_SUITES)]
+
+
 SPHERICAL_SUITES = ("spherical", "linear_spherical", "linear_cross_entropy")
 """Issue #25's suites (suites/spherical.py) and the linear cross-entropy on the same head, for comparison."""
 
@@ -211,12 +225,16 @@ PRESETS: dict[str, tuple[str, Callable[[str], list[Problem]]]] = {
                           "student and D=4096 teacher head, fwd+bwd (CUDA)", _distill_gpu_quick),
     "distill-tiny": ("distillation suites on tiny shapes (seconds; tests)", _distill_tiny),
     "spherical-tiny": ("spherical Z-loss suites on tiny shapes (seconds; tests)", _spherical_tiny),
+    "trl-cpu-goal": ("issue #21's CPU goal: fastloss against TRL's fused LM head (log-probs + entropy) and chunked "
+                     "divergence at N=2048 D=1024 V=32768, fp32, fwd+bwd", _trl_cpu_goal),
+    "trl-tiny": ("the TRL comparison suites on tiny shapes (seconds; tests)", _trl_tiny),
     "spherical-gpu-quick": ("the spherical Z-loss at N=8192 V=128256 bf16, the linear one on the Llama-3-8B head "
                             "(D=4096) next to linear cross-entropy, fwd+bwd (CUDA)", _spherical_gpu_quick),
 }
 
 PRESET_DEVICE: dict[str, str] = {"cpu-goal": "cpu", "gpu-sweep": "cuda", "gpu-quick": "cuda",
-                                 "distill-cpu-goal": "cpu", "distill-gpu-quick": "cuda", "spherical-gpu-quick": "cuda"}
+                                 "distill-cpu-goal": "cpu", "distill-gpu-quick": "cuda", "spherical-gpu-quick": "cuda",
+                                 "trl-cpu-goal": "cpu"}
 """Presets that only make sense on one device pick it when ``--device`` is not given."""
 
 PRESET_OPTIONS: dict[str, dict[str, Any]] = {
@@ -227,6 +245,8 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
                           "max_repeats": 30},
     "distill-tiny": {"suite": ",".join(DISTILL_LOGITS_SUITES + DISTILL_LINEAR_SUITES)},
     "spherical-tiny": {"suite": ",".join(SPHERICAL_SUITES)},
+    "trl-cpu-goal": {"suite": ",".join(TRL_SUITES), "mode": "fwdbwd"},
+    "trl-tiny": {"suite": ",".join(TRL_SUITES)},
     "spherical-gpu-quick": {"suite": ",".join(SPHERICAL_SUITES), "mode": "fwdbwd", "min_time": 0.05,
                             "max_repeats": 30},
 }

@@ -16,7 +16,9 @@ linear_token_logprobs             token_logprobs of h @ W.T (gradients for h and
 
 Implementations: ``fastloss`` (``fastloss.distillation_loss`` / ``linear_distillation_loss`` / ``token_logprobs`` /
 ``linear_token_logprobs``; skipped while the installed fastloss lacks the function), ``torch-eager`` (the composite a
-user writes, the speed-up baseline) and ``torch-compile`` (``torch.compile`` of that composite). The linear
+user writes, the speed-up baseline), ``torch-compile`` (``torch.compile`` of that composite) and, on the linear
+suites, ``trl`` (TRL's ``ChunkedLogProbFunction`` / ``ChunkedDivergenceFunction``, what its trainers run without
+fastloss; skipped when TRL is not installed; issue #21). The linear
 composites materialise the logits (``h @ W.T``) and then run the logits composite; with ``--memory`` (CPU) or on
 CUDA the peak-memory column shows what that costs next to fastloss's chunks.
 
@@ -456,6 +458,17 @@ def _linear_distillation_suite(name: str, divergence: str, beta: float) -> Suite
     suite.add(Impl("torch-eager", torch_impl, "h_s @ W_s.T, h_t @ W_t.T, then the distillation composite (eager)",
                    baseline=True))
     suite.add(Impl("torch-compile", torch_impl, "torch.compile of the matmuls + composite", compiled=True))
+    trl_beta = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(divergence, beta)  # TRL's beta 0 / 1 are the two KLs
+
+    def trl_impl(problem: Problem) -> Callable[..., torch.Tensor]:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        temp = _temperature(problem)
+        return lambda hs, ws, ht, wt: ChunkedDivergenceFunction.apply(hs, ws, None, ht, wt, None, trl_beta, temp, 1.0,
+                                                                      None, 1.0, None)[0].mean()
+
+    suite.add(Impl("trl", trl_impl, f"TRL's ChunkedDivergenceFunction (beta={trl_beta}; Triton on CUDA, torch tiles "
+                   "elsewhere), mean over N", requires=("trl",)))
     return suite
 
 
@@ -499,3 +512,17 @@ LINEAR_TOKEN_LOGPROBS.add(Impl("torch-eager", _torch_linear_token_logprobs,
                                "h @ W.T, then the token log-prob + entropy composite (eager)", baseline=True))
 LINEAR_TOKEN_LOGPROBS.add(Impl("torch-compile", _torch_linear_token_logprobs,
                                "torch.compile of the matmul + composite", compiled=True))
+
+
+def _trl_linear_token_logprobs(problem: Problem) -> Callable[..., torch.Tensor]:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    temp = _temperature(problem)
+    # TRL's fused LM head asks for ("log_probs", "entropy") to get both, with its default vocabulary tile (32768)
+    return lambda h, w, tokens: torch.stack(ChunkedLogProbFunction.apply(
+        h, w, None, tokens, temp, 32768, None, 1.0, ("log_probs", "entropy"))[:2], dim=-1)
+
+
+LINEAR_TOKEN_LOGPROBS.add(Impl("trl", _trl_linear_token_logprobs,
+                               "TRL's ChunkedLogProbFunction (the trainers' fused LM head; Triton on CUDA, torch tiles "
+                               "elsewhere), log_probs + entropy", requires=("trl",)))
