@@ -482,6 +482,7 @@ class Workload:
                 for ent in (False, True):
                     self.run("token_logprobs", f"entropy={ent} ({rows}, {v}) {dtype}",
                              lambda: self._logprobs(rows, v, dtype, ent))
+                self.run("token_logprobs", f"stats ({rows}, {v}) {dtype}", lambda: self._logprob_stats(rows, v, dtype))
             self.run("linear_distillation", f"jsd {dtype}", lambda: self._linear_distill(dtype))
             self.run("linear_token_logprobs", f"{dtype}", lambda: self._linear_logprobs(dtype))
 
@@ -521,6 +522,21 @@ class Workload:
             checks.append(("gradient is finite", torch.tensor([float(bool(torch.isfinite(g).all()))]),
                            torch.ones(1, dtype=torch.float64), torch.float64))
         return checks
+
+    def _logprob_stats(self, rows: int, v: int, dtype: torch.dtype) -> list:
+        """return_stats=True (logprob_stats_forward_kernel): the statistics and the argmax from the same pass. Its
+        own generator: the other problems' inputs stay those drawn before these checks existed."""
+        g = torch.Generator().manual_seed(21 + rows + v)
+        x = (torch.randn((rows, v), generator=g, dtype=torch.float64) * 3.0).to(dtype).to(self.device)
+        tok = torch.randint(0, v, (rows,), generator=g).to(self.device)
+        out = fastloss.token_logprobs(x, tok, temperature=0.8, return_entropy=True, return_stats=True)
+        ref = token_logprobs_reference(x.double().cpu(), tok.cpu(), temperature=0.8, return_entropy=True,
+                                       return_stats=True)
+        same = float(bool(torch.equal(out.argmax.cpu(), ref[4])))
+        return [("logprobs", out.logprobs, ref[0], dtype), ("entropy", out.entropy, ref[1], dtype),
+                ("log_sum_sq_probs", out.log_sum_sq_probs, ref[2], dtype),
+                ("mean_logits", out.mean_logits, ref[3], dtype),
+                ("argmax is torch.argmax", torch.tensor([same]), torch.ones(1, dtype=torch.float64), torch.float64)]
 
     def _linear_distill(self, dtype: torch.dtype) -> list:
         n, d, v, chunk = LCE[self.size]

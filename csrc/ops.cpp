@@ -50,10 +50,12 @@ TORCH_LIBRARY_FRAGMENT(fastloss, m) {
 
 TORCH_LIBRARY_FRAGMENT(fastloss, m) {
   // RL policy terms from logits [N, V]: log softmax(logits / T)[tokens] per row and (entropy=True) the entropy of the
-  // tempered softmax; float64 rows (entropy empty when not requested) and the per-row lse for the backward.
+  // tempered softmax; float64 rows (entropy empty when not requested) and the per-row lse for the backward. With
+  // stats=True, from the same pass: stats float64 [N, 2] (log sum_j p_j^2, mean_j logits_j / T) and argmax int64
+  // [N] (the first index of the row's max), both non-differentiable; [0, 2] and [0] otherwise.
   m.def(
-      "token_logprobs_fwd(Tensor logits, Tensor tokens, float temperature, bool entropy) "
-      "-> (Tensor logprobs, Tensor entropy, Tensor lse)");
+      "token_logprobs_fwd(Tensor logits, Tensor tokens, float temperature, bool entropy, bool stats=False) "
+      "-> (Tensor logprobs, Tensor entropy, Tensor lse, Tensor stats, Tensor argmax)");
   m.def(
       "token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor tokens, Tensor lse, "
       "Tensor entropy, float temperature) -> Tensor");

@@ -70,17 +70,20 @@ DistillInputs distill_inputs(const at::Tensor& student, const at::Tensor& teache
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_op(const at::Tensor& logits,
-                                                                     const at::Tensor& tokens, double temperature,
-                                                                     bool entropy, const PolicyKernels& k) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_op(
+    const at::Tensor& logits, const at::Tensor& tokens, double temperature, bool entropy, bool stats,
+    const PolicyKernels& k) {
   check_logits(logits, kLogprobOp, "logits");
   check_temperature(temperature, kLogprobOp);
   const at::Tensor tok = check_indices(tokens, logits, kLogprobOp, "tokens", std::nullopt);
   const int64_t N = logits.size(0);
   at::Tensor lp = new_rows(logits, N), lse = new_rows(logits, N), ent = new_rows(logits, entropy ? N : 0);
-  if (N == 0) return {lp, ent, lse};
-  k.logprob_forward(logits.contiguous(), tok, 1.0 / temperature, lp, entropy ? ent : at::Tensor(), lse);
-  return {lp, ent, lse};
+  at::Tensor st = at::empty({stats ? N : 0, kTokenStats}, lp.options());
+  at::Tensor am = at::empty({stats ? N : 0}, lp.options().dtype(at::kLong));
+  if (N == 0) return {lp, ent, lse, st, am};
+  k.logprob_forward(logits.contiguous(), tok, 1.0 / temperature, lp, entropy ? ent : at::Tensor(), lse,
+                    stats ? st : at::Tensor(), stats ? am : at::Tensor());
+  return {lp, ent, lse, st, am};
 }
 
 namespace {

@@ -11,9 +11,11 @@
 
 namespace fastloss {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_op(const at::Tensor& logits,
-                                                                     const at::Tensor& tokens, double temperature,
-                                                                     bool entropy, const PolicyKernels& k);
+// logprobs, entropy ([0] unless entropy), lse, stats ([N, kTokenStats] float64, [0, kTokenStats] unless stats),
+// argmax (int64 [N], [0] unless stats).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_op(
+    const at::Tensor& logits, const at::Tensor& tokens, double temperature, bool entropy, bool stats,
+    const PolicyKernels& k);
 at::Tensor token_logprobs_bwd_op(const std::optional<at::Tensor>& grad_logprobs,
                                  const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
                                  const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,

@@ -95,9 +95,9 @@ struct CrossEntropyDeviceOps {
 template <const PolicyKernels& (*K)()>
 struct PolicyDeviceOps {
   using OptT = std::optional<at::Tensor>;
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(const at::Tensor& x, const at::Tensor& tok,
-                                                                     double temp, bool ent) {
-    return token_logprobs_fwd_op(x, tok, temp, ent, K());
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd(
+      const at::Tensor& x, const at::Tensor& tok, double temp, bool ent, bool stats) {
+    return token_logprobs_fwd_op(x, tok, temp, ent, stats, K());
   }
   static at::Tensor logprobs_bwd(const OptT& glp, const OptT& gh, const at::Tensor& x, const at::Tensor& tok,
                                  const at::Tensor& lse, const at::Tensor& ent, double temp) {

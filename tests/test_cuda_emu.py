@@ -119,6 +119,11 @@ SELECTION = [
      {"logprob_forward_kernel<float, false>"}),
     ("token_logprobs entropy", lambda: fastloss.token_logprobs(_x(3, 300), torch.arange(3), return_entropy=True),
      {"logprob_forward_kernel<float, true>"}),
+    ("token_logprobs stats", lambda: fastloss.token_logprobs(_x(3, 300), torch.arange(3), return_stats=True),
+     {"logprob_stats_forward_kernel<float>"}),
+    ("token_logprobs stats entropy bf16",
+     lambda: fastloss.token_logprobs(_x(3, 300, torch.bfloat16), torch.arange(3), return_entropy=True,
+                                     return_stats=True), {"logprob_stats_forward_kernel<c10::BFloat16>"}),
     ("distillation jsd", lambda: fastloss.distillation_loss(_x(3, 300), _x(3, 300, seed=1), divergence="jsd",
                                                             beta=0.3), {"distill_kernel<float, 2, Mode::Forward>"}),
     ("distillation jsd beta=1 is the reverse KL",
@@ -178,6 +183,8 @@ def _every_path():
                     buf]
         lp, ent = fastloss.token_logprobs(xs, t.clamp(min=0), temperature=0.7, return_entropy=True)
         out += [lp.detach(), ent.detach(), torch.autograd.grad(lp.sum() + ent.sum(), xs)[0]]
+        out += [o.detach() for o in fastloss.token_logprobs(xs, t.clamp(min=0), temperature=0.7, return_entropy=True,
+                                                            return_stats=True)]
     return out
 
 

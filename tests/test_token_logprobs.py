@@ -2,7 +2,8 @@
 and the entropy of the tempered softmax, as PPO / GRPO use them) against the plain float64 PyTorch reference
 (fastloss.reference.token_logprobs_reference): values, gradients with upstream gradients on either or both
 outputs, gradcheck, -inf logits, peaked and flat rows, low precision, odd vocabulary sizes, empty batches, the
-chunked linear version against the logits version on materialised logits."""
+chunked linear version against the logits version on materialised logits. Issue #21: the per-token statistics of
+return_stats=True (log sum p^2, the mean tempered logit, the argmax) from the same pass."""
 
 import math
 
@@ -398,7 +399,12 @@ def test_opcheck():
     tok = _tokens((5,), v=37, device="cpu")
     for entropy in (False, True):
         torch.library.opcheck(torch.ops.fastloss.token_logprobs_fwd.default, (x, tok, 0.7, entropy))
-    lp, ent, lse = torch.ops.fastloss.token_logprobs_fwd(x, tok, 0.7, True)
+    for entropy, stats in ((False, True), (True, True)):
+        torch.library.opcheck(torch.ops.fastloss.token_logprobs_fwd.default, (x, tok, 0.7, entropy, stats))
+    lp, ent, lse, st, am = torch.ops.fastloss.token_logprobs_fwd(x, tok, 0.7, True)
+    assert st.shape == (0, 2) and st.dtype == torch.float64 and am.shape == (0,) and am.dtype == torch.int64
+    _, _, _, st, am = torch.ops.fastloss.token_logprobs_fwd(x, tok, 0.7, False, True)
+    assert st.shape == (5, 2) and st.dtype == torch.float64 and am.shape == (5,) and am.dtype == torch.int64
     torch.library.opcheck(torch.ops.fastloss.token_logprobs_bwd.default,
                           (torch.ones(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64), x, tok, lse, ent,
                            0.7), test_utils=("test_schema", "test_faketensor"))
@@ -415,3 +421,248 @@ def test_linear_autocast():
     h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
     ref_lp(h64 @ W64.t(), tok).sum().backward()
     assert rel_err(h.grad, h64.grad) <= 1e-5 and rel_err(W.grad, W64.grad) <= 1e-5
+
+
+# ---------------------------------------------------------------- per-token statistics (return_stats, issue #21)
+
+
+def _check_stats(out, ref, tol, argmax_equal=True):
+    """TokenStats against the reference 5-tuple: relative-error norms on the finite values, the non-finite ones
+    (a -inf mean) exactly, the argmax exactly."""
+    assert isinstance(out, fastloss.TokenStats)
+    for name, got, want in zip(("logprobs", "entropy", "log_sum_sq_probs", "mean_logits"), out[:4], ref[:4]):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.shape == want.shape, name
+        assert rel_err(got, want) <= tol, (name, rel_err(got, want))
+        bad = ~torch.isfinite(want.cpu())
+        g, w = got.double().cpu()[bad], want.double().cpu()[bad]
+        assert ((g == w) | (g.isnan() & w.isnan())).all(), name
+    assert out.argmax.dtype == torch.int64 and out.argmax.shape == ref[4].shape
+    if argmax_equal:
+        assert torch.equal(out.argmax.cpu(), ref[4].cpu())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("lead", [(13,), (2, 5)])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_stats_match_reference_float64(temperature, lead, entropy, device):
+    x = _logits(lead, device=device)
+    tok = _tokens(lead, device=device)
+    out = fastloss.token_logprobs(x, tok, temperature=temperature, return_entropy=entropy, return_stats=True)
+    ref = ref_lp(x, tok, temperature=temperature, return_entropy=entropy, return_stats=True)
+    _check_stats(out, ref, RTOL64)
+    assert (out.entropy is None) == (not entropy)
+    for t in out[2:4]:
+        assert t.dtype == torch.float64 and t.shape == lead
+    # the statistics are of the tempered softmax: log sum p^2 <= 0, the mean is mean(x) / T
+    assert (out.log_sum_sq_probs <= 1e-12).all()
+    assert torch.allclose(out.mean_logits, x.mean(-1) / temperature, rtol=1e-12, atol=1e-14)
+    # the other outputs are those of the call without statistics
+    plain = fastloss.token_logprobs(x, tok, temperature=temperature, return_entropy=entropy)
+    assert rel_err(out.logprobs, plain[0] if entropy else plain) <= RTOL64
+    if entropy:
+        assert rel_err(out.entropy, plain[1]) <= RTOL64
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v", [1, 7, 37, 1000, 1001, 4099])
+def test_stats_vocabulary_sizes(v, dtype, device):
+    lead = (6,)
+    x = _logits(lead, v=v, dtype=dtype, device=device, seed=30, scale=3.0)
+    tok = _tokens(lead, v=v, device=device)
+    out = fastloss.token_logprobs(x, tok, temperature=0.7, return_entropy=True, return_stats=True)
+    ref = ref_lp(x, tok, temperature=0.7, return_entropy=True, return_stats=True)
+    want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert all(t.dtype == want_dtype for t in out[:4])
+    if v == 1:  # one class: p = 1, log sum p^2 = 0, the mean is the logit, argmax 0
+        assert out.log_sum_sq_probs.abs().max() <= 1e-6 and torch.equal(out.argmax, torch.zeros_like(out.argmax))
+        assert rel_err(out.mean_logits, ref[3]) <= 1e-7
+        return
+    _check_stats(out, ref, RTOL64 if dtype == torch.float64 else 2e-6)
+
+
+def test_stats_masked_vocabulary(device):
+    """-inf logits: they count 0 in sum p^2, make the mean -inf, and never win the argmax; a row with one finite
+    logit has log sum p^2 = 0 and its argmax there; a row of -inf only has argmax 0 (torch.argmax)."""
+    v = 1001
+    x = _logits((6,), v=v, device="cpu", seed=31, scale=3.0)
+    x[0, 500:] = -math.inf
+    x[1, :] = -math.inf
+    x[1, 777] = 2.5  # all but one -inf
+    x[2, :] = -math.inf
+    x[2, 0] = -40.0  # all but the first
+    x[3, :] = -math.inf
+    x[3, v - 1] = 0.0  # all but the last
+    x[4, 1:] = -math.inf  # V - 1 masked after a finite first
+    x = x.to(device)
+    tok = torch.tensor([3, 777, 0, v - 1, 0, 5], device=device)
+    for dtype in (torch.float64, torch.float32):
+        xd = x.to(dtype)
+        out = fastloss.token_logprobs(xd, tok, temperature=0.8, return_entropy=True, return_stats=True)
+        ref = ref_lp(xd, tok, temperature=0.8, return_entropy=True, return_stats=True)
+        _check_stats(out, ref, RTOL64 if dtype == torch.float64 else 2e-6)
+        assert out.argmax.tolist()[:5] == [int(x[0, :500].argmax()), 777, 0, v - 1, 0]
+        assert out.log_sum_sq_probs[1:5].abs().max() <= 1e-12
+        assert (out.mean_logits[:5] == -math.inf).all() and out.mean_logits[5].isfinite()
+    # a row of -inf only: argmax 0 as torch.argmax (the log-probability and the rest are NaN / inf)
+    allmasked = torch.full((2, 37), -math.inf, dtype=torch.float32, device=device)
+    out = fastloss.token_logprobs(allmasked, torch.tensor([0, 5], device=device), return_stats=True)
+    assert out.argmax.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [37, 1001, 4099])
+def test_stats_argmax_ties(v, dtype, device):
+    """The first index of the max, as torch.argmax, whatever the positions: within one vector, across vectors,
+    threads and SIMD chunks, the head or the tail of the row; a constant row gives 0."""
+    rows = []
+    positions = [(0, v - 1), (v - 1, 0), (3, 4), (5, v // 2), (v // 2, v // 2 + 1), (v - 2, v - 1), (1, 2, v - 3),
+                 (v // 3, 2 * v // 3)]
+    g = torch.Generator().manual_seed(32)
+    for pos in positions:
+        r = torch.randn(v, generator=g, dtype=torch.float64)
+        r[list(pos)] = 7.0
+        rows.append(r)
+    rows.append(torch.full((v,), -2.0, dtype=torch.float64))  # all equal
+    x = torch.stack(rows).to(dtype).to(device)
+    tok = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    out = fastloss.token_logprobs(x, tok, temperature=1.3, return_stats=True)
+    want = [min(p) for p in positions] + [0]
+    assert out.argmax.tolist() == want
+    assert torch.equal(out.argmax.cpu(), x.cpu().argmax(-1))
+    # a misaligned view (the row's head before its first 16-byte boundary): the same argmax
+    buf = torch.zeros(x.numel() + 1, dtype=dtype, device=device)
+    xm = buf[1:].view(x.shape)
+    xm.copy_(x)
+    assert xm.is_contiguous() and xm.storage_offset() == 1
+    outm = fastloss.token_logprobs(xm, tok, temperature=1.3, return_stats=True)
+    assert outm.argmax.tolist() == want
+    # bf16 logits tie often (256 values per octave): still the first index
+    if dtype == torch.bfloat16:
+        xb = _logits((16,), v=v, dtype=dtype, device=device, seed=33, scale=0.5)
+        ob = fastloss.token_logprobs(xb, torch.zeros(16, dtype=torch.long, device=device), return_stats=True)
+        assert torch.equal(ob.argmax.cpu(), xb.double().cpu().argmax(-1))
+
+
+def test_stats_argmax_nan(device):
+    """NaN ranks above every number, as in torch.argmax (the first NaN)."""
+    x = _logits((3,), v=1001, dtype=torch.float32, device="cpu", seed=34)
+    x[0, 600] = math.nan
+    x[1, 10] = math.nan
+    x[1, 900] = math.nan
+    x = x.to(device)
+    out = fastloss.token_logprobs(x, torch.zeros(3, dtype=torch.long, device=device), return_stats=True)
+    assert out.argmax.tolist() == [600, 10, int(x[2].argmax())]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stats_low_precision_within_bounds(dtype, device):
+    lead = (48,)
+    x = _logits(lead, v=1000, dtype=dtype, device=device, seed=35, scale=3.0)
+    tok = _tokens(lead, v=1000, device=device)
+    out = fastloss.token_logprobs(x, tok, temperature=1.5, return_stats=True)
+    ref = ref_lp(x.double(), tok, temperature=1.5, return_stats=True)  # the same rounded logits
+    assert out.log_sum_sq_probs.dtype == out.mean_logits.dtype == torch.float32
+    _check_stats(out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_stats_empty_batch(lead, device):
+    x = _logits(lead, device=device).requires_grad_()
+    tok = torch.empty(lead, dtype=torch.long, device=device)
+    out = fastloss.token_logprobs(x, tok, return_entropy=True, return_stats=True)
+    assert all(t.shape == lead for t in out) and out.argmax.dtype == torch.int64
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    assert x.grad.shape == x.shape
+    h, W, b = _linear(lead, device=device)
+    lo = fastloss.linear_token_logprobs(h, W, tok, bias=b, return_stats=True, chunk_size=3)
+    assert all(t is None or t.shape == lead for t in lo) and lo.entropy is None
+
+
+@pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
+def test_stats_no_gradient_and_gradients_unchanged(which, device):
+    lead = (9,)
+    x = _logits(lead, v=300, device=device, seed=36)
+    tok = _tokens(lead, v=300, device=device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = fastloss.token_logprobs(xa, tok, temperature=0.9, return_entropy=True, return_stats=True)
+    plain = fastloss.token_logprobs(xb, tok, temperature=0.9, return_entropy=True)
+    assert out.logprobs.requires_grad and out.entropy.requires_grad
+    assert not any(t.requires_grad for t in out[2:])
+    a, b = _weights(lead, device, 2), _weights(lead, device, 3)
+    (ga,) = torch.autograd.grad(_objective(out.logprobs, out.entropy, a, b, which), xa)
+    (gb,) = torch.autograd.grad(_objective(plain.logprobs, plain.entropy, a, b, which), xb)
+    assert rel_err(ga, gb) <= GTOL64
+    xr = x.clone().requires_grad_()
+    rlp, rent = ref_lp(xr, tok, temperature=0.9, return_entropy=True)
+    (gr,) = torch.autograd.grad(_objective(rlp, rent, a, b, which), xr)
+    assert rel_err(ga, gr) <= GTOL64
+    # gradcheck through the differentiable outputs of a stats call
+    xs = _logits((3,), v=7, device=device, seed=37).requires_grad_()
+    ts = torch.tensor([0, 6, 3], device=device)
+    assert torch.autograd.gradcheck(
+        lambda v: tuple(fastloss.token_logprobs(v, ts, temperature=0.7, return_entropy=True, return_stats=True)[:2]),
+        (xs,))
+
+
+@pytest.mark.parametrize("chunk", [3, 5, "auto"])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_linear_stats_match_logits_version(chunk, entropy, device):
+    lead = (10,)
+    h, W, b = _linear(lead, v=1001, device=device, seed=38)
+    tok = _tokens(lead, v=1001, device=device)
+    out = fastloss.linear_token_logprobs(h, W, tok, bias=b, temperature=0.7, return_entropy=entropy,
+                                         return_stats=True, chunk_size=chunk)
+    logits = F.linear(h, W, b)
+    ref = ref_lp(logits, tok, temperature=0.7, return_entropy=entropy, return_stats=True)
+    _check_stats(out, ref, RTOL64)
+    lo = fastloss.token_logprobs(logits.detach(), tok, temperature=0.7, return_entropy=entropy, return_stats=True)
+    for got, want in zip(out, lo):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert rel_err(got, want) <= RTOL64
+    assert torch.equal(out.argmax, lo.argmax)
+    assert not any(t.requires_grad for t in out[2:])
+    # the backward is unchanged: the same gradients as without the statistics
+    params = (h, W, b)
+    a, bb = _weights(lead, device, 2), _weights(lead, device, 3)
+    plain = fastloss.linear_token_logprobs(h, W, tok, bias=b, temperature=0.7, return_entropy=True, chunk_size=chunk)
+    ent = out.entropy if entropy else None
+    which = "both" if entropy else "logprobs"
+    ga = torch.autograd.grad(_objective(out.logprobs, ent, a, bb, which), params)
+    gp = torch.autograd.grad(_objective(plain.logprobs, plain.entropy, a, bb, which), params)
+    for x, y in zip(ga, gp):
+        assert rel_err(x, y) <= GTOL64
+
+
+def test_linear_stats_bf16_within_bounds(device):
+    lead = (32,)
+    h, W, b = _linear(lead, v=300, dtype=torch.bfloat16, device=device, seed=39)
+    tok = _tokens(lead, v=300, device=device)
+    out = fastloss.linear_token_logprobs(h, W, tok, bias=b, temperature=1.5, return_stats=True, chunk_size=7)
+    assert out.log_sum_sq_probs.dtype == out.mean_logits.dtype == torch.float32 and out.argmax.dtype == torch.int64
+    r = [p.detach().double() for p in (h, W, b)]
+    ref = ref_lp(F.linear(*r), tok, temperature=1.5, return_stats=True)
+    # bf16 GEMMs (on CUDA) round the logits to bf16: values within bounds; the argmax of those logits themselves
+    assert rel_err(out.log_sum_sq_probs, ref[2]) <= 2e-2 and rel_err(out.mean_logits, ref[3]) <= 5e-2
+    with torch.no_grad():
+        lo = fastloss.token_logprobs(F.linear(h, W, b), tok, temperature=1.5, return_stats=True)
+    assert torch.equal(out.argmax, lo.argmax)
+
+
+def test_stats_torch_compile_fullgraph(device):
+    def f(x, tok):
+        out = fastloss.token_logprobs(x, tok, temperature=0.7, return_entropy=True, return_stats=True)
+        return out.logprobs.sum() + out.entropy.sum(), out.log_sum_sq_probs, out.mean_logits, out.argmax
+
+    x = _logits((8,), v=300, dtype=torch.float32, device=device, seed=40)
+    tok = _tokens((8,), v=300, device=device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = compiled_or_skip(f, xa, tok)
+    b = f(xb, tok)
+    a[0].backward()
+    b[0].backward()
+    assert torch.allclose(a[0], b[0], rtol=1e-5) and torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(a[1], b[1]) and torch.allclose(a[2], b[2]) and torch.equal(a[3], b[3])

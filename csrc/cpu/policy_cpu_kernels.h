@@ -69,6 +69,18 @@ inline void fold(fm::WState<double>& total, const fm::WState<Vec>& s) {
   for (int l = 0; l < kLanes; ++l) total = fm::w_merge(total, {widen_max(m[l]), double(d[l]), double(u[l])});
 }
 
+inline void fold(fm::StatState<double>& total, const fm::StatState<Vec>& s) {
+  float m[kLanes], d[kLanes], w[kLanes], q[kLanes], z[kLanes];
+  s.m.store(m);
+  s.d.store(d);
+  s.w.store(w);
+  s.q.store(q);
+  s.s.store(z);
+  for (int l = 0; l < kLanes; ++l) {
+    total = fm::stat_merge(total, {widen_max(m[l]), double(d[l]), double(w[l]), double(q[l]), double(z[l])});
+  }
+}
+
 inline double lse_of(double m, double d) { return m + std::log(d); }
 
 // ---------------------------------------------------------------- token log-probabilities
@@ -102,13 +114,47 @@ struct LogprobPass {
   double lse() const { return kEntropy ? lse_of(en_total.m, en_total.d) : lse_of(on_total.m, on_total.d); }
 };
 
+// The statistics pass (token_logprobs_fwd(stats=True)): the entropy state grown by q = sum e^(2 (z - m)) and
+// s = sum z, and the first index of the row's max of the raw logits. The elements arrive in increasing index order
+// (the vector blocks, then the scalar tail), counted by `pos`; a block is searched element by element only when its
+// max could beat the best so far (rarely, after the row's first blocks).
+struct LogprobStatsPass {
+  float inv_t;
+  double inv_t_d;
+  fm::StatState<Vec> sv;
+  fm::StatState<double> total = fm::stat_init<double>();
+  fm::ArgMax<double> best = fm::argmax_init<double>();
+  int64_t pos = 0;
+  void begin() { sv = fm::stat_init<Vec>(); }
+  void vec(const Vec (&x)[4], const Vec (&)[4]) {
+    const Vec z[4] = {x[0] * Vec(inv_t), x[1] * Vec(inv_t), x[2] * Vec(inv_t), x[3] * Vec(inv_t)};
+    sv = fm::stat_update_block(sv, z);
+    const Vec bm = at::vec::maximum(at::vec::maximum(x[0], x[1]), at::vec::maximum(x[2], x[3]));  // NaN-propagating
+    // Some lane not <= best (greater, or NaN) while the best is a number: search the block in order.
+    if (best.v == best.v && (bm <= Vec(float(best.v))).zero_mask() != 0) {
+      float v[kBlock];
+      for (int i = 0; i < 4; ++i) x[i].store(v + i * kLanes);
+      for (int64_t k = 0; k < kBlock; ++k) fm::argmax_update(best, double(v[k]), pos + k);
+    }
+    pos += kBlock;
+  }
+  void flush() { fold(total, sv); }
+  void scalar(double x, double) {
+    total = fm::stat_update(total, x * inv_t_d);
+    fm::argmax_update(best, x, pos++);
+  }
+};
+
 inline void logprob_forward(const at::Tensor& x, const at::Tensor& tokens, double inv_t, const at::Tensor& logp,
-                            const at::Tensor& entropy, const at::Tensor& lse) {
+                            const at::Tensor& entropy, const at::Tensor& lse, const at::Tensor& stats,
+                            const at::Tensor& argmax) {
   const int64_t N = x.size(0), V = x.size(1);
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   double* plp = logp.mutable_data_ptr<double>();
   double* plse = lse.mutable_data_ptr<double>();
   double* pent = entropy.defined() ? entropy.mutable_data_ptr<double>() : nullptr;
+  double* pst = stats.defined() ? stats.mutable_data_ptr<double>() : nullptr;
+  int64_t* pam = stats.defined() ? argmax.mutable_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastloss_logprob_fwd_cpu", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     auto run = [&](auto with_entropy) {
@@ -125,8 +171,27 @@ inline void logprob_forward(const at::Tensor& x, const at::Tensor& tokens, doubl
         }
       });
     };
-    if (pent != nullptr) run(std::true_type{});
-    else run(std::false_type{});
+    if (pst != nullptr) {
+      at::parallel_for(0, N, row_grain(V), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const scalar_t* xr = px + r * V;
+          LogprobStatsPass pass{float(inv_t), inv_t};
+          visit_rows<scalar_t>(xr, nullptr, V, pass);
+          const fm::StatState<double>& t = pass.total;
+          const double l = lse_of(t.m, t.d);
+          plse[r] = l;
+          plp[r] = double(xr[tok[r]]) * inv_t - l;
+          if (pent != nullptr) pent[r] = fm::ent_entropy(fm::EntState<double>{t.m, t.d, t.w});
+          pst[r * kTokenStats + kLogSumSqProbs] = fm::stat_log_sum_sq(t.q, t.d);
+          pst[r * kTokenStats + kMeanLogits] = t.s / double(V);
+          pam[r] = pass.best.i;
+        }
+      });
+    } else if (pent != nullptr) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
   });
 }
 

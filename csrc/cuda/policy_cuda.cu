@@ -9,6 +9,8 @@
 // so every thread knows the row's normalisers; thread 0 writes the per-row outputs.
 //
 //  * logprob_forward_kernel<T, kEntropy>: (m, d) or (m, d, w) of x / T; log p(token), lse, entropy.
+//  * logprob_stats_forward_kernel<T>: the same with (m, d, w, q, s) and the row's argmax (token_logprobs_fwd with
+//    stats=True), through row_pass, which tells the callback its elements' columns.
 //  * logprob_backward_kernel<T>: one elementwise pass from the saved lse (and entropy); the token's + g_lp written
 //    last by thread 0 from the value it read before the pass (the gradient may alias the logits).
 //  * distill_kernel<T, kDiv, kMode>: forward (pass 1: the weighted state of a, the normaliser of b, and of the raw
@@ -45,6 +47,24 @@ __device__ __forceinline__ WState<T> merge(WState<T> a, WState<T> b) {
 template <typename T>
 __device__ __forceinline__ JsdTerms<T> merge(JsdTerms<T> a, JsdTerms<T> b) {
   return {a.loss + b.loss, a.kl_sm + b.kl_sm};
+}
+template <typename T>
+__device__ __forceinline__ StatState<T> merge(StatState<T> a, StatState<T> b) {
+  return stat_merge(a, b);
+}
+template <typename T>
+__device__ __forceinline__ ArgMax<T> merge(ArgMax<T> a, ArgMax<T> b) {
+  return argmax_merge(a, b);
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ StatState<T> shfl_xor(StatState<T> s, int off) {
+  return {__shfl_xor_sync(0xffffffffu, s.m, off, kWidth), __shfl_xor_sync(0xffffffffu, s.d, off, kWidth),
+          __shfl_xor_sync(0xffffffffu, s.w, off, kWidth), __shfl_xor_sync(0xffffffffu, s.q, off, kWidth),
+          __shfl_xor_sync(0xffffffffu, s.s, off, kWidth)};
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ ArgMax<T> shfl_xor(ArgMax<T> s, int off) {
+  return {__shfl_xor_sync(0xffffffffu, s.v, off, kWidth), __shfl_xor_sync(0xffffffffu, s.i, off, kWidth)};
 }
 template <int kWidth, typename T>
 __device__ __forceinline__ EntState<T> shfl_xor(EntState<T> s, int off) {
@@ -97,6 +117,8 @@ struct LogprobArgs {
   double* logp;
   double* entropy;
   double* lse;
+  double* stats;    // [N, kTokenStats] (the stats kernel only)
+  int64_t* argmax;  // [N] (the stats kernel only)
   const double* g_lp;
   const double* g_h;
   T* grad;
@@ -152,6 +174,71 @@ __global__ void __launch_bounds__(kThreads) logprob_forward_kernel(const Logprob
         // fl-audit: cold -- thread 0 writes the row's entropy once per row
         a.entropy[row] = ::log(static_cast<double>(st.d)) - static_cast<double>(st.w) / static_cast<double>(st.d);
       }
+    }
+  }
+}
+
+// The statistics of one row: the (m, d, w, q, s) state of z = x / T and the argmax of x, all-reduced at once.
+template <typename acc>
+struct RowStats {
+  fm::StatState<acc> st;
+  fm::ArgMax<acc> best;
+};
+template <typename acc>
+__device__ __forceinline__ RowStats<acc> merge(RowStats<acc> a, RowStats<acc> b) {
+  return {merge(a.st, b.st), merge(a.best, b.best)};
+}
+template <int kWidth, typename acc>
+__device__ __forceinline__ RowStats<acc> shfl_xor(RowStats<acc> s, int off) {
+  return {shfl_xor<kWidth>(s.st, off), shfl_xor<kWidth>(s.best, off)};
+}
+
+// token_logprobs_fwd(stats=True): the forward above with the statistics state (entropy included; written when
+// a.entropy is set) and the row's argmax from the same pass. row_pass gives each callback its elements' columns;
+// a thread meets its columns in increasing order, so a block is searched element by element only when its max
+// could beat the thread's best so far.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) logprob_stats_forward_kernel(const LogprobArgs<T> a) {
+  using acc = acc_t<T>;
+  constexpr int K = kVecOf<T>;
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  const acc it = static_cast<acc>(a.inv_t);
+#pragma unroll 1
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const LogprobRow<T> r = logprob_row(a, row, tid);
+    RowStats<acc> rs{fm::stat_init<acc>(), fm::argmax_init<acc>()};
+    auto visit = [&](auto& v, auto&, int64_t c0, int64_t cs) {
+      constexpr int M = extent_of<decltype(v)>;
+      acc z[M];
+      scale_into(v, it, z);
+      rs.st = fm::stat_update_block(rs.st, z);
+      acc bm = v[0];
+#pragma unroll
+      for (int e = 1; e < M; ++e) bm = fm::Ops<acc>::max(bm, v[e]);  // NaN-propagating
+      const bool better = fm::argmax_may_improve(rs.best, bm);
+      // fl-audit: rare -- a block whose max beats the thread's best so far: about ln(n) of a thread's n blocks
+      if (better) {
+#pragma unroll
+        for (int e = 0; e < M; ++e) fm::argmax_update(rs.best, v[e], c0 + col_off<K>(e, cs));
+      }
+    };
+    row_pass<kLoads, false, false>(r.x, r.x, static_cast<T*>(nullptr), a.V, aligned_head(r.x, a.V), tid, nt, visit);
+    rs = block_allreduce(rs);
+    if (tid == 0) {
+      const fm::StatState<acc>& st = rs.st;
+      const double l = lse_of(fm::OnlineState<acc>{st.m, st.d});
+      const double d = static_cast<double>(st.d);
+      // fl-audit: cold -- thread 0, once per row: the row's lse and log p(token) (with the token's own logit)
+      a.lse[row] = l;
+      a.logp[row] = r.ok ? static_cast<double>(r.x[r.tok]) * a.inv_t - l : std::numeric_limits<double>::quiet_NaN();
+      if (a.entropy != nullptr) {
+        // fl-audit: cold -- thread 0 writes the row's entropy once per row
+        a.entropy[row] = ::log(d) - static_cast<double>(st.w) / d;
+      }
+      // fl-audit: cold -- thread 0 writes the row's two statistics and its argmax once per row
+      a.stats[row * kTokenStats + kLogSumSqProbs] = fm::stat_log_sum_sq(static_cast<double>(st.q), d);
+      a.stats[row * kTokenStats + kMeanLogits] = static_cast<double>(st.s) / static_cast<double>(a.V);
+      a.argmax[row] = rs.best.i;
     }
   }
 }
@@ -339,15 +426,27 @@ unsigned row_grid(int64_t N) { return grid_size(N); }
 // fl-passes: token_logprobs_backward = 1R + 1W (floor 1R + 1W)
 // fl-passes: token_logprobs_train = 2R + 1W (floor 1R + 1W) -- forward then backward
 void logprob_forward(const at::Tensor& x, const at::Tensor& tokens, double inv_t, const at::Tensor& logp,
-                     const at::Tensor& entropy, const at::Tensor& lse) {
+                     const at::Tensor& entropy, const at::Tensor& lse, const at::Tensor& stats,
+                     const at::Tensor& argmax) {
   const DeviceGuard guard(x.device());
   const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastloss_logprob_fwd_cuda", [&] {
-    const LogprobArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), tokens.const_data_ptr<int64_t>(), x.size(0),
-                                     x.size(1), inv_t, logp.mutable_data_ptr<double>(),
+    const LogprobArgs<scalar_t> args{x.const_data_ptr<scalar_t>(),
+                                     tokens.const_data_ptr<int64_t>(),
+                                     x.size(0),
+                                     x.size(1),
+                                     inv_t,
+                                     logp.mutable_data_ptr<double>(),
                                      entropy.defined() ? entropy.mutable_data_ptr<double>() : nullptr,
-                                     lse.mutable_data_ptr<double>(), nullptr, nullptr, nullptr};
-    if (entropy.defined()) {
+                                     lse.mutable_data_ptr<double>(),
+                                     stats.defined() ? stats.mutable_data_ptr<double>() : nullptr,
+                                     stats.defined() ? argmax.mutable_data_ptr<int64_t>() : nullptr,
+                                     nullptr,
+                                     nullptr,
+                                     nullptr};
+    if (stats.defined()) {
+      launch_kernel<&logprob_stats_forward_kernel<scalar_t>>(row_grid(x.size(0)), kThreads, 0, stream, args);
+    } else if (entropy.defined()) {
       launch_kernel<&logprob_forward_kernel<scalar_t, true>>(row_grid(x.size(0)), kThreads, 0, stream, args);
     } else {
       launch_kernel<&logprob_forward_kernel<scalar_t, false>>(row_grid(x.size(0)), kThreads, 0, stream, args);
@@ -369,6 +468,8 @@ void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, double inv_
                                      nullptr,
                                      g_h.defined() ? const_cast<double*>(entropy.const_data_ptr<double>()) : nullptr,
                                      const_cast<double*>(lse.const_data_ptr<double>()),
+                                     nullptr,
+                                     nullptr,
                                      g_lp.defined() ? g_lp.const_data_ptr<double>() : nullptr,
                                      g_h.defined() ? g_h.const_data_ptr<double>() : nullptr,
                                      grad.mutable_data_ptr<scalar_t>()};

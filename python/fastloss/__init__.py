@@ -28,6 +28,7 @@ from .policy import (  # noqa: E402
     linear_token_logprobs,
     token_logprobs,
 )
+from ._common import TokenStats  # noqa: E402
 from .spherical import linear_spherical_loss, spherical_loss  # noqa: E402
 from . import nn  # noqa: E402,F401
 
@@ -55,6 +56,7 @@ __all__ = [
     "token_logprobs",
     "linear_token_logprobs",
     "TokenLogprobs",
+    "TokenStats",
     "spherical_loss",
     "linear_spherical_loss",
     "nn",

@@ -39,6 +39,34 @@ class TokenLogprobs(NamedTuple):
     entropy: torch.Tensor
 
 
+class TokenStats(NamedTuple):
+    """What :func:`fastloss.token_logprobs` / :func:`fastloss.linear_token_logprobs` return with
+    ``return_stats=True``: per token, with p = softmax(logits / T) and z = logits / T,
+
+    * ``logprobs``: log p[token] (differentiable);
+    * ``entropy``: -sum p log p (differentiable), or None unless ``return_entropy=True``;
+    * ``log_sum_sq_probs``: log sum_j p_j^2;
+    * ``mean_logits``: mean_j z_j over the whole vocabulary (the tempered logits);
+    * ``argmax``: int64, the first index of the row's maximum logit (``torch.argmax``); ``argmax == tokens`` is
+      TRL's "is the sampled token the top-1".
+
+    The last three come from the same pass over the logits and carry no gradient.
+    """
+
+    logprobs: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    log_sum_sq_probs: torch.Tensor
+    mean_logits: torch.Tensor
+    argmax: torch.Tensor
+
+
+def token_stats(lp, ent, stats, argmax, out, lead) -> TokenStats:
+    """TokenStats from token_logprobs_fwd's outputs: logprobs / entropy already in `out` with shape `lead`, the
+    float64 [N, 2] statistics and int64 [N] argmax reshaped and cast here."""
+    col = lambda j: stats[:, j].to(out).contiguous().view(lead)  # noqa: E731
+    return TokenStats(lp, ent, col(0), col(1), argmax.view(lead))
+
+
 # ---------------------------------------------------------------- argument checks
 
 

@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from ._linear_ce import _acc_dtype, _chunk_backward, _compute_dtype, no_autocast, resolve_chunk_rows
 from ._common import (TokenLogprobs, check_temperature, check_tensor, check_tokens, distill_options, out_dtype,
-                      reduce_rows, unmasked_count)
+                      reduce_rows, token_stats, unmasked_count)
 
 
 def _check_head(fn: str, hname: str, wname: str, bname: str, h, W, b) -> None:
@@ -181,12 +181,12 @@ def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temp
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want):
+    def forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats=False):
         with no_autocast(h.device):
-            return _LinearTokenLogprobs._forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want)
+            return _LinearTokenLogprobs._forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats)
 
     @staticmethod
-    def _forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want):
+    def _forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats):
         ops = torch.ops.fastloss
         head = _Head(h, W, b)
         N = h.shape[0]
@@ -194,23 +194,27 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         lp = torch.empty(N, dtype=torch.float64, device=dev)
         ent = torch.empty(N if entropy else 0, dtype=torch.float64, device=dev)
         lse = torch.empty(N, dtype=torch.float64, device=dev)
+        st = torch.empty((N if stats else 0, 2), dtype=torch.float64, device=dev)
+        am = torch.empty(N if stats else 0, dtype=torch.int64, device=dev)
         for s in range(0, N, chunk_rows):
             e = min(N, s + chunk_rows)
             logits = head.logits(head.rows(s, e))
-            lp_c, ent_c, lse_c = ops.token_logprobs_fwd(logits, tokens[s:e], temperature, entropy)
+            lp_c, ent_c, lse_c, st_c, am_c = ops.token_logprobs_fwd(logits, tokens[s:e], temperature, entropy, stats)
             lp[s:e], lse[s:e] = lp_c, lse_c
             if entropy:
                 ent[s:e] = ent_c
+            if stats:  # the statistics of the same pass over the chunk's logits
+                st[s:e], am[s:e] = st_c, am_c
             del logits
         ctx.args = (temperature, chunk_rows, want, entropy)
         if any(want):
             ctx.save_for_backward(h, W, b, tokens, lse, ent)
-        ctx.mark_non_differentiable(lse)
-        return lp, ent, lse
+        ctx.mark_non_differentiable(lse, st, am)
+        return lp, ent, lse, st, am
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_lp, g_ent, _g_lse):
+    def backward(ctx, g_lp, g_ent, _g_lse, _g_st, _g_am):
         with no_autocast(g_lp.device):
             return _LinearTokenLogprobs._backward(ctx, g_lp, g_ent)
 
@@ -231,10 +235,11 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                                     ent[s:e] if entropy else ent, temperature)
             grads.add_chunk(logits, hc, head, s, e)
             del logits
-        return (*grads.result(h, W, b), None, None, None, None, None)
+        return (*grads.result(h, W, b), None, None, None, None, None, None)
 
 
-def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return_entropy, chunk_size):
+def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return_entropy, chunk_size,
+                               return_stats=False):
     fn = "linear_token_logprobs"
     _check_head(fn, "hidden", "weight", "bias", hidden, weight, bias)
     lead = tuple(hidden.shape[:-1])
@@ -244,10 +249,13 @@ def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return
     N, V = h.shape[0], weight.shape[0]
     chunk_rows = resolve_chunk_rows(chunk_size, N, V, hidden.dtype, h.device, fn=fn)
     want = _wants(hidden, weight, bias)
-    lp, ent, _ = _LinearTokenLogprobs.apply(h, weight.contiguous(), bias, tokens.reshape(-1), temperature,
-                                            bool(return_entropy), chunk_rows, want)
+    lp, ent, _, st, am = _LinearTokenLogprobs.apply(h, weight.contiguous(), bias, tokens.reshape(-1), temperature,
+                                                    bool(return_entropy), chunk_rows, want, bool(return_stats))
     out = out_dtype(hidden.dtype)
     lp = lp.to(out).view(lead)
+    ent = ent.to(out).view(lead) if return_entropy else None
+    if return_stats:
+        return token_stats(lp, ent, st, am, out, lead)
     if return_entropy:
-        return TokenLogprobs(lp, ent.to(out).view(lead))
+        return TokenLogprobs(lp, ent)
     return lp

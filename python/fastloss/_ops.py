@@ -215,9 +215,11 @@ torch.library.register_autograd("fastloss::cross_entropy_prob_fwd", _ce_prob_bwd
 
 
 @torch.library.register_fake("fastloss::token_logprobs_fwd")
-def _logprobs_fwd_fake(logits, tokens, temperature, entropy):
+def _logprobs_fwd_fake(logits, tokens, temperature, entropy, stats=False):
     n_ent = logits.shape[0] if entropy else 0
-    return _rows(logits), logits.new_empty((n_ent,), dtype=torch.float64), _rows(logits)
+    n_st = logits.shape[0] if stats else 0
+    return (_rows(logits), logits.new_empty((n_ent,), dtype=torch.float64), _rows(logits),
+            logits.new_empty((n_st, 2), dtype=torch.float64), logits.new_empty((n_st,), dtype=torch.int64))
 
 
 @torch.library.register_fake("fastloss::token_logprobs_bwd")
@@ -258,17 +260,18 @@ def _distill_fwd_grad_fake(student, teacher, target, grad_scale, divergence, bet
 
 
 def _logprobs_setup(ctx, inputs, output):
-    logits, tokens, temperature, _entropy = inputs
+    logits, tokens, temperature = inputs[:3]
     ctx.temperature = temperature
     ctx.save_for_backward(logits, tokens, output[2], output[1])
+    ctx.mark_non_differentiable(output[3], output[4])  # the per-token statistics and the argmax
 
 
-def _logprobs_bwd(ctx, grad_logprobs, grad_entropy, _grad_lse):
+def _logprobs_bwd(ctx, grad_logprobs, grad_entropy, _grad_lse, _grad_stats=None, _grad_argmax=None):
     logits, tokens, lse, entropy = ctx.saved_tensors
     if grad_entropy is not None and entropy.shape[0] != logits.shape[0]:
         grad_entropy = None  # the entropy was not computed (an empty output): nothing flows from it
     grad = _lib.token_logprobs_bwd(grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature)
-    return grad, None, None, None
+    return grad, None, None, None, None
 
 
 def _distill_setup(ctx, inputs, output):

@@ -11,12 +11,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._common import (TokenLogprobs, check_temperature, check_tensor, check_tokens, distill_options, out_dtype,
-                      reduce_rows, unmasked_count)
+                      reduce_rows, token_stats, unmasked_count)
 from ._linear_policy import linear_distillation_loss_impl, linear_token_logprobs_impl
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False):
+                   return_entropy: bool = False, return_stats: bool = False):
     """``log_softmax(logits / temperature)`` at ``tokens``, per position, without the log-softmax tensor (and with
     ``return_entropy=True`` also the entropy ``-sum p log p`` of the same tempered softmax), as PPO / GRPO need for
     the policy. logits (..., V), tokens (...) int64 in [0, V).
@@ -25,6 +25,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
     float64 logits) whatever the logits' dtype -- RL frameworks upcast before the log-softmax, since a bf16
     log-probability would make ``exp(logp - old_logp)`` useless. Returns a tensor, or
     :class:`TokenLogprobs` ``(logprobs, entropy)``.
+
+    ``return_stats=True`` adds, from the same pass over the logits, TRL's per-token statistics and returns
+    :class:`TokenStats` ``(logprobs, entropy, log_sum_sq_probs, mean_logits, argmax)``: log sum_j p_j^2, the mean
+    of the tempered logits over the vocabulary, and the first index of the row's maximum (int64); entropy is None
+    unless ``return_entropy=True``. The statistics carry no gradient.
     """
     fn = "token_logprobs"
     check_tensor(fn, "logits", logits)
@@ -34,12 +39,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
     check_tokens(fn, "tokens", tokens, lead)
     temperature = check_temperature(fn, temperature)
     V = logits.shape[-1]
-    lp, ent, _ = torch.ops.fastloss.token_logprobs_fwd(logits.reshape(-1, V), tokens.reshape(-1), temperature,
-                                                       bool(return_entropy))
+    lp, ent, _, st, am = torch.ops.fastloss.token_logprobs_fwd(logits.reshape(-1, V), tokens.reshape(-1),
+                                                               temperature, bool(return_entropy), bool(return_stats))
     out = out_dtype(logits.dtype)
     lp = lp.to(out).view(lead)
+    ent = ent.to(out).view(lead) if return_entropy else None
+    if return_stats:
+        return token_stats(lp, ent, st, am, out, lead)
     if return_entropy:
-        return TokenLogprobs(lp, ent.to(out).view(lead))
+        return TokenLogprobs(lp, ent)
     return lp
 
 
@@ -94,8 +102,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     The gradient flows to the student logits only: the teacher's are constants (detached; if they require grad
     they get none). With "mean" / "sum" and student logits that require grad (grad mode on), the forward also
     computes their gradient (one pass over both logits instead of two) and keeps it, N x V, until the backward:
-    call it under ``torch.no_grad()`` when no backward follows (evaluation). Teacher logits of another dtype are converted to the student's. Accumulation is float32 for
-    bf16 / fp16 (float64 for float64); the loss has the student's dtype, as ``F.kl_div``'s would.
+    call it under ``torch.no_grad()`` when no backward follows (evaluation). Teacher logits of another dtype are
+    converted to the student's. Accumulation is float32 for bf16 / fp16 (float64 for float64); the loss has the
+    student's dtype, as ``F.kl_div``'s would.
     """
     fn = "distillation_loss"
     check_tensor(fn, "student_logits", student_logits)
@@ -130,16 +139,19 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
-                          chunk_size="auto"):
+                          return_stats: bool = False, chunk_size="auto"):
     """:func:`token_logprobs` of ``hidden @ weight.T (+ bias)`` without the N x V logits: token chunks, one chunk's
     logits alive at a time. hidden (..., D), weight (V, D), bias (V,), tokens (...). Differentiable in hidden,
     weight and bias; the backward recomputes each chunk's logits (the incoming gradients are per token, unknown
     before it), so training costs four GEMMs where the materialised logits cost three.
 
+    ``return_stats=True``: a :class:`TokenStats`, as :func:`token_logprobs`, the statistics from the forward's
+    chunks (no extra pass; the backward is the same).
     chunk_size: tokens per chunk, or "auto" (a logits budget of 256 MiB, as :func:`linear_cross_entropy`).
     """
 
-    return linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return_entropy, chunk_size)
+    return linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return_entropy, chunk_size,
+                                      return_stats)
 
 
 def linear_distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,

@@ -192,10 +192,21 @@ def distillation_loss_reference(student_logits: torch.Tensor, teacher_logits: to
 
 
 def token_logprobs_reference(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
-                             return_entropy: bool = False):
+                             return_entropy: bool = False, return_stats: bool = False):
     """fastloss.token_logprobs in plain float64 PyTorch: log softmax(logits / T)[token] per position (shape
     tokens.shape == logits.shape[:-1]) and, with return_entropy, the tuple (logprobs, entropy) with
-    entropy = -sum p log p of the same tempered softmax (0 log 0 = 0, with a zero gradient there)."""
+    entropy = -sum p log p of the same tempered softmax (0 log 0 = 0, with a zero gradient there).
+
+    return_stats: the 5-tuple (logprobs, entropy or None, log_sum_sq_probs, mean_logits, argmax) of
+    fastloss.TokenStats, with log_sum_sq_probs = log sum_j p_j^2 (a logsumexp of 2 log p), mean_logits the mean of
+    logits / T over the vocabulary and argmax = torch.argmax of the logits; the last three detached (float64,
+    int64)."""
+    if return_stats:
+        lp_ent = token_logprobs_reference(logits, tokens, temperature=temperature, return_entropy=True)
+        x = logits.detach().double()
+        lsm = torch.log_softmax(x / temperature, -1)
+        stats = (torch.logsumexp(2 * lsm, -1), (x / temperature).mean(-1), torch.argmax(x, -1))
+        return (lp_ent[0], lp_ent[1] if return_entropy else None) + stats
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
     x = logits.double()

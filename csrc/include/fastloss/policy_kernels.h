@@ -27,10 +27,20 @@ enum DistillStat : int64_t {
   kLseHard = 3,     // lse of the untempered student logits (hard-label term; 0 without one)
 };
 
+// Per-row statistics of token_logprobs_fwd(stats=True), float64 [N, kTokenStats].
+constexpr int64_t kTokenStats = 2;
+enum TokenStat : int64_t {
+  kLogSumSqProbs = 0,  // log sum_j softmax(x / T)_j^2
+  kMeanLogits = 1,     // mean_j x_j / T
+};
+
 struct PolicyKernels {
-  // logp[r] = log softmax(x[r] / T)[tokens[r]], lse[r] of x[r] / T, and (entropy defined) its entropy.
+  // logp[r] = log softmax(x[r] / T)[tokens[r]], lse[r] of x[r] / T, and (entropy defined) its entropy. With stats
+  // defined (float64 [N, kTokenStats]) and argmax (int64 [N]), from the same pass: log sum_j p_j^2, the mean of
+  // x[r] / T, and the first index of the row's max (fastloss/policy_math.h StatState, ArgMax).
   void (*logprob_forward)(const at::Tensor& x, const at::Tensor& tokens, double inv_temperature,
-                          const at::Tensor& logp, const at::Tensor& entropy, const at::Tensor& lse);
+                          const at::Tensor& logp, const at::Tensor& entropy, const at::Tensor& lse,
+                          const at::Tensor& stats, const at::Tensor& argmax);
   // grad = d(sum_r g_lp[r] logp[r] + g_h[r] H[r]) / dx (either incoming gradient may be undefined: zero).
   // `entropy` is read only with g_h. grad may alias x.
   void (*logprob_backward)(const at::Tensor& x, const at::Tensor& tokens, double inv_temperature,

@@ -6,6 +6,9 @@
 //  * entropy of softmax(z): the state (m, d, w) with w = sum_i e^(z_i - m) (z_i - m). When m grows to m',
 //    d' = r d and w' = r (w + (m - m') d) with r = e^(m - m'); then H = log d - w / d. Kept relative to the
 //    running max, a one-hot row (logits near 1e30, say) gives w = 0 and H = 0 exactly.
+//  * TRL's per-token statistics (token_logprobs_fwd with stats): the entropy state grown by q = sum e^(2 (z - m))
+//    (rescaled by r^2) and s = sum z, so log sum p^2 = log q - 2 log d and mean z = s / V; the argmax of the raw
+//    logits as a (best value, first index) pair per thread or SIMD pass, merged with ties to the smaller index.
 //  * KL(a || b) of two rows of logits: the state (m, d, u) of a with u = sum_i e^(a_i - m) (a_i - b_i) (rescaled
 //    by r only), and the plain (m, d) of b: KL = u / d_a - lse_a + lse_b. Terms with e^(a_i - m) = 0 count 0
 //    (a masked teacher entry: 0 log 0 = 0); a_i finite with b_i = -inf gives +inf, as it should.
@@ -23,6 +26,7 @@
 #pragma once
 
 #include "fastloss/math.h"
+#include "fastloss/topk.h"
 
 namespace fastloss {
 namespace math {
@@ -107,6 +111,105 @@ FL_HD EntState<V> ent_merge(EntState<V> a, EntState<V> b) {
 template <class T>
 FL_HD T ent_entropy(EntState<T> s) {
   return Ops<T>::log(s.d) - s.w / s.d;
+}
+
+// ---------------------------------------------------------------- token statistics state (m, d, w, q, s)
+//
+// The entropy state plus what TRL's per-token statistics need from the same pass over z = x / T:
+// q = sum e^(2 (z - m)) (rescaled by r^2 when the max grows: log sum p^2 = log q - 2 log d) and the plain sum
+// s = sum z (the mean of the tempered logits over the vocabulary). The row's argmax is kept apart, on the raw
+// logits (ArgMax below).
+
+template <class V>
+struct StatState {
+  V m;
+  V d;
+  V w;  // sum e^(z - m) (z - m)
+  V q;  // sum e^(2 (z - m))
+  V s;  // sum z
+};
+
+template <class V>
+FL_HD StatState<V> stat_init() {
+  return {lowest_of<V>(), Ops<V>::splat(0.0f), Ops<V>::splat(0.0f), Ops<V>::splat(0.0f), Ops<V>::splat(0.0f)};
+}
+
+// As ent_rescale, with q' = r^2 q (q <= d is finite, so no 0 * inf guard is needed).
+template <class V>
+FL_HD StatState<V> stat_rescale(StatState<V> s, V m1) {
+  using O = Ops<V>;
+  const V r = exp_nonpos(s.m - m1);
+  const V rd = s.d * r;
+  return {m1, rd, O::fma(rd, O::max(lowest_of<V>(), s.m - m1), times_prob(r, s.w)), s.q * (r * r), s.s};
+}
+
+template <class V, int N>
+FL_HD StatState<V> stat_update_block(StatState<V> s, const V (&z)[N]) {
+  using O = Ops<V>;
+  V m = s.m;
+FL_UNROLL
+  for (int i = 0; i < N; ++i) m = O::max(m, z[i]);
+  s = stat_rescale(s, m);
+FL_UNROLL
+  for (int i = 0; i < N; ++i) {
+    const V t = z[i] - m;
+    const V e = exp_nonpos(t);
+    s.d = s.d + e;
+    s.w = O::fma(e, O::max(lowest_of<V>(), t), s.w);
+    s.q = O::fma(e, e, s.q);
+    s.s = s.s + z[i];
+  }
+  return s;
+}
+
+template <class V>
+FL_HD StatState<V> stat_update(StatState<V> s, V z) {
+  const V one[1] = {z};
+  return stat_update_block(s, one);
+}
+
+template <class V>
+FL_HD StatState<V> stat_merge(StatState<V> a, StatState<V> b) {
+  const V m = Ops<V>::max(a.m, b.m);
+  a = stat_rescale(a, m);
+  b = stat_rescale(b, m);
+  return {m, a.d + b.d, a.w + b.w, a.q + b.q, a.s + b.s};
+}
+
+// log sum_j p_j^2 = log q - 2 log d (double, once per row).
+FL_HD double stat_log_sum_sq(double q, double d) { return ::log(q) - 2.0 * ::log(d); }
+
+// The first index of a row's maximum, as torch.argmax: NaN ranks above every number (the first NaN wins), ties go
+// to the smaller index. (v, i) starts at (-inf, 0): a row of -inf only has argmax 0. Each thread (or SIMD pass)
+// meets its elements in increasing index order, so a newcomer replaces the best only when strictly before it.
+template <class T>
+struct ArgMax {
+  T v;
+  int64_t i;
+};
+
+template <class T>
+FL_HD ArgMax<T> argmax_init() {
+  return {-Limits<T>::inf, 0};
+}
+
+// The better of two (softmax_topk's ranking, fastloss/topk.h): commutative, so every lane of a butterfly agrees.
+template <class T>
+FL_HD ArgMax<T> argmax_merge(ArgMax<T> a, ArgMax<T> b) {
+  return topk_before(b.v, b.i, a.v, a.i) ? b : a;
+}
+
+// Fold one element at index i (indices increasing over the calls).
+template <class T>
+FL_HD void argmax_update(ArgMax<T>& best, T v, int64_t i) {
+  if (topk_before(v, i, best.v, best.i)) best = {v, i};
+}
+
+// Whether a block whose (NaN-propagating) max is bm can hold an element ranked before the best so far: bm above
+// it, or NaN while the best is a number. Nothing can once the best is NaN.
+template <class T>
+FL_HD bool argmax_may_improve(ArgMax<T> best, T bm) {
+  return best.v == best.v && !(bm <= best.v);
 }
 
 // ---------------------------------------------------------------- weighted state (m, d, u)
