@@ -195,19 +195,16 @@ class _FastlossLogProbs:
                              "log-probability kernels").apply(hidden, weight, bias, targets, temperature, chunk_size,
                                                               final_logit_softcapping, logit_scale, outputs)
         h, W, b = _head(hidden, weight, bias, logit_scale)
-        want_entropy = "entropy" in outputs
-        want_stats = any(o in outputs for o in _OUTPUTS[1:])
-        stats = {"return_stats": True} if want_stats else {}
-        out = fastloss.linear_token_logprobs(h, W, targets, bias=b, temperature=temperature,
-                                             return_entropy=want_entropy, **stats)
-        if want_stats:
-            lp, ent = out.logprobs, out.entropy
-            lsq = out.log_sum_sq_probs.float() if "log_sum_sq_probs" in outputs else None
-            mean = out.mean_logits.float() if "mean_logits" in outputs else None
-            top1 = out.argmax == targets if "is_top1" in outputs else None
-        else:
-            (lp, ent), lsq, mean, top1 = (out if want_entropy else (out, None)), None, None, None
-        return lp.float(), (ent.float() if ent is not None else None), lsq, mean, top1
+        # Every call computes every output (one pass; the GEMMs dominate): the log-probs then come from the same
+        # arithmetic whatever TRL asks for, so a policy asking for the entropy and its reference model not asking
+        # give exactly equal log-probs at equal weights (KL 0, ratio 1), as with TRL's own kernels. An unused
+        # output costs nothing in the backward (its gradient is None: no entropy term).
+        out = fastloss.linear_token_logprobs(h, W, targets, bias=b, temperature=temperature, return_entropy=True,
+                                             return_stats=True)
+        pick = lambda name, x: x if name in outputs else None  # noqa: E731
+        return (out.logprobs.float(), pick("entropy", out.entropy.float()),
+                pick("log_sum_sq_probs", out.log_sum_sq_probs.float()), pick("mean_logits", out.mean_logits.float()),
+                pick("is_top1", out.argmax == targets))
 
 
 class _FastlossDivergence:
