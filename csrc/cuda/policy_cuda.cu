@@ -222,7 +222,10 @@ __global__ void __launch_bounds__(kThreads) logprob_stats_forward_kernel(const L
         for (int e = 0; e < M; ++e) fm::argmax_update(rs.best, v[e], c0 + col_off<K>(e, cs));
       }
     };
-    row_pass<kLoads, false, false>(r.x, r.x, static_cast<T*>(nullptr), a.V, aligned_head(r.x, a.V), tid, nt, visit);
+    // 16 elements per callback (both 2-byte vectors at once): one rescale and one argmax test per 16, as the
+    // default kernel's segment_visit.
+    row_pass<kLoads, false, false, 16>(r.x, r.x, static_cast<T*>(nullptr), a.V, aligned_head(r.x, a.V), tid, nt,
+                                       visit);
     rs = block_allreduce(rs);
     if (tid == 0) {
       const fm::StatState<acc>& st = rs.st;

@@ -232,19 +232,21 @@ __device__ __forceinline__ int64_t col_off(int e, int64_t cs) {
   return static_cast<int64_t>(e / K) * cs + e % K;
 }
 
-// Vectors per callback: 8 elements of 2-byte types, 8 floats, 8 doubles (capped by the loads in flight).
-template <typename T, int kLoads>
-constexpr int kChunkOf = std::min(kLoads, std::max(1, 8 / kVecOf<T>));
+// Vectors per callback: kMaxElems (by default 8) elements of 2-byte types, 8 floats, 8 doubles (capped by the
+// loads in flight).
+template <typename T, int kLoads, int kMaxElems = 8>
+constexpr int kChunkOf = std::min(kLoads, std::max(1, kMaxElems / kVecOf<T>));
 
 // f(va, vb, c0, cs): va the elements of a, vb those of b (when kTwo; otherwise va again). f may modify va; with
 // kStore, the values f leaves in va are then stored to out (which may alias a: every element is read before it is
-// written, by the same thread). `head` must align a, b (kTwo) and out (kStore) alike.
-template <int kLoads, bool kTwo, bool kStore, typename T, typename F>
+// written, by the same thread). `head` must align a, b (kTwo) and out (kStore) alike. kMaxElems caps the elements
+// per callback (a reduction with a per-callback cost, a rescale, takes 16: one callback per two 2-byte vectors).
+template <int kLoads, bool kTwo, bool kStore, int kMaxElems = 8, typename T, typename F>
 __device__ __forceinline__ void row_pass(const T* a, const T* b, T* out, int64_t n, int64_t head, int tid, int nt,
                                          F&& f) {
   using acc = acc_t<T>;
   constexpr int K = kVecOf<T>;
-  constexpr int kChunk = kChunkOf<T, kLoads>;
+  constexpr int kChunk = kChunkOf<T, kLoads, kMaxElems>;
   static_assert(kLoads % kChunk == 0);
   using P = Pack<T, K>;
   FL_ROW_TRAFFIC(tid, n * sizeof(T) * (kTwo ? 2 : 1), kStore ? n * sizeof(T) : 0);
