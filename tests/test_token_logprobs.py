@@ -666,3 +666,63 @@ def test_stats_torch_compile_fullgraph(device):
     b[0].backward()
     assert torch.allclose(a[0], b[0], rtol=1e-5) and torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-7)
     assert torch.allclose(a[1], b[1]) and torch.allclose(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
+# ---------------------------------------------------------------- linear version: softcap, unused outputs
+
+
+def _capped(h, W, b, c):
+    return c * torch.tanh(F.linear(h, W, b) / c)
+
+
+@pytest.mark.parametrize("chunk", [3, "auto"])
+@pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
+def test_linear_softcap_matches_reference(chunk, which, device):
+    """linear_token_logprobs(softcap=c): c tanh(logits / c) before the temperature (Gemma's head, TRL's order),
+    values, stats and gradients of h, W, b against the float64 reference on the capped logits."""
+    lead = (11,)
+    h, W, b = _linear(lead, device=device, seed=23)
+    h2 = (h.detach() * 4).requires_grad_()  # logits across several caps: tanh bends them
+    tok = _tokens(lead, device=device)
+    c = 1.5
+    out = fastloss.linear_token_logprobs(h2, W, tok, bias=b, temperature=0.8, return_entropy=True,
+                                         return_stats=True, softcap=c, chunk_size=chunk)
+    ref = ref_lp(_capped(h2, W, b, c), tok, temperature=0.8, return_entropy=True, return_stats=True)
+    for got, want in zip(out[:4], ref[:4]):
+        assert rel_err(got, want) <= RTOL64
+    assert torch.equal(out.argmax, ref[4])
+    a, bb = _weights(lead, device, 2), _weights(lead, device, 3)
+    params = (h2, W, b)
+    ga = torch.autograd.grad(_objective(out.logprobs, out.entropy, a, bb, which), params)
+    gr = torch.autograd.grad(_objective(ref[0], ref[1], a, bb, which), params)
+    for x, y in zip(ga, gr):
+        assert rel_err(x, y) <= GTOL64
+    # without a cap the same call is the plain head (the cap really changes the values)
+    plain = fastloss.linear_token_logprobs(h2, W, tok, bias=b, temperature=0.8, chunk_size=chunk)
+    assert rel_err(plain, ref[0]) > 1e-3
+
+
+def test_linear_softcap_bad_values(device):
+    h, W, b = _linear((4,), device=device)
+    tok = _tokens((4,), device=device)
+    for bad in (0.0, -1.0, math.inf, math.nan, True, "30"):
+        with pytest.raises(ValueError, match="`softcap` must be a finite value > 0"):
+            fastloss.linear_token_logprobs(h, W, tok, softcap=bad)
+
+
+def test_linear_gradient_with_unused_outputs(device):
+    """An entropy computed but not differentiated (the backward then gets None for it, not zeros: no entropy term
+    is computed) gives the log-probs-only gradient; a loss on the entropy alone gives the entropy's gradient."""
+    lead = (9,)
+    h, W, b = _linear(lead, device=device, seed=24)
+    tok = _tokens(lead, device=device)
+    lp, ent = fastloss.linear_token_logprobs(h, W, tok, bias=b, return_entropy=True, chunk_size=4)
+    g_with = torch.autograd.grad(lp.sum(), (h, W, b))
+    lp_alone = fastloss.linear_token_logprobs(h, W, tok, bias=b, chunk_size=4)
+    g_alone = torch.autograd.grad(lp_alone.sum(), (h, W, b))
+    for x, y in zip(g_with, g_alone):
+        assert rel_err(x, y) <= GTOL64
+    lp, ent = fastloss.linear_token_logprobs(h, W, tok, bias=b, return_entropy=True, chunk_size=4)
+    (g_ent,) = torch.autograd.grad(ent.sum(), h)
+    _, rent = ref_lp(F.linear(h, W, b), tok, return_entropy=True)
+    assert rel_err(g_ent, torch.autograd.grad(rent.sum(), h)[0]) <= GTOL64

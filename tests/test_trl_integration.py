@@ -128,12 +128,39 @@ def test_logprobs_under_bf16_autocast_within_bf16_bounds():
         assert rel_err(o.double(), r) <= 2e-2 and rel_err(th.double(), r) <= 2e-2, name
 
 
-def test_softcap_runs_trls_own_with_a_warning():
+@pytest.mark.parametrize("outputs", [("log_probs",), ALL])
+@pytest.mark.parametrize("logit_scale", [1.0, 0.5])
+def test_softcapped_head_on_fastloss(outputs, logit_scale):
+    """Gemma's final_logit_softcapping: c * tanh(scale * logits / c) / T, values and gradients of every output
+    against the float64 reference and TRL's own."""
     h, W, b, t = _inputs()
+    h = h * 3  # logits of several softcaps: the cap bends them
+    c = 2.5
+    ours, g_ours = _run(fl_trl._FastlossLogProbs, h, W, b, t, 0.8, logit_scale, outputs, softcap=c)
+    theirs, g_theirs = _run(TRLLogProbs, h, W, b, t, 0.8, logit_scale, outputs, softcap=c)
+    leaves = [x.clone().requires_grad_() for x in (h, W, b)]
+    logits = leaves[0].double() @ leaves[1].double().t() + leaves[2].double()
+    capped = c * torch.tanh(logits * logit_scale / c)
+    ref = _reference(capped, torch.eye(V, dtype=torch.float64), None, t, 0.8, 1.0)
+    for name, o, th, r in zip(ALL, ours, theirs, ref):
+        if name not in outputs:
+            assert o is None and th is None
+        elif name == "is_top1":
+            assert torch.equal(o, th) and torch.equal(o, r)
+        else:
+            assert rel_err(o.double(), r) <= 1e-6 and rel_err(o.double(), th.double()) <= 1e-6, name
+    g_ref = torch.autograd.grad(_objective((ref[0], ref[1] if "entropy" in outputs else None)), leaves)
+    for go, gt, gr in zip(g_ours, g_theirs, g_ref):
+        assert rel_err(go, gr) <= 1e-6 and rel_err(go, gt) <= 1e-5
+
+
+def test_softcapped_divergence_runs_trls_own_with_a_warning():
+    hs, Ws, bs, _ = _inputs(seed=1)
+    ht, Wt, bt, _ = _inputs(seed=2)
+    fl_trl.patch_trl()
     with pytest.warns(fl_trl.TRLFallbackWarning, match="final_logit_softcapping"):
-        fl_trl.patch_trl()
-        ours = fl_trl._FastlossLogProbs.apply(h, W, b, t, 1.0, 32768, 3.0, 1.0, ALL)
-    theirs = TRLLogProbs.apply(h, W, b, t, 1.0, 32768, 3.0, 1.0, ALL)
+        ours = fl_trl._FastlossDivergence.apply(hs, Ws, bs, ht, Wt, bt, 0.5, 1.0, 1.0, 3.0, 1.0, None)
+    theirs = TRLDivergence.apply(hs, Ws, bs, ht, Wt, bt, 0.5, 1.0, 1.0, 3.0, 1.0, None)
     for o, th in zip(ours, theirs):
         assert torch.equal(o, th)
 

@@ -10,6 +10,8 @@ keep what the backward needs -- per-row statistics, never logits -- and recomput
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from torch.autograd.function import once_differentiable
@@ -179,14 +181,24 @@ def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temp
 # ---------------------------------------------------------------- token log-probabilities
 
 
+def _softcap_(logits, softcap):
+    """logits <- softcap * tanh(logits / softcap), in place (the formula of Gemma's head and of TRL: a -inf logit
+    gives -softcap)."""
+    return logits.div_(softcap).tanh_().mul_(softcap)
+
+
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats=False):
+    def forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats=False, softcap=None):
+        # Outputs nobody differentiates get no gradient (None, not zeros): an entropy computed for logging adds no
+        # term to the backward (TRL's ChunkedLogProbFunction does the same).
+        ctx.set_materialize_grads(False)
         with no_autocast(h.device):
-            return _LinearTokenLogprobs._forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats)
+            return _LinearTokenLogprobs._forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats,
+                                                 softcap)
 
     @staticmethod
-    def _forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats):
+    def _forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats, softcap):
         ops = torch.ops.fastloss
         head = _Head(h, W, b)
         N = h.shape[0]
@@ -199,6 +211,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         for s in range(0, N, chunk_rows):
             e = min(N, s + chunk_rows)
             logits = head.logits(head.rows(s, e))
+            if softcap is not None:
+                _softcap_(logits, softcap)
             lp_c, ent_c, lse_c, st_c, am_c = ops.token_logprobs_fwd(logits, tokens[s:e], temperature, entropy, stats)
             lp[s:e], lse[s:e] = lp_c, lse_c
             if entropy:
@@ -206,7 +220,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             if stats:  # the statistics of the same pass over the chunk's logits
                 st[s:e], am[s:e] = st_c, am_c
             del logits
-        ctx.args = (temperature, chunk_rows, want, entropy)
+        ctx.args = (temperature, chunk_rows, want, entropy, softcap, dev)
         if any(want):
             ctx.save_for_backward(h, W, b, tokens, lse, ent)
         ctx.mark_non_differentiable(lse, st, am)
@@ -215,13 +229,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_lp, g_ent, _g_lse, _g_st, _g_am):
-        with no_autocast(g_lp.device):
+        if g_lp is None and (g_ent is None or not ctx.args[3]):
+            return (None,) * 10
+        with no_autocast(ctx.args[5]):
             return _LinearTokenLogprobs._backward(ctx, g_lp, g_ent)
 
     @staticmethod
     def _backward(ctx, g_lp, g_ent):
         ops = torch.ops.fastloss
-        temperature, chunk_rows, want, entropy = ctx.args
+        temperature, chunk_rows, want, entropy, softcap, _ = ctx.args
         h, W, b, tokens, lse, ent = ctx.saved_tensors
         head = _Head(h, W, b)
         grads = _Grads(head, W, want)
@@ -230,27 +246,41 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             e = min(N, s + chunk_rows)
             hc = head.rows(s, e)
             logits = head.logits(hc)
+            if softcap is not None:  # d cap / d logits = 1 - tanh^2, kept beside the chunk (its budget counts two)
+                t = logits.div_(softcap).tanh_()
+                dcap = torch.addcmul(torch.ones_like(t), t, t, value=-1)
+                logits = t.mul_(softcap)
             ops.token_logprobs_bwd_(logits, g_lp[s:e] if g_lp is not None else None,
                                     g_ent[s:e] if (entropy and g_ent is not None) else None, tokens[s:e], lse[s:e],
                                     ent[s:e] if entropy else ent, temperature)
+            if softcap is not None:
+                logits.mul_(dcap)
+                del dcap
             grads.add_chunk(logits, hc, head, s, e)
             del logits
-        return (*grads.result(h, W, b), None, None, None, None, None, None)
+        return (*grads.result(h, W, b), None, None, None, None, None, None, None)
 
 
 def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return_entropy, chunk_size,
-                               return_stats=False):
+                               return_stats=False, softcap=None):
     fn = "linear_token_logprobs"
     _check_head(fn, "hidden", "weight", "bias", hidden, weight, bias)
     lead = tuple(hidden.shape[:-1])
     check_tokens(fn, "tokens", tokens, lead)
     temperature = check_temperature(fn, temperature)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+            raise ValueError(f"fastloss.{fn}: `softcap` must be a finite value > 0 (or None), got {softcap!r}")
+        softcap = float(softcap)
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     N, V = h.shape[0], weight.shape[0]
-    chunk_rows = resolve_chunk_rows(chunk_size, N, V, hidden.dtype, h.device, fn=fn)
+    # with a softcap the backward keeps d cap / d logits beside each chunk: two chunk buffers in the budget
+    chunk_rows = resolve_chunk_rows(chunk_size, N, V, hidden.dtype, h.device, fn=fn,
+                                    buffers=1 if softcap is None else 2)
     want = _wants(hidden, weight, bias)
     lp, ent, _, st, am = _LinearTokenLogprobs.apply(h, weight.contiguous(), bias, tokens.reshape(-1), temperature,
-                                                    bool(return_entropy), chunk_rows, want, bool(return_stats))
+                                                    bool(return_entropy), chunk_rows, want, bool(return_stats),
+                                                    softcap)
     out = out_dtype(hidden.dtype)
     lp = lp.to(out).view(lead)
     ent = ent.to(out).view(lead) if return_entropy else None

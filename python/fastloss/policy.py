@@ -139,7 +139,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
-                          return_stats: bool = False, chunk_size="auto"):
+                          return_stats: bool = False, softcap: Optional[float] = None, chunk_size="auto"):
     """:func:`token_logprobs` of ``hidden @ weight.T (+ bias)`` without the N x V logits: token chunks, one chunk's
     logits alive at a time. hidden (..., D), weight (V, D), bias (V,), tokens (...). Differentiable in hidden,
     weight and bias; the backward recomputes each chunk's logits (the incoming gradients are per token, unknown
@@ -147,11 +147,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
 
     ``return_stats=True``: a :class:`TokenStats`, as :func:`token_logprobs`, the statistics from the forward's
     chunks (no extra pass; the backward is the same).
+    softcap: the logits are ``softcap * tanh(logits / softcap)`` (Gemma 2 / 3's final-logit softcapping, before
+    the temperature), with its gradient: applied to each chunk's logits by torch in place, not fused into the
+    kernel (one more read and write of the chunk; the backward keeps ``1 - tanh^2`` beside it). A -inf logit (a
+    -inf bias entry) becomes -softcap, as in the model's own code.
+    Outputs whose gradient is not needed (an entropy for logging) add nothing to the backward.
     chunk_size: tokens per chunk, or "auto" (a logits budget of 256 MiB, as :func:`linear_cross_entropy`).
     """
 
     return linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return_entropy, chunk_size,
-                                      return_stats)
+                                      return_stats, softcap)
 
 
 def linear_distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,

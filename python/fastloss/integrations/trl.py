@@ -15,6 +15,8 @@ arguments mapped one to one:
 
 * ``temperature`` -> the same; ``logit_scale`` (Cohere, Granite, ...) -> the hidden states and bias scaled by it,
   which is the same linear map (the argmax, mean logit and statistics follow the scaled logits, as in TRL);
+  ``final_logit_softcapping`` (Gemma 2 / 3) -> ``linear_token_logprobs(softcap=)``, after the scale, before the
+  temperature, as TRL applies them;
 * the projection's compute dtype is TRL's: the autocast dtype when autocast is on, else the hidden states' dtype
   (``cast_lm_head_to_fp32`` reaches here as float32 hidden states outside autocast); the weight is cast to it;
 * gradients: ``log_probs`` and ``entropy`` are differentiable in the hidden states, weight and bias; the other
@@ -22,8 +24,8 @@ arguments mapped one to one:
   the backward (TRL's ``set_materialize_grads(False)``);
 * outputs are float32 (``is_top1`` bool), as TRL's.
 
-Not on fastloss (yet), and then TRL's own function runs, with a :class:`TRLFallbackWarning` saying why:
-``final_logit_softcapping`` (Gemma 2 / 3 style heads). The vocabulary chunk size TRL passes is not used: fastloss
+Not on fastloss (yet), and then TRL's own function runs, with a :class:`TRLFallbackWarning` saying why: the chunked
+divergence of a softcapped student or teacher head. The vocabulary chunk size TRL passes is not used: fastloss
 chunks tokens (:func:`fastloss.linear_token_logprobs`'s ``chunk_size="auto"``).
 
 Supported TRL versions: ``SUPPORTED_TRL`` (checked at :func:`patch_trl`; a version outside it, or a TRL whose
@@ -189,18 +191,13 @@ class _FastlossLogProbs:
             raise RuntimeError(f"fastloss.integrations.trl: TRL asked the fused LM head for {sorted(unknown)}, "
                                f"which fastloss does not compute (TRL {_trl().__version__}; supported "
                                f"{','.join(SUPPORTED_TRL)})")
-        if final_logit_softcapping is not None:
-            return _fallback("_ChunkedLogProbFunction",
-                             f"final_logit_softcapping={final_logit_softcapping} is not in fastloss's token "
-                             "log-probability kernels").apply(hidden, weight, bias, targets, temperature, chunk_size,
-                                                              final_logit_softcapping, logit_scale, outputs)
         h, W, b = _head(hidden, weight, bias, logit_scale)
         # Every call computes every output (one pass; the GEMMs dominate): the log-probs then come from the same
         # arithmetic whatever TRL asks for, so a policy asking for the entropy and its reference model not asking
         # give exactly equal log-probs at equal weights (KL 0, ratio 1), as with TRL's own kernels. An unused
         # output costs nothing in the backward (its gradient is None: no entropy term).
         out = fastloss.linear_token_logprobs(h, W, targets, bias=b, temperature=temperature, return_entropy=True,
-                                             return_stats=True)
+                                             return_stats=True, softcap=final_logit_softcapping)
         pick = lambda name, x: x if name in outputs else None  # noqa: E731
         return (out.logprobs.float(), pick("entropy", out.entropy.float()),
                 pick("log_sum_sq_probs", out.log_sum_sq_probs.float()), pick("mean_logits", out.mean_logits.float()),
