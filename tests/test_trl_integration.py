@@ -232,14 +232,24 @@ def _fastloss_events(fn):
     return out, sum(1 for e in prof.events() if e.name.startswith("fastloss::"))
 
 
-def test_fused_lm_head_of_a_tiny_model_runs_on_fastloss():
+def _tiny_model(family):
     transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if family == "gemma2":  # final-logit softcapping (small, so that it bends these logits)
+        cfg = transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=0.75)
+        return transformers.Gemma2ForCausalLM(cfg)
+    if family == "cohere":  # logit_scale
+        return transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.25))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "cohere"])
+def test_fused_lm_head_of_a_tiny_model_runs_on_fastloss(family):
     from trl.trainer.utils import add_fused_lm_head
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = _tiny_model(family)
     add_fused_lm_head(model, temperature=0.9, outputs=ALL)
     ids = torch.randint(0, 97, (3, 11))
     labels = ids.clone()
@@ -253,7 +263,8 @@ def test_fused_lm_head_of_a_tiny_model_runs_on_fastloss():
         return out, [p.grad.clone() for p in model.parameters()]
 
     (theirs, g_theirs), n_trl = _fastloss_events(step)
-    with fl_trl.use_fastloss():
+    with fl_trl.use_fastloss(), warnings.catch_warnings():
+        warnings.simplefilter("error", fl_trl.TRLFallbackWarning)  # every family on fastloss, none falls back
         (ours, g_ours), n_fl = _fastloss_events(step)
     assert n_trl == 0 and n_fl > 0
     assert torch.equal(ours.label_mask, theirs.label_mask)
