@@ -18,7 +18,8 @@ Implementations: ``fastloss`` (``fastloss.distillation_loss`` / ``linear_distill
 ``linear_token_logprobs``; skipped while the installed fastloss lacks the function), ``torch-eager`` (the composite a
 user writes, the speed-up baseline), ``torch-compile`` (``torch.compile`` of that composite) and, on the linear
 suites, ``trl`` (TRL's ``ChunkedLogProbFunction`` / ``ChunkedDivergenceFunction``, what its trainers run without
-fastloss; skipped when TRL is not installed; issue #21). The linear
+fastloss; skipped when TRL is not installed; issue #21) and ``fastloss-trl`` (what they run after
+``fastloss.integrations.trl.patch_trl()``: the shims, which compute every per-token output TRL can ask for). The linear
 composites materialise the logits (``h @ W.T``) and then run the logits composite; with ``--memory`` (CPU) or on
 CUDA the peak-memory column shows what that costs next to fastloss's chunks.
 
@@ -469,6 +470,16 @@ def _linear_distillation_suite(name: str, divergence: str, beta: float) -> Suite
 
     suite.add(Impl("trl", trl_impl, f"TRL's ChunkedDivergenceFunction (beta={trl_beta}; Triton on CUDA, torch tiles "
                    "elsewhere), mean over N", requires=("trl",)))
+
+    def shim_impl(problem: Problem) -> Callable[..., torch.Tensor]:
+        from fastloss.integrations.trl import _FastlossDivergence
+
+        temp = _temperature(problem)
+        return lambda hs, ws, ht, wt: _FastlossDivergence.apply(hs, ws, None, ht, wt, None, trl_beta, temp, 1.0, None,
+                                                                1.0, None)[0].mean()
+
+    suite.add(Impl("fastloss-trl", shim_impl, "what TRL's trainers run after fastloss.integrations.trl.patch_trl(): "
+                   "the divergence and the student's entropy, mean over N"))
     return suite
 
 
@@ -523,6 +534,17 @@ def _trl_linear_token_logprobs(problem: Problem) -> Callable[..., torch.Tensor]:
         h, w, None, tokens, temp, 32768, None, 1.0, ("log_probs", "entropy"))[:2], dim=-1)
 
 
+def _shim_linear_token_logprobs(problem: Problem) -> Callable[..., torch.Tensor]:
+    from fastloss.integrations.trl import _FastlossLogProbs
+
+    temp = _temperature(problem)
+    return lambda h, w, tokens: torch.stack(_FastlossLogProbs.apply(
+        h, w, None, tokens, temp, 32768, None, 1.0, ("log_probs", "entropy"))[:2], dim=-1)
+
+
+LINEAR_TOKEN_LOGPROBS.add(Impl("fastloss-trl", _shim_linear_token_logprobs,
+                               "what TRL's fused LM head runs after fastloss.integrations.trl.patch_trl() (every "
+                               "output computed, log_probs + entropy returned)"))
 LINEAR_TOKEN_LOGPROBS.add(Impl("trl", _trl_linear_token_logprobs,
                                "TRL's ChunkedLogProbFunction (the trainers' fused LM head; Triton on CUDA, torch tiles "
                                "elsewhere), log_probs + entropy", requires=("trl",)))
