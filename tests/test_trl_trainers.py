@@ -112,6 +112,30 @@ def _dpo(model, tok, tmp_path, tag):
                           processing_class=tok)
 
 
+def _lora():
+    peft = pytest.importorskip("peft")
+
+    # init_lora_weights=False: B is random too, so the adapters change the head's input from the first step
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+def _sft_lora(model, tok, tmp_path, tag):
+    """SFT of LoRA adapters, the trainer wrapping the model with PEFT (the fused head is added before, as TRL does)."""
+    prompts = tiny.texts(8, 2, 5, 1)
+    ds = datasets.Dataset.from_dict({"prompt": prompts, "completion": _mixed(model, tok, prompts, 2)})
+    args = trl.SFTConfig(**_common(tmp_path, tag), max_length=16)
+    return trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_lora())
+
+
+def _dpo_lora(model, tok, tmp_path, tag):
+    """DPO of LoRA adapters with no reference model: TRL's reference is the policy with its adapters disabled."""
+    prompts = tiny.texts(8, 2, 5, 1)
+    ds = datasets.Dataset.from_dict({"prompt": prompts, "chosen": _mixed(model, tok, prompts, 2),
+                                     "rejected": _completions(8, 2, 6, 3)})
+    args = trl.DPOConfig(**_common(tmp_path, tag), max_length=16)
+    return trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_lora())
+
+
 def _kto(model, tok, tmp_path, tag):
     ds = datasets.Dataset.from_dict({"prompt": tiny.texts(8, 2, 5, 1), "completion": _completions(8, 2, 6, 2),
                                      "label": [True, False, False, True, True, False, True, False]})
@@ -161,6 +185,8 @@ HEAD_METRICS = {
 }
 
 TRAINERS = {"sft": _sft, "dpo": _dpo, "kto": _kto, "grpo": _grpo, "rloo": _rloo,
+            # PEFT LoRA adapters, the trainer wrapping the model (peft_config=)
+            "sft_lora": _sft_lora, "dpo_lora": _dpo_lora,
             # beta: 0 forward KL, 1 reverse KL (TRL's default), else the generalized JSD
             "distill_jsd": _distill(0.5), "distill_reverse_kl": _distill(1.0), "distill_forward_kl": _distill(0.0)}
 
@@ -197,7 +223,6 @@ def _train(kind, initial, tmp_path, monkeypatch, use_fastloss):
     parameters, the number of fastloss:: op calls and of calls to TRL's own head / divergence."""
     tag = "fastloss" if use_fastloss else "trl"
     model = copy.deepcopy(initial)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tok = tiny.tokenizer()
     generated = []
     generate = model.generate
@@ -221,6 +246,8 @@ def _train(kind, initial, tmp_path, monkeypatch, use_fastloss):
             stack.enter_context(fastloss_context())
         torch.manual_seed(0)
         trainer = TRAINERS[kind](model, tok, tmp_path, tag)
+        # after the trainer is built: with a peft_config the trainer's model is the PeftModel (adapters included)
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.add_callback(RecordGrads())
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             trainer.train()
