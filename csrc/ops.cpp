@@ -65,23 +65,26 @@ TORCH_LIBRARY_FRAGMENT(fastloss, m) {
       "Tensor lse, Tensor entropy, float temperature) -> ()");
   // Distillation from student and teacher logits [N, V]: per-row divergence ("forward_kl" = KL(teacher || student),
   // "reverse_kl", "jsd" with GKD's beta) of the tempered softmaxes, plus hard_weight * cross-entropy of the untempered
-  // student against `target` (rows with target == ignore_index: 0). stats: float64 [N, 4] for the backward.
+  // student against `target` (rows with target == ignore_index: 0). stats: float64 [N, 5] for the backward; its last
+  // column is the entropy of softmax(student / T) from the same pass with student_entropy=True (0 for ignored rows),
+  // else 0 (the kernels without the entropy accumulator).
   m.def(
       "distill_fwd(Tensor student, Tensor teacher, Tensor? target, str divergence, float beta, float temperature, "
-      "int ignore_index, float hard_weight) -> (Tensor loss, Tensor stats)");
+      "int ignore_index, float hard_weight, bool student_entropy=False) -> (Tensor loss, Tensor stats)");
   m.def(
       "distill_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, str divergence, "
       "float beta, float temperature, int ignore_index, float hard_weight) -> Tensor");
   // Forward that also writes d loss_r / d student * grad_scale[r] over the student logits (destroyed).
   m.def(
       "distill_fwd_inplace_grad(Tensor(a!) student, Tensor teacher, Tensor? target, Tensor grad_scale, "
-      "str divergence, float beta, float temperature, int ignore_index, float hard_weight) "
-      "-> (Tensor loss, Tensor stats)");
+      "str divergence, float beta, float temperature, int ignore_index, float hard_weight, "
+      "bool student_entropy=False) -> (Tensor loss, Tensor stats)");
   // The same into a new tensor: the gradient of a reduced loss computed in the forward (Liger's trick without
   // destroying the logits; the backward only rescales it).
   m.def(
       "distill_fwd_grad(Tensor student, Tensor teacher, Tensor? target, Tensor grad_scale, str divergence, "
-      "float beta, float temperature, int ignore_index, float hard_weight) -> (Tensor loss, Tensor stats, Tensor grad)");
+      "float beta, float temperature, int ignore_index, float hard_weight, bool student_entropy=False) "
+      "-> (Tensor loss, Tensor stats, Tensor grad)");
 }
 
 TORCH_LIBRARY_FRAGMENT(fastloss, m) {

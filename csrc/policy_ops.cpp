@@ -127,8 +127,10 @@ void token_logprobs_bwd_inplace_op(const at::Tensor& logits, const std::optional
 std::tuple<at::Tensor, at::Tensor> distill_fwd_op(const at::Tensor& student, const at::Tensor& teacher,
                                                   const std::optional<at::Tensor>& target,
                                                   c10::string_view divergence, double beta, double temperature,
-                                                  int64_t ignore_index, double hard_weight, const PolicyKernels& k) {
-  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
+                                                  int64_t ignore_index, double hard_weight, bool student_entropy,
+                                                  const PolicyKernels& k) {
+  DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
+  p.student_entropy = student_entropy;
   const DistillInputs in = distill_inputs(student, teacher, target, ignore_index);
   const int64_t N = student.size(0);
   at::Tensor loss = new_rows(student, N), stats = at::empty({N, kDistillStats}, loss.options());
@@ -178,8 +180,10 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_inplace_grad_op(const at::Tensor&
                                                                const at::Tensor& grad_scale,
                                                                c10::string_view divergence, double beta,
                                                                double temperature, int64_t ignore_index,
-                                                               double hard_weight, const PolicyKernels& k) {
-  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
+                                                               double hard_weight, bool student_entropy,
+                                                               const PolicyKernels& k) {
+  DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
+  p.student_entropy = student_entropy;
   TORCH_CHECK(student.is_contiguous(), kDistillOp, ": the in-place gradient needs contiguous student logits");
   return distill_forward_with_grad(student, teacher, target, grad_scale, p, student, k);
 }
@@ -190,8 +194,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_grad_op(const at::Ten
                                                                    const at::Tensor& grad_scale,
                                                                    c10::string_view divergence, double beta,
                                                                    double temperature, int64_t ignore_index,
-                                                                   double hard_weight, const PolicyKernels& k) {
-  const DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
+                                                                   double hard_weight, bool student_entropy,
+                                                                   const PolicyKernels& k) {
+  DistillParams p = make_distill_params(divergence, beta, temperature, ignore_index, hard_weight, target);
+  p.student_entropy = student_entropy;
   check_logits(student, kDistillOp, "student_logits");
   at::Tensor grad = at::empty(student.sizes(), student.options());
   auto [loss, stats] = distill_forward_with_grad(student, teacher, target, grad_scale, p, grad, k);

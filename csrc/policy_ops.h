@@ -27,7 +27,8 @@ void token_logprobs_bwd_inplace_op(const at::Tensor& logits, const std::optional
 std::tuple<at::Tensor, at::Tensor> distill_fwd_op(const at::Tensor& student, const at::Tensor& teacher,
                                                   const std::optional<at::Tensor>& target,
                                                   c10::string_view divergence, double beta, double temperature,
-                                                  int64_t ignore_index, double hard_weight, const PolicyKernels& k);
+                                                  int64_t ignore_index, double hard_weight, bool student_entropy,
+                                                  const PolicyKernels& k);
 at::Tensor distill_bwd_op(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
                           const std::optional<at::Tensor>& target, const at::Tensor& stats,
                           c10::string_view divergence, double beta, double temperature, int64_t ignore_index,
@@ -37,15 +38,18 @@ std::tuple<at::Tensor, at::Tensor> distill_fwd_inplace_grad_op(const at::Tensor&
                                                                const at::Tensor& grad_scale,
                                                                c10::string_view divergence, double beta,
                                                                double temperature, int64_t ignore_index,
-                                                               double hard_weight, const PolicyKernels& k);
+                                                               double hard_weight, bool student_entropy,
+                                                               const PolicyKernels& k);
 
-// The same gradient into a new tensor (the logits are kept): loss, stats, grad.
+// The same gradient into a new tensor (the logits are kept): loss, stats, grad. student_entropy (the distill_fwd*
+// ops): stats[:, kStudentEntropy] is the student's entropy from the same pass (the kernels with the accumulator).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_grad_op(const at::Tensor& student,
                                                                    const at::Tensor& teacher,
                                                                    const std::optional<at::Tensor>& target,
                                                                    const at::Tensor& grad_scale,
                                                                    c10::string_view divergence, double beta,
                                                                    double temperature, int64_t ignore_index,
-                                                                   double hard_weight, const PolicyKernels& k);
+                                                                   double hard_weight, bool student_entropy,
+                                                                   const PolicyKernels& k);
 
 }  // namespace fastloss

@@ -109,8 +109,8 @@ struct PolicyDeviceOps {
   }
   static std::tuple<at::Tensor, at::Tensor> distill_fwd(const at::Tensor& s, const at::Tensor& t, const OptT& y,
                                                         c10::string_view div, double beta, double temp, int64_t ii,
-                                                        double hw) {
-    return distill_fwd_op(s, t, y, div, beta, temp, ii, hw, K());
+                                                        double hw, bool ent) {
+    return distill_fwd_op(s, t, y, div, beta, temp, ii, hw, ent, K());
   }
   static at::Tensor distill_bwd(const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, const OptT& y,
                                 const at::Tensor& stats, c10::string_view div, double beta, double temp, int64_t ii,
@@ -120,15 +120,16 @@ struct PolicyDeviceOps {
   static std::tuple<at::Tensor, at::Tensor> distill_fwd_inplace(const at::Tensor& s, const at::Tensor& t,
                                                                 const OptT& y, const at::Tensor& gs,
                                                                 c10::string_view div, double beta, double temp,
-                                                                int64_t ii, double hw) {
-    return distill_fwd_inplace_grad_op(s, t, y, gs, div, beta, temp, ii, hw, K());
+                                                                int64_t ii, double hw, bool ent) {
+    return distill_fwd_inplace_grad_op(s, t, y, gs, div, beta, temp, ii, hw, ent, K());
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_grad(const at::Tensor& s, const at::Tensor& t,
                                                                          const OptT& y, const at::Tensor& gs,
                                                                          c10::string_view div, double beta,
-                                                                         double temp, int64_t ii, double hw) {
-    return distill_fwd_grad_op(s, t, y, gs, div, beta, temp, ii, hw, K());
+                                                                         double temp, int64_t ii, double hw,
+                                                                         bool ent) {
+    return distill_fwd_grad_op(s, t, y, gs, div, beta, temp, ii, hw, ent, K());
   }
 
   static void register_all(torch::Library& m) {

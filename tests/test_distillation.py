@@ -722,3 +722,251 @@ def test_linear_autocast():
     ref_loss(hs64 @ Ws64.t(), ht.double() @ Wt.double().t()).backward()
     assert rel_err(loss, ref_loss(hs64 @ Ws64.t(), ht.double() @ Wt.double().t())) <= 1e-5
     assert rel_err(hs.grad, hs64.grad) <= 1e-5 and rel_err(Ws.grad, Ws64.grad) <= 1e-5
+
+
+# ---------------------------------------------------------------- the student's entropy from the same pass (#21)
+#
+# return_student_entropy=True: the entropy of softmax(student / T) per token from the distillation kernels' own
+# pass (distill_fwd*'s student_entropy: the student's normaliser grows by the entropy accumulator); the loss and its
+# gradients must be those without it (the student's m and d are computed by the same expressions: bitwise,
+# or within _unchanged's bound).
+
+ETOL32 = 2e-6  # relative error norm of the float32 / bf16 / fp16 kernels' entropy against float64 on the same logits
+
+
+def _unchanged(a, b):
+    """The loss / gradient / statistics with the entropy requested against without it: the student's m and d are
+    formed by the same expressions, so they agree bitwise but where the host compiler contracts a multiply-add
+    differently in the two instantiations (seen on the double fold of the reverse KL's state: one ulp of the KL).
+    Bound: a relative error norm of 4 units of the dtype's rounding."""
+    if torch.equal(a, b):
+        return True
+    eps = torch.finfo(a.dtype).eps if a.dtype == torch.float64 else torch.finfo(torch.float32).eps
+    return a.shape == b.shape and rel_err(a, b) <= 4 * eps
+
+
+def _ref_entropy(s, t, **kw):
+    return ref_loss(s, t, return_student_entropy=True, **kw)[1]
+
+
+def _with_entropy_and_grad(s, t, gout=None, **kw):
+    """(loss, entropy, grad) with return_student_entropy=True, and (loss, grad) without it, from equal leaves."""
+    xa, xb = s.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    out, ent = fastloss.distillation_loss(xa, t, return_student_entropy=True, **kw)
+    plain = fastloss.distillation_loss(xb, t, **kw)
+    if gout is None:
+        gout = _upstream(out.shape, s.device, out.dtype)
+    (ga,) = torch.autograd.grad(out, xa, gout)
+    (gb,) = torch.autograd.grad(plain, xb, gout)
+    return out, ent, ga, plain, gb
+
+
+@pytest.mark.parametrize("div,beta", DIVS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("tgt", ["none", "masked", "masked_hard"])
+def test_student_entropy_matches_reference(div, beta, temperature, reduction, tgt, device):
+    lead = (3, 5)
+    s, t = _pair(lead, device=device, seed=40)
+    kw = dict(divergence=div, beta=beta, temperature=temperature, reduction=reduction)
+    if tgt == "masked":
+        kw.update(target=_target(lead, device=device))
+    elif tgt == "masked_hard":
+        kw.update(target=_target(lead, device=device, ignore_index=5), ignore_index=5, hard_weight=0.7)
+    out, ent, ga, plain, gb = _with_entropy_and_grad(s, t, **kw)
+    ref_out, ref_ent = ref_loss(s, t, return_student_entropy=True, **kw)
+    assert ent.shape == lead and ent.dtype == torch.float64 and not ent.requires_grad
+    assert rel_err(ent, ref_ent) <= RTOL64, (ent, ref_ent)
+    assert rel_err(out, ref_out) <= RTOL64
+    if tgt != "none":  # 0 at ignored tokens, and positive elsewhere
+        valid = kw["target"] != kw.get("ignore_index", -100)
+        assert (ent[~valid] == 0).all() and (ent[valid] > 0).all()
+    # the loss and its gradient: those without the entropy
+    assert _unchanged(out, plain) and _unchanged(ga, gb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("div,beta", DIVS3)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_student_entropy_low_precision(dtype, div, beta, reduction, device):
+    lead = (24,)
+    s, t = _pair(lead, v=1000, dtype=dtype, device=device, seed=41)
+    tgt = _target(lead, v=1000, device=device)
+    kw = dict(divergence=div, beta=beta, temperature=1.5, target=tgt, reduction=reduction)
+    out, ent, ga, plain, gb = _with_entropy_and_grad(s, t, **kw)
+    assert ent.dtype == torch.float32 and ent.shape == lead
+    # against float64 on the same rounded logits: only the float32 accumulation differs
+    assert rel_err(ent, _ref_entropy(s.double(), t.double(), **kw)) <= ETOL32
+    assert _unchanged(out, plain) and _unchanged(ga, gb)
+
+
+@pytest.mark.parametrize("v", [1, 7, 37, 1001, 4099])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("div,beta", DIVS3)
+def test_student_entropy_vocabulary_sizes(v, dtype, div, beta, device):
+    lead = (6,)
+    s, t = _pair(lead, v=v, dtype=dtype, device=device, seed=42, scale=3.0)
+    kw = dict(divergence=div, beta=beta, temperature=0.7, reduction="none")
+    out, ent = fastloss.distillation_loss(s, t, return_student_entropy=True, **kw)
+    assert _unchanged(out, fastloss.distillation_loss(s, t, **kw))
+    if v == 1:  # one class: p = 1, entropy 0
+        assert ent.abs().max() <= 1e-7
+        return
+    assert rel_err(ent, _ref_entropy(s.double(), t.double(), **kw)) <= (RTOL64 if dtype == torch.float64 else ETOL32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("div,beta", DIVS3)
+def test_student_entropy_masked_vocabulary(dtype, div, beta, device):
+    """-inf student logits count 0 in -sum p log p; a row with one finite logit has entropy 0; -inf at the same
+    positions in both (a masked vocabulary) for the divergence to stay finite."""
+    v = 1001
+    s, t = _pair((5,), v=v, device="cpu", seed=43, scale=3.0)
+    for x in (s, t):
+        x[0, 500:] = -math.inf
+        x[1, :] = -math.inf
+        x[1, 777] = 2.5  # all but one
+        x[2, 1:] = -math.inf  # all but the first
+        x[3, : v - 1] = -math.inf  # all but the last
+        x[4, ::3] = -math.inf
+    s, t = s.to(dtype).to(device), t.to(dtype).to(device)
+    kw = dict(divergence=div, beta=beta, temperature=0.8, reduction="none")
+    s_req = s.clone().requires_grad_()
+    out, ent = fastloss.distillation_loss(s_req, t, return_student_entropy=True, **kw)
+    ref = _ref_entropy(s, t, **kw)
+    assert torch.isfinite(ent).all()
+    assert rel_err(ent, ref) <= (RTOL64 if dtype == torch.float64 else ETOL32)
+    assert ent[1:4].abs().max() <= 1e-12
+    assert _unchanged(out, fastloss.distillation_loss(s, t, **kw))
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+@pytest.mark.parametrize("with_target", [False, True])
+def test_student_entropy_empty_batch(lead, with_target, device):
+    s, t = _pair(lead, device=device)
+    x = s.clone().requires_grad_()
+    tgt = torch.empty(lead, dtype=torch.long, device=device) if with_target else None
+    for reduction in REDUCTIONS:
+        out, ent = fastloss.distillation_loss(x, t, target=tgt, reduction=reduction, return_student_entropy=True)
+        assert ent.shape == lead and ent.dtype == torch.float64
+    sh, sw, sb, th, tw, tb = _linear(lead, device=device)
+    lo, le = fastloss.linear_distillation_loss(sh, sw, th, tw, student_bias=sb, teacher_bias=tb, target=tgt,
+                                               reduction="sum", return_student_entropy=True)
+    assert le.shape == lead and float(lo.detach()) == 0.0
+
+
+@pytest.mark.parametrize("div,beta", DIVS3)
+@pytest.mark.parametrize("which", ["distill_fwd", "distill_fwd_grad", "distill_fwd_inplace_grad"])
+def test_student_entropy_op_column(div, beta, which, device):
+    """stats[:, 4]: the entropy with student_entropy=True, 0 without it, 0 for ignored rows; columns 0-3 and the
+    loss (and gradient) the same either way."""
+    s, t = _pair((9,), v=300, dtype=torch.float32, device=device, seed=44)
+    tgt = _target((9,), v=300, device=device)
+    opts = (div, beta, 1.3, -100, 0.4)
+    ops = torch.ops.fastloss
+    one = torch.ones(1, dtype=torch.float64, device=device)
+
+    def call(ent):
+        if which == "distill_fwd":
+            return ops.distill_fwd(s, t, tgt, *opts, ent)
+        if which == "distill_fwd_grad":
+            return ops.distill_fwd_grad(s, t, tgt, one, *opts, student_entropy=ent)
+        buf = s.clone()
+        return (*ops.distill_fwd_inplace_grad(buf, t, tgt, one, *opts, ent), buf)
+
+    on, off = call(True), call(False)
+    assert on[1].shape == off[1].shape == (9, 5) and on[1].dtype == torch.float64
+    assert (off[1][:, 4] == 0).all()
+    valid = tgt != -100
+    assert (on[1][~valid, 4] == 0).all() and (on[1][valid, 4] > 0).all()
+    ref = _ref_entropy(s.double(), t.double(), divergence=div, beta=beta, temperature=1.3, target=tgt,
+                       reduction="none")
+    assert rel_err(on[1][:, 4], ref) <= ETOL32
+    assert _unchanged(on[0], off[0]) and _unchanged(on[1][:, :4], off[1][:, :4])
+    for a, b in zip(on[2:], off[2:]):
+        assert _unchanged(a, b)
+    # the default (no argument) is the kernels without the entropy
+    assert torch.equal(ops.distill_fwd(s, t, tgt, *opts)[1], off[1])
+
+
+@pytest.mark.parametrize("chunk", [3, 5, "auto"])
+@pytest.mark.parametrize("div,beta", DIVS3)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_student_entropy_matches_logits_version(chunk, div, beta, reduction, device):
+    lead = (10,)
+    sh, sw, sb, th, tw, tb = _linear(lead, v=1001, device=device, seed=45)
+    tgt = _target(lead, v=1001, device=device)
+    kw = dict(divergence=div, beta=beta, temperature=1.5, target=tgt, reduction=reduction, hard_weight=0.5)
+    out, ent = fastloss.linear_distillation_loss(sh, sw, th, tw, student_bias=sb, teacher_bias=tb, chunk_size=chunk,
+                                                 return_student_entropy=True, **kw)
+    plain = fastloss.linear_distillation_loss(sh, sw, th, tw, student_bias=sb, teacher_bias=tb, chunk_size=chunk,
+                                              **kw)
+    assert ent.shape == lead and ent.dtype == torch.float64 and not ent.requires_grad
+    ref_out, ref_ent = _linear_ref(sh, sw, sb, th, tw, tb, return_student_entropy=True, **kw)
+    assert rel_err(ent, ref_ent) <= RTOL64 and (ent[tgt == -100] == 0).all()
+    assert rel_err(out, ref_out) <= RTOL64
+    # the logits version on materialised logits
+    _, lent = fastloss.distillation_loss(F.linear(sh, sw, sb), F.linear(th, tw, tb), return_student_entropy=True,
+                                         **kw)
+    assert rel_err(ent, lent) <= RTOL64
+    # the loss and the gradients: those without the entropy
+    assert _unchanged(out, plain)
+    params = _student_params(sh, sw, sb)
+    gout = _upstream(out.shape, device)
+    for a, b in zip(torch.autograd.grad(out, params, gout), torch.autograd.grad(plain, params, gout)):
+        assert _unchanged(a, b)
+
+
+def test_linear_student_entropy_bf16_and_no_grad(device):
+    lead = (32,)
+    sh, sw, sb, th, tw, tb = _linear(lead, v=300, dtype=torch.bfloat16, device=device, seed=46)
+    kw = dict(divergence="jsd", beta=0.3, temperature=1.5, reduction="mean")
+    out, ent = fastloss.linear_distillation_loss(sh, sw, th, tw, student_bias=sb, teacher_bias=tb, chunk_size=7,
+                                                 return_student_entropy=True, **kw)
+    assert ent.dtype == torch.float32 and ent.shape == lead and out.dtype == torch.bfloat16
+    with torch.no_grad():
+        _, lent = fastloss.distillation_loss(F.linear(sh, sw, sb), F.linear(th, tw, tb), return_student_entropy=True,
+                                             **kw)
+    # the chunks' GEMMs may run in another compute dtype than bf16 F.linear (float32 on the CPU): within bf16 rounding
+    assert rel_err(ent, lent) <= 5e-3
+    r = [p.detach().double() for p in (sh, sw, sb, th, tw, tb)]
+    assert rel_err(ent, _linear_ref(*r, return_student_entropy=True, **kw)[1]) <= 2e-2
+    with torch.no_grad():
+        out2, ent2 = fastloss.linear_distillation_loss(sh, sw, th, tw, student_bias=sb, teacher_bias=tb,
+                                                       chunk_size=7, return_student_entropy=True, **kw)
+    assert torch.equal(ent, ent2) and torch.equal(out, out2)
+
+
+def test_student_entropy_detects_a_wrong_column():
+    """The tests above can fail: the teacher's entropy (a plausible mix-up of the accumulator's state) is far from
+    the student's."""
+    s, t = _pair((8,), v=300, device="cpu", seed=47)
+    _, ent = fastloss.distillation_loss(s, t, divergence="forward_kl", reduction="none", return_student_entropy=True)
+    teacher_ent = _ref_entropy(t, s, divergence="forward_kl", reduction="none")
+    assert rel_err(ent, teacher_ent) > 1e-2
+
+
+def test_student_entropy_opcheck():
+    s, t = _pair((5,), v=37, dtype=torch.float32, device="cpu", seed=48)
+    tgt = _target((5,), v=37, device="cpu")
+    opts = ("jsd", 0.3, 2.0, -100, 0.5, True)
+    one = torch.ones(1, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastloss.distill_fwd.default, (s, t, tgt, *opts))
+    torch.library.opcheck(torch.ops.fastloss.distill_fwd_grad.default, (s, t, tgt, one, *opts))
+    torch.library.opcheck(torch.ops.fastloss.distill_fwd_inplace_grad.default, (s.clone(), t, tgt, one, *opts))
+
+
+def test_student_entropy_torch_compile_fullgraph(device):
+    def f(s, t):
+        loss, ent = fastloss.distillation_loss(s, t, divergence="jsd", beta=0.3, temperature=1.5,
+                                               return_student_entropy=True)
+        return loss, ent
+
+    s, t = _pair((8,), v=300, dtype=torch.float32, device=device, seed=49)
+    xa, xb = s.clone().requires_grad_(), s.clone().requires_grad_()
+    a = compiled_or_skip(f, xa, t)
+    b = f(xb, t)
+    a[0].backward()
+    b[0].backward()
+    assert torch.allclose(a[0], b[0], rtol=1e-6) and torch.allclose(a[1], b[1], rtol=1e-6)
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-8)

@@ -69,6 +69,24 @@ inline void fold(fm::WState<double>& total, const fm::WState<Vec>& s) {
   for (int l = 0; l < kLanes; ++l) total = fm::w_merge(total, {widen_max(m[l]), double(d[l]), double(u[l])});
 }
 
+inline void fold(fm::OnlineEntState<double>& total, const fm::OnlineEntState<Vec>& s) {
+  float m[kLanes], d[kLanes], w[kLanes];
+  s.m.store(m);
+  s.d.store(d);
+  s.w.store(w);
+  for (int l = 0; l < kLanes; ++l) total = fm::online_ent_merge(total, {widen_max(m[l]), double(d[l]), double(w[l])});
+}
+inline void fold(fm::WEntState<double>& total, const fm::WEntState<Vec>& s) {
+  float m[kLanes], d[kLanes], u[kLanes], w[kLanes];
+  s.m.store(m);
+  s.d.store(d);
+  s.u.store(u);
+  s.w.store(w);
+  for (int l = 0; l < kLanes; ++l) {
+    total = fm::w_ent_merge(total, {widen_max(m[l]), double(d[l]), double(u[l]), double(w[l])});
+  }
+}
+
 inline void fold(fm::StatState<double>& total, const fm::StatState<Vec>& s) {
   float m[kLanes], d[kLanes], w[kLanes], q[kLanes], z[kLanes];
   s.m.store(m);
@@ -236,17 +254,38 @@ inline void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, doub
 
 // Pass 1: the weighted state of a = the tempered teacher (forward KL, JSD) or student (reverse KL) with
 // y = a - b, the plain normaliser of b (the other one), and, when kRaw, of the untempered student (hard term).
-template <bool kStudentIsA, bool kRaw>
+// kEnt (student_entropy): the student's state (a or b) also carries the entropy accumulator w, its m and d computed
+// as without it (fastloss/policy_math.h OnlineEntState, WEntState).
+template <class V, bool kEnt>
+using AState = std::conditional_t<kEnt, fm::WEntState<V>, fm::WState<V>>;
+template <class V, bool kEnt>
+using BState = std::conditional_t<kEnt, fm::OnlineEntState<V>, fm::OnlineState<V>>;
+
+template <bool kStudentIsA, bool kRaw, bool kEnt = false>
 struct DistillPass {
+  static constexpr bool kEntA = kEnt && kStudentIsA, kEntB = kEnt && !kStudentIsA;
   float inv_t;
   double inv_t_d;
-  fm::WState<Vec> wa;
-  fm::OnlineState<Vec> ob, ox;
-  fm::WState<double> wa_total = fm::w_init<double>();
-  fm::OnlineState<double> ob_total = fm::online_init<double>(), ox_total = fm::online_init<double>();
+  AState<Vec, kEntA> wa;
+  BState<Vec, kEntB> ob;
+  fm::OnlineState<Vec> ox;
+  AState<double, kEntA> wa_total = a_init<double>();
+  BState<double, kEntB> ob_total = b_init<double>();
+  fm::OnlineState<double> ox_total = fm::online_init<double>();
+  template <class V>
+  static AState<V, kEntA> a_init() {
+    if constexpr (kEntA) return fm::w_ent_init<V>();
+    else return fm::w_init<V>();
+  }
+  template <class V>
+  static BState<V, kEntB> b_init() {
+    if constexpr (kEntB) return fm::online_ent_init<V>();
+    else if constexpr (std::is_same_v<V, Vec>) return fm::online_init<float, Vec>();
+    else return fm::online_init<double>();
+  }
   void begin() {
-    wa = fm::w_init<Vec>();
-    ob = fm::online_init<float, Vec>();
+    wa = a_init<Vec>();
+    ob = b_init<Vec>();
     if constexpr (kRaw) ox = fm::online_init<float, Vec>();
   }
   void vec(const Vec (&s)[4], const Vec (&t)[4]) {
@@ -257,8 +296,10 @@ struct DistillPass {
       b[i] = kStudentIsA ? zt : zs;
       y[i] = a[i] - b[i];
     }
-    wa = fm::w_update_block(wa, a, y);
-    ob = fm::online_update_block(ob, b);
+    if constexpr (kEntA) wa = fm::w_ent_update_block(wa, a, y);
+    else wa = fm::w_update_block(wa, a, y);
+    if constexpr (kEntB) ob = fm::online_ent_update_block(ob, b);
+    else ob = fm::online_update_block(ob, b);
     if constexpr (kRaw) ox = fm::online_update_block(ox, s);
   }
   void flush() {
@@ -269,9 +310,17 @@ struct DistillPass {
   void scalar(double s, double t) {
     const double zs = s * inv_t_d, zt = t * inv_t_d;
     const double a = kStudentIsA ? zs : zt, b = kStudentIsA ? zt : zs;
-    wa_total = fm::w_update(wa_total, a, a - b);
-    ob_total = fm::online_update(ob_total, b);
+    if constexpr (kEntA) wa_total = fm::w_ent_update(wa_total, a, a - b);
+    else wa_total = fm::w_update(wa_total, a, a - b);
+    if constexpr (kEntB) ob_total = fm::online_ent_update(ob_total, b);
+    else ob_total = fm::online_update(ob_total, b);
     if constexpr (kRaw) ox_total = fm::online_update(ox_total, s);
+  }
+  // The student's entropy (kEnt only).
+  double student_entropy() const {
+    if constexpr (kEntA) return fm::entropy_of(wa_total.d, wa_total.w);
+    else if constexpr (kEntB) return fm::entropy_of(ob_total.d, ob_total.w);
+    else return 0.0;
   }
 };
 
@@ -331,7 +380,7 @@ void write_distill_grad(const scalar_t* s, const scalar_t* t, scalar_t* out, int
   if (hard) out[target] = static_cast<scalar_t>(f(s_k, t_k) - gh);
 }
 
-template <int kDiv, typename scalar_t>
+template <int kDiv, bool kEnt, typename scalar_t>
 void distill_rows(const scalar_t* ps, const scalar_t* pt, const int64_t* tgt, int64_t N, int64_t V,
                   const DistillParams& p, double* loss, double* stats, const double* scale, scalar_t* grad) {
   const bool hard = p.hard_weight != 0.0 && tgt != nullptr;
@@ -348,14 +397,17 @@ void distill_rows(const scalar_t* ps, const scalar_t* pt, const int64_t* tgt, in
         if (grad != nullptr) std::fill(grad + r * V, grad + (r + 1) * V, scalar_t(0));
         continue;
       }
-      double lse_a, lse_b, kl_ab, lse_x = 0.0;
+      double lse_a, lse_b, kl_ab, lse_x = 0.0, ent = 0.0;
       auto pass1 = [&](auto raw_c) {
         constexpr bool kRaw = decltype(raw_c)::value;
-        DistillPass<kDiv == fm::kReverseKL, kRaw> pass{float(p.inv_temperature), p.inv_temperature};
+        DistillPass<kDiv == fm::kReverseKL, kRaw, kEnt> pass{float(p.inv_temperature), p.inv_temperature};
         visit_rows<scalar_t>(s, t, V, pass);
-        lse_a = lse_of(pass.wa_total.m, pass.wa_total.d);
-        lse_b = lse_of(pass.ob_total.m, pass.ob_total.d);
-        kl_ab = fm::kl_from_states(pass.wa_total, pass.ob_total);
+        const auto& wt = pass.wa_total;
+        const auto& ot = pass.ob_total;
+        lse_a = lse_of(wt.m, wt.d);
+        lse_b = lse_of(ot.m, ot.d);
+        kl_ab = fm::kl_from_states(fm::WState<double>{wt.m, wt.d, wt.u}, fm::OnlineState<double>{ot.m, ot.d});
+        ent = pass.student_entropy();
         if constexpr (kRaw) lse_x = lse_of(pass.ox_total.m, pass.ox_total.d);
       };
       if (raw) pass1(std::true_type{});
@@ -381,6 +433,7 @@ void distill_rows(const scalar_t* ps, const scalar_t* pt, const int64_t* tgt, in
       st[kLseTeacher] = lse_t;
       st[kRowAux] = aux;
       st[kLseHard] = lse_x;
+      st[kStudentEntropy] = ent;
       if (grad != nullptr) write_distill_grad<kDiv>(s, t, grad + r * V, V, p, st, scale[r], target);
     }
   });
@@ -401,11 +454,15 @@ inline void distill_forward(const at::Tensor& student, const at::Tensor& teacher
   const int64_t* tgt = target.defined() ? target.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "fastloss_distill_fwd_cpu", [&] {
     with_divergence(p.divergence, [&](auto div) {
-      distill_rows<decltype(div)::value>(
-          student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), tgt, N, V, p,
-          loss.mutable_data_ptr<double>(), stats.mutable_data_ptr<double>(),
-          grad.defined() ? grad_scale.const_data_ptr<double>() : nullptr,
-          grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr);
+      auto run = [&](auto ent) {
+        distill_rows<decltype(div)::value, decltype(ent)::value>(
+            student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), tgt, N, V, p,
+            loss.mutable_data_ptr<double>(), stats.mutable_data_ptr<double>(),
+            grad.defined() ? grad_scale.const_data_ptr<double>() : nullptr,
+            grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr);
+      };
+      if (p.student_entropy) run(std::true_type{});
+      else run(std::false_type{});
     });
   });
 }

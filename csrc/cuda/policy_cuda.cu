@@ -16,6 +16,8 @@
 //  * distill_kernel<T, kDiv, kMode>: forward (pass 1: the weighted state of a, the normaliser of b, and of the raw
 //    student for the hard term when T != 1; the JSD's pass 2), forward + in-place gradient, or backward from the
 //    saved statistics.
+//  * distill_entropy_kernel<T, kDiv, kMode>: the forward modes of the same, whose student state (a or b) carries
+//    the entropy accumulator w (distill_fwd with student_entropy): the entropy of softmax(student / T) from pass 1.
 //
 // Block-per-row only: there is no warp-per-row variant for short rows (V below a few thousand) as the softmax and
 // cross-entropy kernels have; LLM vocabularies are the target. Indices are int64_t; nothing synchronises the host.
@@ -75,6 +77,24 @@ template <int kWidth, typename T>
 __device__ __forceinline__ WState<T> shfl_xor(WState<T> s, int off) {
   return {__shfl_xor_sync(0xffffffffu, s.m, off, kWidth), __shfl_xor_sync(0xffffffffu, s.d, off, kWidth),
           __shfl_xor_sync(0xffffffffu, s.u, off, kWidth)};
+}
+template <typename T>
+__device__ __forceinline__ OnlineEntState<T> merge(OnlineEntState<T> a, OnlineEntState<T> b) {
+  return online_ent_merge(a, b);
+}
+template <typename T>
+__device__ __forceinline__ WEntState<T> merge(WEntState<T> a, WEntState<T> b) {
+  return w_ent_merge(a, b);
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ OnlineEntState<T> shfl_xor(OnlineEntState<T> s, int off) {
+  return {__shfl_xor_sync(0xffffffffu, s.m, off, kWidth), __shfl_xor_sync(0xffffffffu, s.d, off, kWidth),
+          __shfl_xor_sync(0xffffffffu, s.w, off, kWidth)};
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ WEntState<T> shfl_xor(WEntState<T> s, int off) {
+  return {__shfl_xor_sync(0xffffffffu, s.m, off, kWidth), __shfl_xor_sync(0xffffffffu, s.d, off, kWidth),
+          __shfl_xor_sync(0xffffffffu, s.u, off, kWidth), __shfl_xor_sync(0xffffffffu, s.w, off, kWidth)};
 }
 template <int kWidth, typename T>
 __device__ __forceinline__ JsdTerms<T> shfl_xor(JsdTerms<T> s, int off) {
@@ -295,10 +315,55 @@ struct DistillArgs {
   bool has_target, hard;
 };
 
-template <typename T, int kDiv, Mode kMode>
-__global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> a) {
+// Pass 1's state of a (the weighted one) and of b (a plain normaliser); with kEnt (the student's, under
+// student_entropy) grown by the entropy accumulator w, its m and d computed as without it (fastloss/policy_math.h
+// OnlineEntState, WEntState).
+template <typename acc, bool kEnt>
+struct AStateOf {
+  using type = fm::WState<acc>;
+  static __device__ __forceinline__ type init() { return fm::w_init<acc>(); }
+  template <int M>
+  static __device__ __forceinline__ type update(type s, const acc (&z)[M], const acc (&y)[M]) {
+    return fm::w_update_block(s, z, y);
+  }
+};
+template <typename acc>
+struct AStateOf<acc, true> {
+  using type = fm::WEntState<acc>;
+  static __device__ __forceinline__ type init() { return fm::w_ent_init<acc>(); }
+  template <int M>
+  static __device__ __forceinline__ type update(type s, const acc (&z)[M], const acc (&y)[M]) {
+    return fm::w_ent_update_block(s, z, y);
+  }
+};
+template <typename acc, bool kEnt>
+struct BStateOf {
+  using type = fm::OnlineState<acc>;
+  static __device__ __forceinline__ type init() { return fm::online_init<acc>(); }
+  template <int M>
+  static __device__ __forceinline__ type update(type s, const acc (&z)[M]) {
+    return fm::online_update_block(s, z);
+  }
+};
+template <typename acc>
+struct BStateOf<acc, true> {
+  using type = fm::OnlineEntState<acc>;
+  static __device__ __forceinline__ type init() { return fm::online_ent_init<acc>(); }
+  template <int M>
+  static __device__ __forceinline__ type update(type s, const acc (&z)[M]) {
+    return fm::online_ent_update_block(s, z);
+  }
+};
+
+// The rows of distill_kernel (kEnt false) and distill_entropy_kernel (kEnt true: the student's state of pass 1
+// carries the entropy accumulator, written to stats[:, kStudentEntropy]; without it that column is written as 0).
+// In the student's state only the merged w is new: every other value is computed as without it.
+template <typename T, int kDiv, Mode kMode, bool kEnt>
+__device__ __forceinline__ void distill_rows(const DistillArgs<T>& a) {
   using acc = acc_t<T>;
   constexpr bool kStudentIsA = kDiv == fm::kReverseKL;
+  using SA = AStateOf<acc, kEnt && kStudentIsA>;
+  using SB = BStateOf<acc, kEnt && !kStudentIsA>;
   const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
   const acc it = static_cast<acc>(a.inv_t), beta = static_cast<acc>(a.beta);
   const int64_t V = a.V;
@@ -330,8 +395,9 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
     const bool hard = a.hard;
 
     if constexpr (kMode != Mode::Backward) {
-      fm::WState<acc> wa = fm::w_init<acc>();
-      fm::OnlineState<acc> ob = fm::online_init<acc>(), ox = fm::online_init<acc>();
+      typename SA::type wa = SA::init();
+      typename SB::type ob = SB::init();
+      fm::OnlineState<acc> ox = fm::online_init<acc>();
       const bool raw = a.raw && hard;
       segment_visit<kLoads, true>(s, t, V, common_head(s, t, t, V), tid, nt, [&](auto& vs, auto& vt) {
         constexpr int M = sizeof(vs) / sizeof(vs[0]);
@@ -343,14 +409,17 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
           zb[k] = kStudentIsA ? zt : zs;
           y[k] = za[k] - zb[k];
         }
-        wa = fm::w_update_block(wa, za, y);
-        ob = fm::online_update_block(ob, zb);
+        wa = SA::update(wa, za, y);
+        ob = SB::update(ob, zb);
         if (raw) ox = fm::online_update_block(ox, vs);
       });
       wa = block_allreduce(wa);
       ob = block_allreduce(ob);
       if (raw) ox = block_allreduce(ox);
-      const double lse_a = lse_of(fm::OnlineState<acc>{wa.m, wa.d}), lse_b = lse_of(ob);
+      const double lse_a = lse_of(fm::OnlineState<acc>{wa.m, wa.d}), lse_b = lse_of(fm::OnlineState<acc>{ob.m, ob.d});
+      double ent = 0.0;
+      if constexpr (kEnt && kStudentIsA) ent = fm::entropy_of(static_cast<double>(wa.d), static_cast<double>(wa.w));
+      if constexpr (kEnt && !kStudentIsA) ent = fm::entropy_of(static_cast<double>(ob.d), static_cast<double>(ob.w));
       const double lse_s = kStudentIsA ? lse_a : lse_b, lse_t = kStudentIsA ? lse_b : lse_a;
       double row_loss, aux = 0.0;
       if constexpr (kDiv == fm::kJSD) {
@@ -387,9 +456,10 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
         a.loss[row] = row_loss;
         st[kLseStudent] = lse_s;
         st[kLseTeacher] = lse_t;
-        // fl-audit: cold -- the last two statistics, as above
+        // fl-audit: cold -- the last three statistics, as above
         st[kRowAux] = aux;
         st[kLseHard] = lse_x;
+        st[kStudentEntropy] = ent;
       }
       __syncthreads();  // the statistics are in memory for the gradient pass below
     }
@@ -418,6 +488,19 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> 
       if (hard && tid == 0) out[target] = static_cast<T>(f(s_k, t_k) - gh);
     }
   }
+}
+
+template <typename T, int kDiv, Mode kMode>
+__global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs<T> a) {
+  distill_rows<T, kDiv, kMode, false>(a);
+}
+
+// distill_fwd(student_entropy=True): the forward (with or without the gradient) whose student state carries the
+// entropy accumulator. The backward never needs it.
+template <typename T, int kDiv, Mode kMode>
+__global__ void __launch_bounds__(kThreads) distill_entropy_kernel(const DistillArgs<T> a) {
+  static_assert(kMode != Mode::Backward);
+  distill_rows<T, kDiv, kMode, true>(a);
 }
 
 unsigned row_grid(int64_t N) { return grid_size(N); }
@@ -508,6 +591,18 @@ void launch_distill(const at::Tensor& student, const at::Tensor& teacher, const 
         target.defined(),
         p.hard_weight != 0.0 && target.defined()};
     const unsigned grid = row_grid(student.size(0));
+    if constexpr (kMode != Mode::Backward) {
+      if (p.student_entropy) {
+        if (p.divergence == fm::kForwardKL) {
+          launch_kernel<&distill_entropy_kernel<scalar_t, fm::kForwardKL, kMode>>(grid, kThreads, 0, stream, args);
+        } else if (p.divergence == fm::kReverseKL) {
+          launch_kernel<&distill_entropy_kernel<scalar_t, fm::kReverseKL, kMode>>(grid, kThreads, 0, stream, args);
+        } else {
+          launch_kernel<&distill_entropy_kernel<scalar_t, fm::kJSD, kMode>>(grid, kThreads, 0, stream, args);
+        }
+        return;
+      }
+    }
     if (p.divergence == fm::kForwardKL) {
       launch_kernel<&distill_kernel<scalar_t, fm::kForwardKL, kMode>>(grid, kThreads, 0, stream, args);
     } else if (p.divergence == fm::kReverseKL) {

@@ -80,9 +80,11 @@ class _Grads:
 # ---------------------------------------------------------------- distillation
 
 
-def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, want, W, N):
-    """One pass over token chunks: per-row losses, and (scale given) the student's gradients."""
+def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, want, W, N, ent_rows=None):
+    """One pass over token chunks: per-row losses, and (scale given) the student's gradients; with ent_rows (float64
+    [N]) the student's entropy per row from the same kernels (distill_fwd*'s student_entropy)."""
     ops = torch.ops.fastloss
+    ent = ent_rows is not None
     loss_rows = torch.empty(N, dtype=torch.float64, device=student.h.device)
     grads = _Grads(student, W, want) if scale is not None else None
     per_row = scale is not None and scale.numel() == N and N != 1
@@ -95,20 +97,25 @@ def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, 
         tc = t[s:e] if t is not None else None
         if grads is not None:
             sc = scale[s:e] if per_row else scale
-            rows, _ = ops.distill_fwd_inplace_grad(logits, tlogits, tc, sc, *opts)
+            rows, stats = ops.distill_fwd_inplace_grad(logits, tlogits, tc, sc, *opts, ent)
             del tlogits
             grads.add_chunk(logits, hc, student, s, e)  # logits now hold d loss / d logits, scaled
         else:
-            rows, _ = ops.distill_fwd(logits, tlogits, tc, *opts)
+            rows, stats = ops.distill_fwd(logits, tlogits, tc, *opts, ent)
         loss_rows[s:e] = rows
+        if ent:
+            ent_rows[s:e] = stats[:, 4]  # kStudentEntropy
         del logits  # one chunk's logits alive at a time
     return loss_rows, grads
 
 
 class _LinearDistillation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, Ws, bs, ht, Wt, bt, t, opts, reduction, chunk_rows, denom, lead, want):
+    def forward(ctx, hs, Ws, bs, ht, Wt, bt, t, opts, reduction, chunk_rows, denom, lead, want,
+                student_entropy=False):
         N = hs.shape[0]
+        # the student's entropy per row (empty unless asked): from the forward's chunks, no gradient
+        ent_rows = torch.zeros(N if student_entropy else 0, dtype=torch.float64, device=hs.device)
         precompute = reduction != "none" and any(want)
         scale = None
         if precompute:
@@ -117,7 +124,7 @@ class _LinearDistillation(torch.autograd.Function):
                      else torch.ones(1, dtype=acc, device=hs.device))
         with no_autocast(hs.device):
             rows, grads = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, opts, chunk_rows, scale, want,
-                                          Ws, N)
+                                          Ws, N, ent_rows if student_entropy else None)
         ctx.precompute, ctx.want, ctx.opts, ctx.chunk_rows, ctx.scale = precompute, want, opts, chunk_rows, scale
         ctx.consumed = False
         if any(want):
@@ -126,11 +133,12 @@ class _LinearDistillation(torch.autograd.Function):
             # (a ctx attribute, not a saved tensor: the backward scales them in place, once)
             ctx.grads = grads.result(hs, Ws, bs, keep_acc=hs.dtype == torch.float16) if precompute else None
             ctx.save_for_backward(hs, Ws, bs, ht, Wt, bt, t)
-        return reduce_rows(rows, reduction, lead, denom)
+        ctx.mark_non_differentiable(ent_rows)
+        return reduce_rows(rows, reduction, lead, denom), ent_rows
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_entropy=None):
         hs, Ws, bs, ht, Wt, bt, t = ctx.saved_tensors
         if ctx.precompute and not ctx.consumed:
             ctx.consumed = True  # a second backward (retain_graph) recomputes below instead of scaling twice
@@ -146,11 +154,11 @@ class _LinearDistillation(torch.autograd.Function):
                 _, g = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, ctx.opts, ctx.chunk_rows, scale,
                                        ctx.want, Ws, hs.shape[0])
             grads = list(g.result(hs, Ws, bs))
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temperature, target, ignore_index,
-                                  reduction, hard_weight, chunk_size):
+                                  reduction, hard_weight, chunk_size, return_student_entropy=False):
     fn = "linear_distillation_loss"
     _check_head(fn, "student_hidden", "student_weight", "student_bias", hs, Ws, bs)
     _check_head(fn, "teacher_hidden", "teacher_weight", "teacher_bias", ht, Wt, bt)
@@ -172,10 +180,15 @@ def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temp
     chunk_rows = resolve_chunk_rows(chunk_size, N, V, hs.dtype, h.device, fn=fn, buffers=2)
     denom = unmasked_count(reduction, t, int(ignore_index), N, h.device)
     opts = (divergence, beta, temperature, int(ignore_index), hard_weight)
-    out = _LinearDistillation.apply(h, Ws.contiguous(), bs, ht.detach().reshape(-1, ht.shape[-1]).contiguous(),
-                                    Wt.detach().contiguous(), bt.detach() if bt is not None else None, t, opts,
-                                    reduction, chunk_rows, denom, lead, want)
-    return out.to(hs.dtype)
+    ent = bool(return_student_entropy)
+    out, ent_rows = _LinearDistillation.apply(h, Ws.contiguous(), bs,
+                                              ht.detach().reshape(-1, ht.shape[-1]).contiguous(),
+                                              Wt.detach().contiguous(), bt.detach() if bt is not None else None, t,
+                                              opts, reduction, chunk_rows, denom, lead, want, ent)
+    out = out.to(hs.dtype)
+    if not ent:
+        return out
+    return out, ent_rows.to(out_dtype(hs.dtype)).reshape(lead)
 
 
 # ---------------------------------------------------------------- token log-probabilities

@@ -233,11 +233,13 @@ def _logprobs_bwd_inplace_fake(logits, grad_logprobs, grad_entropy, tokens, lse,
 
 
 def _stats(logits):
-    return logits.new_empty((logits.shape[0], 4), dtype=torch.float64)
+    # the backward's four columns and the student's entropy (0 unless student_entropy=True)
+    return logits.new_empty((logits.shape[0], 5), dtype=torch.float64)
 
 
 @torch.library.register_fake("fastloss::distill_fwd")
-def _distill_fwd_fake(student, teacher, target, divergence, beta, temperature, ignore_index, hard_weight):
+def _distill_fwd_fake(student, teacher, target, divergence, beta, temperature, ignore_index, hard_weight,
+                      student_entropy=False):
     return _rows(student), _stats(student)
 
 
@@ -249,13 +251,13 @@ def _distill_bwd_fake(grad_loss, student, teacher, target, stats, divergence, be
 
 @torch.library.register_fake("fastloss::distill_fwd_inplace_grad")
 def _distill_fwd_inplace_fake(student, teacher, target, grad_scale, divergence, beta, temperature, ignore_index,
-                              hard_weight):
+                              hard_weight, student_entropy=False):
     return _rows(student), _stats(student)
 
 
 @torch.library.register_fake("fastloss::distill_fwd_grad")
 def _distill_fwd_grad_fake(student, teacher, target, grad_scale, divergence, beta, temperature, ignore_index,
-                           hard_weight):
+                           hard_weight, student_entropy=False):
     return _rows(student), _stats(student), torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
@@ -276,15 +278,16 @@ def _logprobs_bwd(ctx, grad_logprobs, grad_entropy, _grad_lse, _grad_stats=None,
 
 def _distill_setup(ctx, inputs, output):
     student, teacher, target = inputs[:3]
-    ctx.args = tuple(inputs[3:])
+    ctx.args = tuple(inputs[3:8])  # without student_entropy, which the backward does not take
     ctx.save_for_backward(student, teacher, target, output[1])
+    ctx.mark_non_differentiable(output[1])  # the statistics (the student's entropy is for logging)
 
 
 def _distill_bwd(ctx, grad_loss, _grad_stats):
     student, teacher, target, stats = ctx.saved_tensors
     grad = _lib.distill_bwd(grad_loss, student, teacher, target, stats, *ctx.args)
     # The teacher is a constant: its logits get no gradient even when they require one.
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastloss::token_logprobs_fwd", _logprobs_bwd, setup_context=_logprobs_setup)

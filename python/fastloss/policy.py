@@ -57,18 +57,21 @@ class _DistillFused(torch.autograd.Function):
     A second backward through the graph (retain_graph, gradcheck) recomputes it with the backward op."""
 
     @staticmethod
-    def forward(ctx, s2d, t2d, t, opts, reduction, lead, denom):
+    def forward(ctx, s2d, t2d, t, opts, reduction, lead, denom, student_entropy=False):
         scale = (1.0 / denom).reshape(1) if reduction == "mean" else torch.ones(1, dtype=torch.float64,
                                                                                  device=s2d.device)
-        rows, stats, grad = torch.ops.fastloss.distill_fwd_grad(s2d.detach(), t2d, t, scale, *opts)
+        rows, stats, grad = torch.ops.fastloss.distill_fwd_grad(s2d.detach(), t2d, t, scale, *opts, student_entropy)
         ctx.grad = grad  # a ctx attribute, not a saved tensor: the backward scales it in place, once
         ctx.save_for_backward(s2d, t2d, t, stats, scale)
         ctx.opts = opts
-        return reduce_rows(rows, reduction, lead, denom)
+        # the student's entropy per row (float64; empty unless asked): no gradient
+        ent = stats[:, _STUDENT_ENTROPY].clone() if student_entropy else stats.new_empty(0)
+        ctx.mark_non_differentiable(ent)
+        return reduce_rows(rows, reduction, lead, denom), ent
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_entropy=None):
         s2d, t2d, t, stats, scale = ctx.saved_tensors
         if ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
@@ -76,12 +79,17 @@ class _DistillFused(torch.autograd.Function):
         else:
             rows_grad = (grad_loss.reshape(1).to(torch.float64) * scale).expand(s2d.shape[0])
             grad = torch.ops.fastloss.distill_bwd(rows_grad, s2d, t2d, t, stats, *ctx.opts)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
+
+
+# The column of distill_fwd's float64 statistics with the student's entropy (csrc kStudentEntropy).
+_STUDENT_ENTROPY = 4
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, divergence: str = "forward_kl",
                       beta: float = 0.5, temperature: float = 1.0, target: Optional[torch.Tensor] = None,
-                      ignore_index: int = -100, reduction: str = "mean", hard_weight: float = 0.0) -> torch.Tensor:
+                      ignore_index: int = -100, reduction: str = "mean", hard_weight: float = 0.0,
+                      return_student_entropy: bool = False):
     """Knowledge-distillation loss between the student's and the teacher's softmax over the vocabulary, per token,
     from one pass over each pair of rows (no log-softmax tensors).
 
@@ -105,6 +113,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     call it under ``torch.no_grad()`` when no backward follows (evaluation). Teacher logits of another dtype are
     converted to the student's. Accumulation is float32 for bf16 / fp16 (float64 for float64); the loss has the
     student's dtype, as ``F.kl_div``'s would.
+
+    ``return_student_entropy=True`` returns ``(loss, student_entropy)``: the entropy of softmax(student / T) per
+    token (the leading shape, float32 -- float64 for float64 logits --, no gradient, 0 at tokens whose target is
+    ``ignore_index``), from the same pass over the logits as the loss (the student's normaliser grows by the
+    entropy's accumulator; the loss and its gradient are those without it). The reduction applies to the loss only.
     """
     fn = "distillation_loss"
     check_tensor(fn, "student_logits", student_logits)
@@ -127,14 +140,19 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     t = target.reshape(-1) if target is not None else None
     opts = (divergence, beta, temperature, int(ignore_index), hard_weight)
     denom = unmasked_count(reduction, t, int(ignore_index), s2d.shape[0], s2d.device)
+    ent = bool(return_student_entropy)
     if (reduction != "none" and student_logits.requires_grad and torch.is_grad_enabled()
             and student_logits.dtype != torch.float16 and not torch.compiler.is_compiling()):
-        out = _DistillFused.apply(s2d, teacher.reshape(-1, V), t, opts, reduction, lead, denom)
+        out, ent_rows = _DistillFused.apply(s2d, teacher.reshape(-1, V), t, opts, reduction, lead, denom, ent)
     else:  # the registered autograd of distill_fwd: the backward makes its own pass (torch.compile, "none", and
         # float16, whose stored p / N entries would underflow before a GradScaler's factor could lift them)
-        rows, _ = torch.ops.fastloss.distill_fwd(s2d, teacher.reshape(-1, V), t, *opts)
+        rows, stats = torch.ops.fastloss.distill_fwd(s2d, teacher.reshape(-1, V), t, *opts, ent)
         out = reduce_rows(rows, reduction, lead, denom)
-    return out.to(student_logits.dtype)
+        ent_rows = stats[:, _STUDENT_ENTROPY] if ent else None
+    out = out.to(student_logits.dtype)
+    if not ent:
+        return out
+    return out, ent_rows.detach().to(out_dtype(student_logits.dtype)).reshape(lead)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
@@ -164,7 +182,8 @@ def linear_distillation_loss(student_hidden: torch.Tensor, student_weight: torch
                              student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                              divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                              target: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                             reduction: str = "mean", hard_weight: float = 0.0, chunk_size="auto") -> torch.Tensor:
+                             reduction: str = "mean", hard_weight: float = 0.0, chunk_size="auto",
+                             return_student_entropy: bool = False):
     """:func:`distillation_loss` of the student's ``student_hidden @ student_weight.T (+ student_bias)`` against the
     teacher's ``teacher_hidden @ teacher_weight.T (+ teacher_bias)`` without either N x V logits: token chunks, the
     two heads' logits for one chunk at a time. student_hidden (..., Ds) and teacher_hidden (..., Dt) share their
@@ -174,8 +193,10 @@ def linear_distillation_loss(student_hidden: torch.Tensor, student_weight: torch
     "sum" they are computed during the forward, written over each chunk's logits, and scaled in the backward: three
     GEMMs for the student as without chunking, plus the teacher's one. "none" recomputes the chunks in the backward.
     chunk_size: tokens per chunk, or "auto" (a budget of 256 MiB for the chunk's two logits buffers).
+    ``return_student_entropy=True``: ``(loss, student_entropy)`` as :func:`distillation_loss`, the entropy of the
+    tempered student softmax from the forward's chunks (no extra pass, no extra GEMM), whatever the reduction.
     """
 
     return linear_distillation_loss_impl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                          student_bias, teacher_bias, divergence, beta, temperature, target,
-                                         ignore_index, reduction, hard_weight, chunk_size)
+                                         ignore_index, reduction, hard_weight, chunk_size, return_student_entropy)

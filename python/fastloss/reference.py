@@ -128,7 +128,7 @@ def _mixture_log_probs(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch
 def distillation_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                                 divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                                 target=None, ignore_index: int = -100, reduction: str = "mean",
-                                hard_weight: float = 0.0) -> torch.Tensor:
+                                hard_weight: float = 0.0, return_student_entropy: bool = False):
     """fastloss.distillation_loss in plain float64 PyTorch (the result is float64 whatever the inputs' dtype).
 
     ls, lt = log_softmax(student / T), log_softmax(teacher / T) (teacher detached: a constant), per token
@@ -139,6 +139,9 @@ def distillation_loss_reference(student_logits: torch.Tensor, teacher_logits: to
     plus hard_weight * cross-entropy(untempered student logits, target); no T^2 rescaling. Tokens whose target is
     ignore_index have loss 0 and no gradient (their logits are not even looked at); "mean" divides by the number
     of unmasked tokens (all tokens without a target; 0 / 0 = nan when there are none).
+
+    return_student_entropy: the tuple (loss, entropy) with entropy = -sum ps log ps per token (0 log 0 = 0; 0 at
+    masked tokens; detached, float64), whatever the reduction.
     """
     if divergence not in ("forward_kl", "reverse_kl", "jsd"):
         raise ValueError(f"divergence: unknown {divergence!r}")
@@ -185,10 +188,17 @@ def distillation_loss_reference(student_logits: torch.Tensor, teacher_logits: to
         rows = rows + hard_weight * ce
     rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / valid.sum()
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows.sum() / valid.sum()
+    if not return_student_entropy:
+        return out
+    lsd = ls.detach()
+    lsd_safe = torch.where(lsd > -math.inf, lsd, torch.zeros((), dtype=lsd.dtype, device=lsd.device))
+    ent = -(torch.exp(lsd) * lsd_safe).sum(-1)
+    return out, torch.where(valid, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
 
 
 def token_logprobs_reference(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,

@@ -16,15 +16,22 @@ struct DistillParams {
   double inv_temperature = 1.0;
   int64_t ignore_index = -100;
   double hard_weight = 0.0;  // > 0 needs a target
+  // The forward also writes the entropy of softmax(student / T) (stats column kStudentEntropy), from the same pass:
+  // the kernels carrying the entropy accumulator (fastloss/policy_math.h OnlineEntState, WEntState). Without it the
+  // column is written as 0 by the kernels that do not carry it.
+  bool student_entropy = false;
 };
 
-// Per-row statistics of the distillation forward, float64 [N, kDistillStats]: what the backward needs.
-constexpr int64_t kDistillStats = 4;
+// Per-row statistics of the distillation forward, float64 [N, kDistillStats]: what the backward needs, and the
+// student's entropy (for logging; the backward does not read it).
+constexpr int64_t kDistillStats = 5;
 enum DistillStat : int64_t {
   kLseStudent = 0,  // lse of the tempered student logits
   kLseTeacher = 1,  // lse of the tempered teacher logits
   kRowAux = 2,      // reverse KL: the row's KL; JSD: KL(s || M); forward KL: 0
   kLseHard = 3,     // lse of the untempered student logits (hard-label term; 0 without one)
+  kStudentEntropy = 4,  // entropy of softmax(student / T) with DistillParams::student_entropy; else 0. 0 for ignored
+                        // rows
 };
 
 // Per-row statistics of token_logprobs_fwd(stats=True), float64 [N, kTokenStats].
@@ -46,7 +53,8 @@ struct PolicyKernels {
   void (*logprob_backward)(const at::Tensor& x, const at::Tensor& tokens, double inv_temperature,
                            const at::Tensor& g_lp, const at::Tensor& g_h, const at::Tensor& lse,
                            const at::Tensor& entropy, const at::Tensor& grad);
-  // loss[r] (0 for ignored rows) and stats [N, kDistillStats]. target may be undefined (no masking, no hard term).
+  // loss[r] (0 for ignored rows) and stats [N, kDistillStats] (the entropy column with p.student_entropy).
+  // target may be undefined (no masking, no hard term).
   // With grad defined (it may alias student) also writes d loss[r] / d student * grad_scale[r] (grad_scale [N]).
   void (*distill_forward)(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& target,
                           const DistillParams& p, const at::Tensor& loss, const at::Tensor& stats,

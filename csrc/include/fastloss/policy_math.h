@@ -9,6 +9,8 @@
 //  * TRL's per-token statistics (token_logprobs_fwd with stats): the entropy state grown by q = sum e^(2 (z - m))
 //    (rescaled by r^2) and s = sum z, so log sum p^2 = log q - 2 log d and mean z = s / V; the argmax of the raw
 //    logits as a (best value, first index) pair per thread or SIMD pass, merged with ties to the smaller index.
+//  * the distillation forward's student normaliser grown the same way by w (distill_fwd with student_entropy: the
+//    entropy of softmax(student / T) from the same pass), its m and d computed exactly as without w.
 //  * KL(a || b) of two rows of logits: the state (m, d, u) of a with u = sum_i e^(a_i - m) (a_i - b_i) (rescaled
 //    by r only), and the plain (m, d) of b: KL = u / d_a - lse_a + lse_b. Terms with e^(a_i - m) = 0 count 0
 //    (a masked teacher entry: 0 log 0 = 0); a_i finite with b_i = -inf gives +inf, as it should.
@@ -264,6 +266,120 @@ FL_HD WState<V> w_merge(WState<V> a, WState<V> b) {
 FL_HD double kl_from_states(WState<double> a, OnlineState<double> b) {
   return (a.u / a.d - (a.m - b.m)) + (::log(b.d) - ::log(a.d));
 }
+
+// ---------------------------------------------------------------- normalisers grown by the entropy accumulator
+//
+// The distillation forward's student normaliser with the entropy state's w = sum e^(z - m) (z - m) beside it
+// (distill_fwd with student_entropy: H of softmax(student / T) from the same pass). m and d are computed by exactly
+// the expressions of online_update_block / online_update / online_merge (OnlineEntState: the student is b, forward
+// KL and JSD) and of w_update_block / w_update / w_merge (WEntState: the student is a, reverse KL), so the lse's,
+// the loss and the gradient are those of the kernels without w; w is rescaled as in ent_rescale.
+
+template <class V>
+struct OnlineEntState {
+  V m;
+  V d;
+  V w;  // sum e^(z - m) (z - m)
+};
+
+template <class V>
+FL_HD OnlineEntState<V> online_ent_init() {
+  return {lowest_of<V>(), Ops<V>::splat(0.0f), Ops<V>::splat(0.0f)};
+}
+
+// w re-expressed against the new max m1: r (w + (m - m1) d), 0 when r is 0, with m - m1 clamped to a finite value
+// (an empty state never gives 0 * inf). Formed without the product d r, so that the compiler's contraction of the
+// d r in the normaliser's own expression into a multiply-add is as without w (a shared product is not contracted).
+template <class V>
+FL_HD V ent_w_rescale(V w, V d, V r, V m, V m1) {
+  return times_prob(r, Ops<V>::fma(d, Ops<V>::max(lowest_of<V>(), m - m1), w));
+}
+
+template <class V, int N>
+FL_HD OnlineEntState<V> online_ent_update_block(OnlineEntState<V> s, const V (&x)[N]) {
+  using O = Ops<V>;
+  V m = s.m;
+FL_UNROLL
+  for (int i = 0; i < N; ++i) m = O::max(m, x[i]);
+  const V r = exp_nonpos(s.m - m);
+  V w = ent_w_rescale(s.w, s.d, r, s.m, m);
+  V sum = exp_nonpos(x[0] - m);
+  w = O::fma(sum, O::max(lowest_of<V>(), x[0] - m), w);
+FL_UNROLL
+  for (int i = 1; i < N; ++i) {
+    const V e = exp_nonpos(x[i] - m);
+    sum = sum + e;
+    w = O::fma(e, O::max(lowest_of<V>(), x[i] - m), w);
+  }
+  return {m, O::fma(s.d, r, sum), w};
+}
+
+template <class V>
+FL_HD OnlineEntState<V> online_ent_update(OnlineEntState<V> s, V x) {
+  using O = Ops<V>;
+  const V m = O::max(s.m, x);
+  const V r = exp_nonpos(s.m - m), e = exp_nonpos(x - m);
+  const V w = O::fma(e, O::max(lowest_of<V>(), x - m), ent_w_rescale(s.w, s.d, r, s.m, m));
+  return {m, O::fma(s.d, r, e), w};
+}
+
+template <class V>
+FL_HD OnlineEntState<V> online_ent_merge(OnlineEntState<V> a, OnlineEntState<V> b) {
+  const V m = Ops<V>::max(a.m, b.m);
+  const V ra = exp_nonpos(a.m - m), rb = exp_nonpos(b.m - m);
+  return {m, a.d * ra + b.d * rb, ent_w_rescale(a.w, a.d, ra, a.m, m) + ent_w_rescale(b.w, b.d, rb, b.m, m)};
+}
+
+template <class V>
+struct WEntState {
+  V m;
+  V d;
+  V u;  // sum e^(a - m) y
+  V w;  // sum e^(a - m) (a - m)
+};
+
+template <class V>
+FL_HD WEntState<V> w_ent_init() {
+  return {lowest_of<V>(), Ops<V>::splat(0.0f), Ops<V>::splat(0.0f), Ops<V>::splat(0.0f)};
+}
+
+template <class V, int N>
+FL_HD WEntState<V> w_ent_update_block(WEntState<V> s, const V (&a)[N], const V (&y)[N]) {
+  using O = Ops<V>;
+  V m = s.m;
+FL_UNROLL
+  for (int i = 0; i < N; ++i) m = O::max(m, a[i]);
+  const V r = exp_nonpos(s.m - m);
+  s.w = ent_w_rescale(s.w, s.d, r, s.m, m);
+  s.d = s.d * r;
+  s.u = times_prob(r, s.u);
+FL_UNROLL
+  for (int i = 0; i < N; ++i) {
+    const V e = exp_nonpos(a[i] - m);
+    s.d = s.d + e;
+    s.u = s.u + times_prob(e, y[i]);
+    s.w = O::fma(e, O::max(lowest_of<V>(), a[i] - m), s.w);
+  }
+  s.m = m;
+  return s;
+}
+
+template <class V>
+FL_HD WEntState<V> w_ent_update(WEntState<V> s, V a, V y) {
+  const V a1[1] = {a}, y1[1] = {y};
+  return w_ent_update_block(s, a1, y1);
+}
+
+template <class V>
+FL_HD WEntState<V> w_ent_merge(WEntState<V> a, WEntState<V> b) {
+  const V m = Ops<V>::max(a.m, b.m);
+  const V ra = exp_nonpos(a.m - m), rb = exp_nonpos(b.m - m);
+  return {m, a.d * ra + b.d * rb, times_prob(ra, a.u) + times_prob(rb, b.u),
+          ent_w_rescale(a.w, a.d, ra, a.m, m) + ent_w_rescale(b.w, b.d, rb, b.m, m)};
+}
+
+// The entropy log d - w / d of a finished (double) state.
+FL_HD double entropy_of(double d, double w) { return ::log(d) - w / d; }
 
 // ---------------------------------------------------------------- per-element gradients
 
