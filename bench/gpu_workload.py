@@ -483,6 +483,8 @@ class Workload:
                     self.run("token_logprobs", f"entropy={ent} ({rows}, {v}) {dtype}",
                              lambda: self._logprobs(rows, v, dtype, ent))
                 self.run("token_logprobs", f"stats ({rows}, {v}) {dtype}", lambda: self._logprob_stats(rows, v, dtype))
+                self.run("distillation", f"student entropy ({rows}, {v}) {dtype}",
+                         lambda: self._distill_entropy(rows, v, dtype))
             self.run("linear_distillation", f"jsd {dtype}", lambda: self._linear_distill(dtype))
             self.run("linear_token_logprobs", f"{dtype}", lambda: self._linear_logprobs(dtype))
 
@@ -537,6 +539,38 @@ class Workload:
                 ("log_sum_sq_probs", out.log_sum_sq_probs, ref[2], dtype),
                 ("mean_logits", out.mean_logits, ref[3], dtype),
                 ("argmax is torch.argmax", torch.tensor([same]), torch.ones(1, dtype=torch.float64), torch.float64)]
+
+    def _distill_entropy(self, rows: int, v: int, dtype: torch.dtype) -> list:
+        """student_entropy=True (distill_entropy_kernel, every divergence, the forward and the forward with the
+        gradient): the student's entropy from the same pass, the loss and gradient as without it. Its own generator:
+        the other problems' inputs stay those drawn before these checks existed."""
+        g = torch.Generator().manual_seed(23 + rows + v)
+        s = (torch.randn((rows, v), generator=g, dtype=torch.float64) * 3.0).to(dtype).to(self.device)
+        t = (torch.randn((rows, v), generator=g, dtype=torch.float64) * 3.0).to(dtype).to(self.device)
+        target = torch.randint(0, v, (rows,), generator=g)
+        target[1::3] = IGNORE
+        target = target.to(self.device)
+        one = torch.ones(1, dtype=torch.float64, device=self.device)
+        checks = []
+        bound = 4 * torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+        for divergence, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)):
+            opts = (divergence, beta, 1.5, IGNORE, 0.2)
+            ref = distillation_loss_reference(s.double().cpu(), t.double().cpu(), divergence=divergence, beta=beta,
+                                              temperature=1.5, target=target.cpu(), hard_weight=0.2,
+                                              reduction="none", return_student_entropy=True)
+            loss, st = torch.ops.fastloss.distill_fwd(s, t, target, *opts, True)
+            loss0, st0 = torch.ops.fastloss.distill_fwd(s, t, target, *opts)
+            gl, gst, grad = torch.ops.fastloss.distill_fwd_grad(s, t, target, one, *opts, True)
+            _, _, grad0 = torch.ops.fastloss.distill_fwd_grad(s, t, target, one, *opts)
+            # the loss, the backward's statistics and the gradient as without the entropy (relative difference)
+            same = max(float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+                       for a, b in ((loss, loss0), (st[:, :4], st0[:, :4]), (gl, loss0), (grad, grad0)))
+            checks += [(f"{divergence} entropy", st[:, 4], ref[1], dtype),
+                       (f"{divergence} entropy (with gradient)", gst[:, 4], ref[1], dtype),
+                       (f"{divergence} loss", loss, ref[0], dtype),
+                       (f"{divergence} unchanged by the entropy (4 ulp)", torch.tensor([float(same <= bound)]),
+                        torch.ones(1, dtype=torch.float64), torch.float64)]
+        return checks
 
     def _linear_distill(self, dtype: torch.dtype) -> list:
         n, d, v, chunk = LCE[self.size]

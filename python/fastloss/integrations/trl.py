@@ -226,10 +226,8 @@ class _FastlossDivergence:
             ht, Wt, bt = _head(teacher_hidden, teacher_weight, teacher_bias, teacher_logit_scale)
         if ht.dtype != hs.dtype:  # fastloss's chunks run both heads in one dtype; TRL rounds each in its own
             ht, Wt, bt = ht.to(hs.dtype), Wt.to(hs.dtype), bt.to(hs.dtype) if bt is not None else None
-        div = fastloss.linear_distillation_loss(hs, Ws, ht, Wt, student_bias=bs, teacher_bias=bt, divergence="jsd",
-                                                beta=float(beta), temperature=temperature, reduction="none")
-        with torch.no_grad():  # the student's entropy (TRL logs it): a second pass over the student's chunks
-            tokens = torch.zeros(hs.shape[0], dtype=torch.long, device=hs.device)
-            entropy = fastloss.linear_token_logprobs(hs, Ws, tokens, bias=bs, temperature=temperature,
-                                                     return_entropy=True).entropy
+        # the student's entropy (TRL logs it, no gradient) from the same chunks and kernels as the divergence
+        div, entropy = fastloss.linear_distillation_loss(hs, Ws, ht, Wt, student_bias=bs, teacher_bias=bt,
+                                                         divergence="jsd", beta=float(beta), temperature=temperature,
+                                                         reduction="none", return_student_entropy=True)
         return div.float(), entropy.float()
