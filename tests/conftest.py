@@ -4,10 +4,26 @@ import pathlib
 import subprocess
 import sys
 
+import hashlib
+import tempfile
+
 import pytest
 import torch
 
 import fastloss  # noqa: F401  (loads the ops)
+
+
+def _inductor_cache_dir() -> str:
+    """An inductor cache per build of fastloss: its FX-graph cache key does not cover a custom op's fake kernel, so a
+    graph compiled against an older build (a different output shape) was served again to a newer one (seen when
+    distill_fwd's stats went from 4 to 5 columns)."""
+    h = hashlib.sha1()
+    h.update(pathlib.Path(fastloss._library_path).read_bytes())
+    h.update(pathlib.Path(fastloss._ops.__file__).read_bytes())
+    return os.path.join(tempfile.gettempdir(), f"fastloss-inductor-{h.hexdigest()[:16]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and fastloss.cuda_built else [])
 
@@ -66,7 +82,8 @@ def pytest_report_header(config):
     if EMULATED:
         from fastloss import _cuda_emu
 
-        return f"fastloss: emulated CUDA build (CUDA kernels on the CPU execution layer), schedule {_cuda_emu.schedule()}"
+        return ("fastloss: emulated CUDA build (CUDA kernels on the CPU execution layer), schedule "
+                f"{_cuda_emu.schedule()}")
     return None
 
 
