@@ -970,3 +970,45 @@ def test_student_entropy_torch_compile_fullgraph(device):
     b[0].backward()
     assert torch.allclose(a[0], b[0], rtol=1e-6) and torch.allclose(a[1], b[1], rtol=1e-6)
     assert torch.allclose(xa.grad, xb.grad, rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------- linear version: softcapped heads
+
+
+@pytest.mark.parametrize("chunk", [3, "auto"])
+@pytest.mark.parametrize("div,beta", DIVS3)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("caps", [(1.5, None), (None, 2.0), (1.5, 2.0)])
+def test_linear_softcap_matches_reference(chunk, div, beta, reduction, caps, device):
+    """student_softcap / teacher_softcap: c tanh(logits / c) of each head before the temperature (Gemma's head,
+    TRL's chunked divergence), loss, student entropy and gradients against the float64 reference of the capped
+    logits, the hard-label term on the capped student."""
+    lead = (10,)
+    sh, sw, sb, th, tw, tb = _linear(lead, device=device, seed=31)
+    sh = (sh.detach() * 3).requires_grad_()  # logits across several caps: tanh bends them
+    tgt = _target(lead, device=device)
+    kw = dict(divergence=div, beta=beta, temperature=1.2, target=tgt, reduction=reduction, hard_weight=0.5)
+    out, ent = fastloss.linear_distillation_loss(sh, sw, th, tw, student_bias=sb, teacher_bias=tb, chunk_size=chunk,
+                                                 student_softcap=caps[0], teacher_softcap=caps[1],
+                                                 return_student_entropy=True, **kw)
+    cap = lambda x, c: x if c is None else c * torch.tanh(x / c)  # noqa: E731
+    s_logits = cap(F.linear(sh.double(), sw.double(), sb.double()), caps[0])
+    t_logits = cap(F.linear(th.double(), tw.double(), tb.double()), caps[1])
+    ref = ref_loss(s_logits, t_logits, **kw)
+    assert rel_err(out, ref) <= RTOL64
+    _, ref_ent = fastloss.distillation_loss(s_logits.detach(), t_logits, return_student_entropy=True, **kw)
+    assert rel_err(ent, ref_ent) <= RTOL64
+    params = (sh, sw, sb)
+    gout = _upstream(ref.shape, device)
+    for a, b in zip(torch.autograd.grad(out, params, gout), torch.autograd.grad(ref, params, gout)):
+        assert rel_err(a, b) <= GTOL64
+    plain = fastloss.linear_distillation_loss(sh, sw, th, tw, student_bias=sb, teacher_bias=tb, **kw)
+    assert rel_err(plain, ref) > 1e-4  # the caps change the loss
+
+
+def test_linear_softcap_bad_values(device):
+    sh, sw, sb, th, tw, tb = _linear((4,), device=device)
+    for name in ("student_softcap", "teacher_softcap"):
+        for bad in (0.0, -2.0, math.inf, math.nan, True):
+            with pytest.raises(ValueError, match=f"`{name}` must be a finite value > 0"):
+                fastloss.linear_distillation_loss(sh, sw, th, tw, **{name: bad})

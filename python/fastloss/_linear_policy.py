@@ -41,6 +41,28 @@ def _wants(*tensors) -> tuple:
     return tuple(t is not None and t.requires_grad for t in tensors)
 
 
+def _softcap_(logits, softcap):
+    """logits <- softcap * tanh(logits / softcap), in place (the formula of Gemma's head and of TRL: a -inf logit
+    gives -softcap)."""
+    return logits.div_(softcap).tanh_().mul_(softcap)
+
+
+def _softcap_keep_grad_(logits, softcap):
+    """:func:`_softcap_` that also returns d cap / d logits = 1 - tanh^2 (a second chunk-sized buffer)."""
+    t = logits.div_(softcap).tanh_()
+    dcap = torch.addcmul(torch.ones_like(t), t, t, value=-1)
+    t.mul_(softcap)
+    return dcap
+
+
+def _check_softcap(fn: str, name: str, softcap):
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+        raise ValueError(f"fastloss.{fn}: `{name}` must be a finite value > 0 (or None), got {softcap!r}")
+    return float(softcap)
+
+
 class _Head:
     """One LM head in its chunk compute dtype: logits of rows [s, e)."""
 
@@ -80,9 +102,11 @@ class _Grads:
 # ---------------------------------------------------------------- distillation
 
 
-def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, want, W, N, ent_rows=None):
+def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, want, W, N, ent_rows=None,
+                    caps=(None, None)):
     """One pass over token chunks: per-row losses, and (scale given) the student's gradients; with ent_rows (float64
-    [N]) the student's entropy per row from the same kernels (distill_fwd*'s student_entropy)."""
+    [N]) the student's entropy per row from the same kernels (distill_fwd*'s student_entropy). caps: the student's
+    and the teacher's softcap (or None), applied to each chunk's logits in place."""
     ops = torch.ops.fastloss
     ent = ent_rows is not None
     loss_rows = torch.empty(N, dtype=torch.float64, device=student.h.device)
@@ -92,13 +116,24 @@ def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, 
         e = min(N, s + chunk_rows)
         hc = student.rows(s, e)
         logits = student.logits(hc)
+        dcap = None
+        if caps[0] is not None:
+            if grads is not None:
+                dcap = _softcap_keep_grad_(logits, caps[0])
+            else:
+                _softcap_(logits, caps[0])
         with torch.no_grad():
             tlogits = teacher.logits(teacher.rows(s, e)).to(logits.dtype)
+            if caps[1] is not None:
+                _softcap_(tlogits, caps[1])
         tc = t[s:e] if t is not None else None
         if grads is not None:
             sc = scale[s:e] if per_row else scale
             rows, stats = ops.distill_fwd_inplace_grad(logits, tlogits, tc, sc, *opts, ent)
             del tlogits
+            if dcap is not None:  # d loss / d capped logits -> d loss / d logits
+                logits.mul_(dcap)
+                del dcap
             grads.add_chunk(logits, hc, student, s, e)  # logits now hold d loss / d logits, scaled
         else:
             rows, stats = ops.distill_fwd(logits, tlogits, tc, *opts, ent)
@@ -112,7 +147,7 @@ def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, 
 class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, Ws, bs, ht, Wt, bt, t, opts, reduction, chunk_rows, denom, lead, want,
-                student_entropy=False):
+                student_entropy=False, caps=(None, None)):
         N = hs.shape[0]
         # the student's entropy per row (empty unless asked): from the forward's chunks, no gradient
         ent_rows = torch.zeros(N if student_entropy else 0, dtype=torch.float64, device=hs.device)
@@ -124,8 +159,9 @@ class _LinearDistillation(torch.autograd.Function):
                      else torch.ones(1, dtype=acc, device=hs.device))
         with no_autocast(hs.device):
             rows, grads = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, opts, chunk_rows, scale, want,
-                                          Ws, N, ent_rows if student_entropy else None)
+                                          Ws, N, ent_rows if student_entropy else None, caps)
         ctx.precompute, ctx.want, ctx.opts, ctx.chunk_rows, ctx.scale = precompute, want, opts, chunk_rows, scale
+        ctx.caps = caps
         ctx.consumed = False
         if any(want):
             # float16 gradients stay float32 until the incoming gradient (a GradScaler's factor) has scaled them:
@@ -152,13 +188,14 @@ class _LinearDistillation(torch.autograd.Function):
                 scale = scale * ctx.scale
             with no_autocast(hs.device):
                 _, g = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, ctx.opts, ctx.chunk_rows, scale,
-                                       ctx.want, Ws, hs.shape[0])
+                                       ctx.want, Ws, hs.shape[0], caps=ctx.caps)
             grads = list(g.result(hs, Ws, bs))
-        return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temperature, target, ignore_index,
-                                  reduction, hard_weight, chunk_size, return_student_entropy=False):
+                                  reduction, hard_weight, chunk_size, return_student_entropy=False,
+                                  student_softcap=None, teacher_softcap=None):
     fn = "linear_distillation_loss"
     _check_head(fn, "student_hidden", "student_weight", "student_bias", hs, Ws, bs)
     _check_head(fn, "teacher_hidden", "teacher_weight", "teacher_bias", ht, Wt, bt)
@@ -177,14 +214,18 @@ def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temp
     N, V = h.shape[0], Ws.shape[0]
     t = target.reshape(-1) if target is not None else None
     want = _wants(hs, Ws, bs)
-    chunk_rows = resolve_chunk_rows(chunk_size, N, V, hs.dtype, h.device, fn=fn, buffers=2)
+    caps = (_check_softcap(fn, "student_softcap", student_softcap),
+            _check_softcap(fn, "teacher_softcap", teacher_softcap))
+    # the student's and the teacher's chunk logits, and d cap / d logits beside them with a student softcap
+    chunk_rows = resolve_chunk_rows(chunk_size, N, V, hs.dtype, h.device, fn=fn,
+                                    buffers=2 if caps[0] is None else 3)
     denom = unmasked_count(reduction, t, int(ignore_index), N, h.device)
     opts = (divergence, beta, temperature, int(ignore_index), hard_weight)
     ent = bool(return_student_entropy)
     out, ent_rows = _LinearDistillation.apply(h, Ws.contiguous(), bs,
                                               ht.detach().reshape(-1, ht.shape[-1]).contiguous(),
                                               Wt.detach().contiguous(), bt.detach() if bt is not None else None, t,
-                                              opts, reduction, chunk_rows, denom, lead, want, ent)
+                                              opts, reduction, chunk_rows, denom, lead, want, ent, caps)
     out = out.to(hs.dtype)
     if not ent:
         return out
@@ -192,12 +233,6 @@ def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temp
 
 
 # ---------------------------------------------------------------- token log-probabilities
-
-
-def _softcap_(logits, softcap):
-    """logits <- softcap * tanh(logits / softcap), in place (the formula of Gemma's head and of TRL: a -inf logit
-    gives -softcap)."""
-    return logits.div_(softcap).tanh_().mul_(softcap)
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -260,9 +295,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             hc = head.rows(s, e)
             logits = head.logits(hc)
             if softcap is not None:  # d cap / d logits = 1 - tanh^2, kept beside the chunk (its budget counts two)
-                t = logits.div_(softcap).tanh_()
-                dcap = torch.addcmul(torch.ones_like(t), t, t, value=-1)
-                logits = t.mul_(softcap)
+                dcap = _softcap_keep_grad_(logits, softcap)
             ops.token_logprobs_bwd_(logits, g_lp[s:e] if g_lp is not None else None,
                                     g_ent[s:e] if (entropy and g_ent is not None) else None, tokens[s:e], lse[s:e],
                                     ent[s:e] if entropy else ent, temperature)
@@ -281,10 +314,7 @@ def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return
     lead = tuple(hidden.shape[:-1])
     check_tokens(fn, "tokens", tokens, lead)
     temperature = check_temperature(fn, temperature)
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
-            raise ValueError(f"fastloss.{fn}: `softcap` must be a finite value > 0 (or None), got {softcap!r}")
-        softcap = float(softcap)
+    softcap = _check_softcap(fn, "softcap", softcap)
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     N, V = h.shape[0], weight.shape[0]
     # with a softcap the backward keeps d cap / d logits beside each chunk: two chunk buffers in the budget

@@ -183,7 +183,8 @@ def linear_distillation_loss(student_hidden: torch.Tensor, student_weight: torch
                              divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                              target: Optional[torch.Tensor] = None, ignore_index: int = -100,
                              reduction: str = "mean", hard_weight: float = 0.0, chunk_size="auto",
-                             return_student_entropy: bool = False):
+                             return_student_entropy: bool = False, student_softcap: Optional[float] = None,
+                             teacher_softcap: Optional[float] = None):
     """:func:`distillation_loss` of the student's ``student_hidden @ student_weight.T (+ student_bias)`` against the
     teacher's ``teacher_hidden @ teacher_weight.T (+ teacher_bias)`` without either N x V logits: token chunks, the
     two heads' logits for one chunk at a time. student_hidden (..., Ds) and teacher_hidden (..., Dt) share their
@@ -193,10 +194,15 @@ def linear_distillation_loss(student_hidden: torch.Tensor, student_weight: torch
     "sum" they are computed during the forward, written over each chunk's logits, and scaled in the backward: three
     GEMMs for the student as without chunking, plus the teacher's one. "none" recomputes the chunks in the backward.
     chunk_size: tokens per chunk, or "auto" (a budget of 256 MiB for the chunk's two logits buffers).
+    student_softcap / teacher_softcap: each head's logits become ``softcap * tanh(logits / softcap)`` (Gemma's
+    final-logit softcapping) before the temperature, with the student's gradient through it; applied to each chunk
+    by torch in place, not fused into the kernels (a third chunk buffer holds the student's ``1 - tanh^2``); the
+    hard-label term then sees the capped student logits.
     ``return_student_entropy=True``: ``(loss, student_entropy)`` as :func:`distillation_loss`, the entropy of the
     tempered student softmax from the forward's chunks (no extra pass, no extra GEMM), whatever the reduction.
     """
 
     return linear_distillation_loss_impl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                          student_bias, teacher_bias, divergence, beta, temperature, target,
-                                         ignore_index, reduction, hard_weight, chunk_size, return_student_entropy)
+                                         ignore_index, reduction, hard_weight, chunk_size, return_student_entropy,
+                                         student_softcap, teacher_softcap)

@@ -24,9 +24,9 @@ arguments mapped one to one:
   the backward (TRL's ``set_materialize_grads(False)``);
 * outputs are float32 (``is_top1`` bool), as TRL's.
 
-Not on fastloss (yet), and then TRL's own function runs, with a :class:`TRLFallbackWarning` saying why: the chunked
-divergence of a softcapped student or teacher head. The vocabulary chunk size TRL passes is not used: fastloss
-chunks tokens (:func:`fastloss.linear_token_logprobs`'s ``chunk_size="auto"``).
+The student's and the teacher's ``final_logit_softcapping`` in the divergence -> ``linear_distillation_loss``'s
+``student_softcap`` / ``teacher_softcap``. The vocabulary chunk size TRL passes is not used: fastloss chunks tokens
+(:func:`fastloss.linear_token_logprobs`'s ``chunk_size="auto"``).
 
 Supported TRL versions: ``SUPPORTED_TRL`` (checked at :func:`patch_trl`; a version outside it, or a TRL whose
 functions take other arguments or ask for outputs fastloss does not know, is refused with an error naming the
@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from typing import Optional
 
 import torch
 
-__all__ = ["patch_trl", "unpatch_trl", "use_fastloss", "is_patched", "SUPPORTED_TRL", "TRLFallbackWarning"]
+__all__ = ["patch_trl", "unpatch_trl", "use_fastloss", "is_patched", "SUPPORTED_TRL"]
 
 SUPPORTED_TRL = (">=1.15.0", "<1.17")
 """The TRL versions whose fused LM head and chunked divergence fastloss reproduces (tested with 1.16.0)."""
@@ -60,10 +59,6 @@ _SITES = (  # (module, attribute) holding the functions TRL's code calls at run 
     ("trl.trainer.distillation_trainer", "ChunkedDivergenceFunction"),
 )
 _originals: dict = {}
-
-
-class TRLFallbackWarning(UserWarning):
-    """TRL's own kernel ran for this call (an input fastloss does not reproduce); the message says which."""
 
 
 def _trl():
@@ -146,19 +141,6 @@ def use_fastloss():
             unpatch_trl()
 
 
-def _original(attr: str):
-    for (_, a), fn in _originals.items():
-        if a == attr:
-            return fn
-    raise RuntimeError(f"fastloss.integrations.trl: TRL's {attr} is not patched")  # pragma: no cover
-
-
-def _fallback(attr: str, why: str):
-    warnings.warn(f"fastloss.integrations.trl: {why}; TRL's own {attr} runs for this call", TRLFallbackWarning,
-                  stacklevel=3)
-    return _original(attr)
-
-
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """TRL's: the autocast dtype when autocast is on for the device, else the hidden states' dtype."""
     dev = hidden.device.type
@@ -215,12 +197,6 @@ class _FastlossDivergence:
               teacher_final_logit_softcapping=None):
         import fastloss
 
-        if student_final_logit_softcapping is not None or teacher_final_logit_softcapping is not None:
-            return _fallback("ChunkedDivergenceFunction",
-                             "final_logit_softcapping is not in fastloss's distillation kernels").apply(
-                student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, beta,
-                temperature, student_logit_scale, student_final_logit_softcapping, teacher_logit_scale,
-                teacher_final_logit_softcapping)
         hs, Ws, bs = _head(student_hidden, student_weight, student_bias, student_logit_scale)
         with torch.no_grad():
             ht, Wt, bt = _head(teacher_hidden, teacher_weight, teacher_bias, teacher_logit_scale)
@@ -229,5 +205,7 @@ class _FastlossDivergence:
         # the student's entropy (TRL logs it, no gradient) from the same chunks and kernels as the divergence
         div, entropy = fastloss.linear_distillation_loss(hs, Ws, ht, Wt, student_bias=bs, teacher_bias=bt,
                                                          divergence="jsd", beta=float(beta), temperature=temperature,
-                                                         reduction="none", return_student_entropy=True)
+                                                         reduction="none", return_student_entropy=True,
+                                                         student_softcap=student_final_logit_softcapping,
+                                                         teacher_softcap=teacher_final_logit_softcapping)
         return div.float(), entropy.float()
