@@ -39,4 +39,22 @@ at::Tensor cross_entropy_prob_bwd_op(const at::Tensor& grad_loss, const std::opt
                                      std::optional<double> softcap, const CrossEntropyKernels& k);
 void scale_rows_op(const at::Tensor& self, const at::Tensor& scale, const CrossEntropyKernels& k);
 
+// Vocabulary-parallel cross-entropy (csrc/ops.cpp cross_entropy_shard_*).
+at::Tensor cross_entropy_shard_fwd_op(const at::Tensor& logits, const at::Tensor& target,
+                                      const std::optional<at::Tensor>& weight, int64_t vocab_start,
+                                      int64_t ignore_index, double label_smoothing, std::optional<double> softcap,
+                                      c10::string_view algorithm, c10::string_view loss, const SoftmaxKernels& sk,
+                                      const CrossEntropyKernels& k);
+at::Tensor cross_entropy_shard_loss_op(const at::Tensor& rows, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight_sum, int64_t vocab_size,
+                                       int64_t ignore_index, double label_smoothing, double z_loss,
+                                       c10::string_view loss, double loss_param, const CrossEntropyKernels& k);
+at::Tensor cross_entropy_shard_bwd_op(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                      const at::Tensor& logits, const at::Tensor& target,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& rows,
+                                      const std::optional<at::Tensor>& weight_sum, int64_t vocab_start,
+                                      int64_t vocab_size, int64_t ignore_index, double label_smoothing,
+                                      double z_loss, std::optional<double> softcap, c10::string_view loss,
+                                      double loss_param, const CrossEntropyKernels& k);
+
 }  // namespace fastloss

@@ -105,3 +105,28 @@ TORCH_LIBRARY_FRAGMENT(fastloss, m) {
       "spherical_loss_terms(Tensor stats, Tensor target, int V, str loss, float a, float b, int ignore_index) "
       "-> (Tensor loss, Tensor partials)");
 }
+
+TORCH_LIBRARY_FRAGMENT(fastloss, m) {
+  // Vocabulary-parallel (tensor-parallel) cross-entropy: `logits` [N, C] are the classes [vocab_start, vocab_start
+  // + C) of a vocabulary of V, `target` [N] global class indices. The caller combines the shards' statistics with a
+  // collective (python/fastloss/_vocab_parallel.py), then calls the loss and backward ops; no autograd here.
+  // Per row, float64 [N, 4] from one pass over the shard's row (fastloss/loss_math.h kShardStats): m and d of the
+  // online normaliser of x' = softcap(x) (m = -inf, d = 0 for an all -inf row or C = 0), x'_t when the target lies
+  // in the shard (else 0), and sum_c w_c x'_c (label_smoothing > 0; weight: the shard's slice) or d2 = sum_c
+  // exp(2 (x'_c - m)) (loss="squentropy"), else 0. Rows with target == ignore_index: zeros, never read.
+  m.def(
+      "cross_entropy_shard_fwd(Tensor logits, Tensor target, Tensor? weight, int vocab_start, int ignore_index, "
+      "float label_smoothing, float? softcap, str algorithm=\"auto\", str loss=\"ce\") -> Tensor stats");
+  // Per-row float64 losses (0 for ignored rows) from the combined rows [N, 4] = (lse, x'_t, w_t, s) (s: sum_c w_c x'_c
+  // over the vocabulary for label smoothing, sum_c p_c^2 for squentropy), weight_sum the vocabulary's class-weight
+  // sum (None: vocab_size); `loss` and its checks as cross_entropy_fwd.
+  m.def(
+      "cross_entropy_shard_loss(Tensor rows, Tensor target, Tensor? weight_sum, int vocab_size, int ignore_index, "
+      "float label_smoothing, float z_loss, str loss=\"ce\", float loss_param=0.0) -> Tensor loss");
+  // The shard's columns of grad_loss[r] * dloss_r/dlogits + grad_lse[r] * softmax (the logits' dtype), from the
+  // combined rows: concatenated over the shards, cross_entropy_bwd of the whole vocabulary.
+  m.def(
+      "cross_entropy_shard_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor rows, Tensor? weight_sum, int vocab_start, int vocab_size, int ignore_index, float label_smoothing, "
+      "float z_loss, float? softcap, str loss=\"ce\", float loss_param=0.0) -> Tensor grad");
+}

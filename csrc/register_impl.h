@@ -81,6 +81,19 @@ struct CrossEntropyDeviceOps {
     return cross_entropy_prob_bwd_op(g, gz, x, t, w, lse, sy, ls, z, cap, KC());
   }
   static void scale_rows(const at::Tensor& x, const at::Tensor& s) { scale_rows_op(x, s, KC()); }
+  static at::Tensor shard_fwd(const at::Tensor& x, const at::Tensor& t, const OptT& w, int64_t v0, int64_t ii,
+                              double ls, std::optional<double> cap, c10::string_view alg, c10::string_view loss) {
+    return cross_entropy_shard_fwd_op(x, t, w, v0, ii, ls, cap, alg, loss, K(), KC());
+  }
+  static at::Tensor shard_loss(const at::Tensor& rows, const at::Tensor& t, const OptT& ws, int64_t V, int64_t ii,
+                               double ls, double z, c10::string_view loss, double lp) {
+    return cross_entropy_shard_loss_op(rows, t, ws, V, ii, ls, z, loss, lp, KC());
+  }
+  static at::Tensor shard_bwd(const at::Tensor& g, const OptT& gz, const at::Tensor& x, const at::Tensor& t,
+                              const OptT& w, const at::Tensor& rows, const OptT& ws, int64_t v0, int64_t V, int64_t ii,
+                              double ls, double z, std::optional<double> cap, c10::string_view loss, double lp) {
+    return cross_entropy_shard_bwd_op(g, gz, x, t, w, rows, ws, v0, V, ii, ls, z, cap, loss, lp, KC());
+  }
 
   static void register_all(torch::Library& m) {
     m.impl("cross_entropy_fwd", &fwd);
@@ -89,6 +102,9 @@ struct CrossEntropyDeviceOps {
     m.impl("cross_entropy_prob_fwd", &prob_fwd);
     m.impl("cross_entropy_prob_bwd", &prob_bwd);
     m.impl("scale_rows_", &scale_rows);
+    m.impl("cross_entropy_shard_fwd", &shard_fwd);
+    m.impl("cross_entropy_shard_loss", &shard_loss);
+    m.impl("cross_entropy_shard_bwd", &shard_bwd);
   }
 };
 

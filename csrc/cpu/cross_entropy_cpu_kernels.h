@@ -119,11 +119,18 @@ struct ProbSums {
   }
 };
 
+template <typename acc>
+struct SqRow {
+  fm::OnlineState<acc> st;
+  double sq;  // sum_c p_c^2 = d2 / d^2
+  double d2;  // sum_c e^(2 (x'_c - m))
+};
+
 // squentropy's reduction: the online (m, d) of the row with a second running accumulator d2 = sum e^(2(x' - m))
 // sharing its exponentials (fastloss/math.h OnlineSqState); float lanes flushed into double per chunk as in
-// reduce_row. Returns the state (m, d) for the lse and sum_c p_c^2 = d2 / d^2. Always the online algorithm.
+// reduce_row. Returns the state (m, d) for the lse, sum_c p_c^2 = d2 / d^2 and d2. Always the online algorithm.
 template <typename scalar_t, class Tx>
-std::pair<fm::OnlineState<acc_t<scalar_t>>, double> row_state_sq(const scalar_t* x, int64_t n, const Tx& tx) {
+SqRow<acc_t<scalar_t>> row_state_sq(const scalar_t* x, int64_t n, const Tx& tx) {
   using acc = acc_t<scalar_t>;
   auto total = fm::online_sq_init<double>();
   auto widen = [](acc v) { return (std::is_same_v<acc, float> && v == acc(-FLT_MAX)) ? -DBL_MAX : double(v); };
@@ -154,7 +161,7 @@ std::pair<fm::OnlineState<acc_t<scalar_t>>, double> row_state_sq(const scalar_t*
   for (; j < n; ++j) tail = fm::online_sq_update(tail, tx(static_cast<acc>(x[j])));
   total = fm::online_sq_merge(total, {widen(tail.m), double(tail.d), double(tail.d2)});
   const acc m = (std::is_same_v<acc, float> && total.m == -DBL_MAX) ? acc(-FLT_MAX) : acc(total.m);
-  return {fm::OnlineState<acc>{m, acc(total.d)}, total.d2 / (total.d * total.d)};
+  return {fm::OnlineState<acc>{m, acc(total.d)}, total.d2 / (total.d * total.d), total.d2};
 }
 
 // sum_c p_c^2 of a row from its saved lse (the backward's extra pass for squentropy).
@@ -225,6 +232,38 @@ void write_index_grad(const scalar_t* x, scalar_t* out, int64_t C, const Tx& tx,
   }
 }
 
+// The reduction pass over one row of class-index cross-entropy (index_forward and the shard forward): the
+// normaliser, with the label-smoothing sum or squentropy's squares fused in.
+template <typename acc>
+struct IndexRow {
+  fm::OnlineState<acc> st;
+  double sum_w_dx = 0;  // label smoothing: sum_c w_c (x'_c - shift)
+  acc shift = 0;
+  double sq = 0;  // squentropy: sum_c p_c^2 ...
+  double d2 = 0;  // ... and sum_c e^(2 (x'_c - m))
+};
+
+template <typename scalar_t, class Tx>
+IndexRow<acc_t<scalar_t>> index_row(const scalar_t* xr, int64_t C, const CrossEntropyParams& p, const Tx& tx,
+                                    const acc_t<scalar_t>* w) {
+  using acc = acc_t<scalar_t>;
+  IndexRow<acc> r;
+  if (acc(p.label_smoothing) != acc(0)) {
+    r.shift = row_shift(xr, C, tx);
+    SmoothSum<acc> sums{w, r.shift};
+    r.st = row_state(xr, C, p.algorithm, tx, sums);
+    r.sum_w_dx = sums.total;
+  } else if (p.loss_kind == fm::kLossSquentropy) {
+    const auto q = row_state_sq(xr, C, tx);
+    r.st = q.st;
+    r.sq = q.sq;
+    r.d2 = q.d2;
+  } else {
+    r.st = row_state(xr, C, p.algorithm, tx);
+  }
+  return r;
+}
+
 template <typename scalar_t>
 void zero_row(scalar_t* out, int64_t C) {
   std::fill(out, out + C, scalar_t(0));
@@ -245,7 +284,6 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
     const scalar_t* px = in.logits.const_data_ptr<scalar_t>();
     scalar_t* pg = fused ? grad_logits.mutable_data_ptr<scalar_t>() : nullptr;
     const acc eps = acc(p.label_smoothing), invC = acc(1.0 / double(C)), z = acc(p.z_loss);
-    const bool squentropy = p.loss_kind == fm::kLossSquentropy;
     const double inv_cm1 = C > 1 ? 1.0 / double(C - 1) : 0.0;
     double* psq = in.sum_sq.defined() ? in.sum_sq.mutable_data_ptr<double>() : nullptr;
     with_transform(p, [&](auto tx) {
@@ -260,25 +298,14 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
             if (fused) zero_row(pg + r * C, C);
             continue;
           }
-          double sum_w_dx = 0;
-          acc shift = 0;
-          fm::OnlineState<acc> st;
-          double sq = 0;
-          if (eps != acc(0)) {
-            shift = row_shift(xr, C, tx);
-            SmoothSum<acc> sums{w, shift};
-            st = row_state(xr, C, p.algorithm, tx, sums);
-            sum_w_dx = sums.total;
-          } else if (squentropy) {
-            std::tie(st, sq) = row_state_sq(xr, C, tx);
-          } else {
-            st = row_state(xr, C, p.algorithm, tx);
-          }
+          const auto row = index_row(xr, C, p, tx, w);
+          const auto st = row.st;
+          const double sq = row.sq;
           const double l = finish_lse(st, xr, C);
           const acc x_t = tx(static_cast<acc>(xr[t]));
           const acc w_t = w ? w[t] : acc(1);
-          ploss[r] = fm::ce_index_loss_kind<double>(p.loss_kind, p.loss_param, l, x_t, w_t, sum_w_dx, shift, W,
-                                                    p.label_smoothing, 1.0 / double(C), p.z_loss, sq, inv_cm1);
+          ploss[r] = fm::ce_index_loss_kind<double>(p.loss_kind, p.loss_param, l, x_t, w_t, row.sum_w_dx, row.shift,
+                                                    W, p.label_smoothing, 1.0 / double(C), p.z_loss, sq, inv_cm1);
           plse[r] = l;
           if (psq) psq[r] = sq;
           if (fused) {
@@ -292,42 +319,145 @@ inline void ce_index_forward(const CrossEntropyInputs& in, const CrossEntropyPar
   });
 }
 
-inline void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
-                              const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& grad_logits) {
+// A row's saved statistics for its gradient pass: lse, x'_t, w_t, squentropy's sum_c p_c^2, and the target's column
+// in these logits (-1: the target lies in another vocabulary shard).
+struct GradRow {
+  double lse, x_t, w_t, sq;
+  int64_t t;
+};
+
+// grad_logits[r] = grad_loss[r] dloss_r/dlogits + grad_lse[r] softmax (grad_lse may be undefined) for every row whose
+// target is not ignore_index (others zero), from stats(r, xr, tx, w) -> GradRow: index_backward's rows and a
+// vocabulary shard's. W, inv_C, inv_cm1: the vocabulary's class-weight sum, 1 / V and 1 / (V - 1) (0 when V = 1).
+template <class Stats>
+void index_backward_rows(const CrossEntropyInputs& in, const CrossEntropyParams& p, double W, double inv_C,
+                         double inv_cm1, const at::Tensor& grad_loss, const at::Tensor& grad_lse,
+                         const at::Tensor& grad_logits, const Stats& stats) {
   const int64_t N = in.logits.size(0), C = in.logits.size(1);
   const int64_t* tgt = in.target.const_data_ptr<int64_t>();
-  const double W = in.weight_sum.defined() ? in.weight_sum.item<double>() : double(C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_bwd_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const acc* w = in.weight.defined() ? in.weight.const_data_ptr<acc>() : nullptr;
     const double* gl = grad_loss.const_data_ptr<double>();
     const double* gz = grad_lse.defined() ? grad_lse.const_data_ptr<double>() : nullptr;
-    const double* plse = lse.const_data_ptr<double>();
     const scalar_t* px = in.logits.const_data_ptr<scalar_t>();
     scalar_t* pg = grad_logits.mutable_data_ptr<scalar_t>();
-    const acc eps = acc(p.label_smoothing), invC = acc(1.0 / double(C)), z = acc(p.z_loss);
-    const bool squentropy = p.loss_kind == fm::kLossSquentropy;
-    const double inv_cm1 = C > 1 ? 1.0 / double(C - 1) : 0.0;
-    const double* psq = in.sum_sq.defined() ? in.sum_sq.const_data_ptr<double>() : nullptr;
+    const acc eps = acc(p.label_smoothing), invC = acc(inv_C), z = acc(p.z_loss);
     with_transform(p, [&](auto tx) {
       at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
-          const int64_t t = tgt[r];
-          if (t == p.ignore_index) {
+          if (tgt[r] == p.ignore_index) {
             zero_row(pg + r * C, C);
             continue;
           }
           const scalar_t* xr = px + r * C;
-          const acc w_t = w ? w[t] : acc(1);
-          const acc x_t = tx(static_cast<acc>(xr[t]));
-          const auto nd = normaliser_from_lse<acc>(plse[r]);
-          const double sq = !squentropy ? 0.0 : psq ? psq[r] : row_sum_sq(xr, C, tx, nd.m, nd.d);
+          const GradRow s = stats(r, xr, tx, w);
+          const auto nd = normaliser_from_lse<acc>(s.lse);
           auto k = fm::ce_index_coefs_kind(p.loss_kind, acc(p.loss_param), acc(gl[r]), gz ? acc(gz[r]) : acc(0),
-                                           acc(plse[r]), x_t, w_t, acc(W), eps, invC, z, acc(sq), acc(inv_cm1));
-          write_index_grad(xr, pg + r * C, C, tx, nd.m, nd.d, k, w, t, x_t);
+                                           acc(s.lse), acc(s.x_t), acc(s.w_t), acc(W), eps, invC, z, acc(s.sq),
+                                           acc(inv_cm1));
+          write_index_grad(xr, pg + r * C, C, tx, nd.m, nd.d, k, w, s.t, acc(s.x_t));
         }
       });
     });
+  });
+}
+
+template <class W>
+using acc_of = std::remove_const_t<std::remove_pointer_t<W>>;
+
+inline void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                              const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& grad_logits) {
+  const int64_t C = in.logits.size(1);
+  const int64_t* tgt = in.target.const_data_ptr<int64_t>();
+  const double W = in.weight_sum.defined() ? in.weight_sum.item<double>() : double(C);
+  const bool squentropy = p.loss_kind == fm::kLossSquentropy;
+  const double* plse = lse.const_data_ptr<double>();
+  const double* psq = in.sum_sq.defined() ? in.sum_sq.const_data_ptr<double>() : nullptr;
+  index_backward_rows(in, p, W, 1.0 / double(C), C > 1 ? 1.0 / double(C - 1) : 0.0, grad_loss, grad_lse, grad_logits,
+                      [&](int64_t r, const auto* xr, const auto& tx, const auto* w) {
+    using acc = acc_of<decltype(w)>;
+    const int64_t t = tgt[r];
+    const acc x_t = tx(static_cast<acc>(xr[t]));
+    double sq = 0.0;
+    if (squentropy) {
+      const auto nd = normaliser_from_lse<acc>(plse[r]);
+      sq = psq ? psq[r] : row_sum_sq(xr, C, tx, nd.m, nd.d);
+    }
+    return GradRow{plse[r], double(x_t), w ? double(w[t]) : 1.0, sq, t};
+  });
+}
+
+// ---------------------------------------------------------------- vocabulary shards (fastloss/loss_math.h)
+
+// stats[r] = (m, d, x'_t or 0, sum_c w_c x'_c or d2 or 0) of the shard's row from index_forward's reduction pass;
+// ignored rows zero and not read. The op layer handles C = 0.
+inline void ce_shard_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& stats) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  const int64_t* tgt = in.target.const_data_ptr<int64_t>();
+  const double W_local = in.weight_sum.defined() ? in.weight_sum.item<double>() : double(C);
+  const bool smooth = p.label_smoothing != 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_shard_fwd_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc* w = in.weight.defined() ? in.weight.const_data_ptr<acc>() : nullptr;
+    const scalar_t* px = in.logits.const_data_ptr<scalar_t>();
+    double* ps = stats.mutable_data_ptr<double>();
+    with_transform(p, [&](auto tx) {
+      at::parallel_for(0, N, row_grain(C), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          double* o = ps + r * fm::kShardStats;
+          const int64_t t = tgt[r];
+          if (t == p.ignore_index) {
+            std::fill(o, o + fm::kShardStats, 0.0);
+            continue;
+          }
+          const scalar_t* xr = px + r * C;
+          const auto row = index_row(xr, C, p, tx, w);
+          o[0] = fm::shard_max(row.st.m, row.st.d);
+          o[1] = double(row.st.d);
+          // t >= vocab_start first: a negative target never overflows t - vocab_start
+          o[2] = t >= p.vocab_start && t - p.vocab_start < C ? double(tx(static_cast<acc>(xr[t - p.vocab_start])))
+                                                             : 0.0;
+          o[3] = smooth ? row.sum_w_dx + W_local * double(row.shift) : row.d2;
+        }
+      });
+    });
+  });
+}
+
+inline void ce_shard_loss(const at::Tensor& rows, const at::Tensor& target, const at::Tensor& weight_sum,
+                          const CrossEntropyParams& p, const at::Tensor& loss) {
+  const int64_t N = rows.size(0), V = p.vocab_size;
+  const double W = weight_sum.defined() ? weight_sum.item<double>() : double(V);
+  const double inv_vm1 = V > 1 ? 1.0 / double(V - 1) : 0.0;
+  const double* pr = rows.const_data_ptr<double>();
+  const int64_t* tgt = target.const_data_ptr<int64_t>();
+  double* pl = loss.mutable_data_ptr<double>();
+  at::parallel_for(0, N, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const double* s = pr + r * fm::kShardStats;
+      pl[r] = tgt[r] == p.ignore_index ? 0.0
+                                       : fm::ce_shard_loss(p.loss_kind, p.loss_param, s[0], s[1], s[2], s[3], W,
+                                                           p.label_smoothing, 1.0 / double(V), p.z_loss, inv_vm1);
+    }
+  });
+}
+
+// The shard's columns of the gradient: the coefficients from the combined rows, the target entry only in its shard.
+inline void ce_shard_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                              const at::Tensor& grad_lse, const at::Tensor& rows, const at::Tensor& weight_sum,
+                              const at::Tensor& grad_logits) {
+  const int64_t C = in.logits.size(1), V = p.vocab_size, v0 = p.vocab_start;
+  const int64_t* tgt = in.target.const_data_ptr<int64_t>();
+  const double* pr = rows.const_data_ptr<double>();
+  index_backward_rows(in, p, weight_sum.item<double>(), 1.0 / double(V), V > 1 ? 1.0 / double(V - 1) : 0.0, grad_loss,
+                      grad_lse, grad_logits, [&](int64_t r, const auto* xr, const auto& tx, const auto*) {
+    using acc = acc_t<std::remove_const_t<std::remove_pointer_t<decltype(xr)>>>;
+    const double* s = pr + r * fm::kShardStats;
+    const int64_t t = tgt[r];
+    const bool owned = t >= v0 && t - v0 < C;
+    const double x_t = owned ? double(tx(static_cast<acc>(xr[t - v0]))) : s[1];
+    return GradRow{s[0], x_t, s[2], s[3], owned ? t - v0 : -1};
   });
 }
 
@@ -434,7 +564,7 @@ inline void scale_rows_kernel(const at::Tensor& x, const at::Tensor& scale) {
 
 const CrossEntropyKernels& ce_kernel_table() {
   static const CrossEntropyKernels table{&ce_index_forward, &ce_index_backward, &ce_prob_forward, &ce_prob_backward,
-                                         &scale_rows_kernel};
+                                         &scale_rows_kernel, &ce_shard_forward, &ce_shard_loss, &ce_shard_backward};
   return table;
 }
 

@@ -17,6 +17,10 @@
 //    the reduction and takes (m, 1/d) from the saved lse. The target entry is written last, by lane 0, from the x_t it
 //    read before anything was overwritten (the in-place variant aliases grad and logits). The three modes are
 //    separate kernels, so that the plain forward and backward do not pay the in-place kernel's register pressure.
+//    Vocabulary shards (cross_entropy_shard_*) are two more modes of the same kernel: ShardForward reduces the
+//    row as Forward does and writes its statistics (m, d, x'_t, sum_c w_c x'_c or d2) instead of a loss; ShardBackward
+//    is Backward with the coefficients from the combined rows and the target entry only in the target's shard.
+//  * ce_shard_loss_kernel: a thread per row, the loss of the combined rows (no logits).
 //  * ce_prob_forward_kernel / ce_prob_backward_kernel: the same with a second [N, C] stream (the probabilities).
 //  * scale_rows_kernel: x[r, :] *= scale[r]; rows (or the whole launch, for one shared scale) whose scale is
 //    exactly 1 return at once.
@@ -66,7 +70,8 @@ int group_shift(int64_t C, int loads) {
 
 inline unsigned row_blocks(int64_t N, int gshift) { return grid_size(ceil_div(N, kThreads >> gshift)); }
 
-enum class Mode : int { Forward = 0, ForwardGrad = 1, Backward = 2 };
+// ShardForward / ShardBackward: the vocabulary-shard statistics and gradient (fastloss/loss_math.h kShardStats).
+enum class Mode : int { Forward = 0, ForwardGrad = 1, Backward = 2, ShardForward = 3, ShardBackward = 4 };
 
 // ---------------------------------------------------------------- per-element transforms
 
@@ -340,6 +345,12 @@ struct IndexArgs {
   double* sq_out;           // squentropy: sum_c p_c^2 per row, written by the forward (or null)
   const double* sq_in;      // ... read by the backward (null: recomputed with a pass over the row)
   int gshift;
+  // Vocabulary shards: the logits are the classes [vocab_start, vocab_start + C); inv_C and inv_cm1 are then 1 / V
+  // and 1 / (V - 1), w_sum the vocabulary's weight sum (ShardBackward) or the shard's (ShardForward).
+  int64_t vocab_start;
+  double* stats;          // ShardForward: [N, kShardStats]
+  const double* w_sum_d;  // ShardForward: the shard's weight sum in float64 (0-d), or null: C
+  const double* rows_in;  // ShardBackward: the combined rows [N, kShardStats] = (lse, x'_t, w_t, s)
 };
 
 // W = sum_c w_c, read on the device (C when unweighted).
@@ -353,6 +364,9 @@ __device__ __forceinline__ double class_weight_sum(const IndexArgs<T>& a) {
 // Backward: grad[r, :] = grad_loss[r] * dloss_r / dx + grad_lse[r] * softmax, from the saved lse.
 // Ignored rows: loss = lse = 0 and a zero gradient row. A target outside [0, C) that is not ignore_index fails
 // CUDA_KERNEL_ASSERT (like nll_loss); were device asserts compiled out, the row is never read and reports NaN.
+// ShardForward: stats[r, :] = (m, d, x'_t or 0, sum_c w_c x'_c or d2 or 0) instead of the loss. ShardBackward: the
+// gradient from the combined rows (lse, x'_t, w_t, s), the target entry only when the target is in the shard. Every
+// target that is not ignore_index is valid there (it may lie in another shard).
 template <typename T, class Tx, Mode kMode, bool kTwoPass>
 __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::ForwardGrad>)
     ce_index_kernel(const IndexArgs<T> a, const Tx tx) {
@@ -361,8 +375,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
   const int lane = static_cast<int>(threadIdx.x) & (gsize - 1);
   const int rows_per_block = kThreads >> a.gshift;
   const int64_t C = a.C;
-  constexpr bool reduce = kMode != Mode::Backward;
-  constexpr bool write = kMode != Mode::Forward;
+  constexpr bool kShard = kMode == Mode::ShardForward || kMode == Mode::ShardBackward;
+  constexpr bool reduce = kMode != Mode::Backward && kMode != Mode::ShardBackward;
+  constexpr bool write = kMode != Mode::Forward && kMode != Mode::ShardForward;
   const bool smooth = a.eps != 0.0;
   constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
@@ -375,10 +390,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
     // fl-audit: cold -- the row's target index, once per row
     const int64_t t = valid ? a.target[row] : a.ignore_index;
     const bool ignored = t == a.ignore_index;
-    if (valid && !ignored && lane == 0) {
-      CUDA_KERNEL_ASSERT(t >= 0 && t < C);
+    if constexpr (!kShard) {
+      if (valid && !ignored && lane == 0) {
+        CUDA_KERNEL_ASSERT(t >= 0 && t < C);
+      }
     }
-    const bool active = valid && !ignored && t >= 0 && t < C;
+    const bool active = kShard ? valid && !ignored : valid && !ignored && t >= 0 && t < C;
+    // The target's column in this row, and whether the row holds it (a shard's target may lie in another shard;
+    // t >= vocab_start first, so that a negative target never overflows t - vocab_start).
+    const bool has_t = kShard ? active && t >= a.vocab_start && t - a.vocab_start < C : active;
+    const int64_t tc = kShard ? t - a.vocab_start : t;
     const int64_t n = active ? C : 0;
     const T* xr = a.x + (active ? row : 0) * C;
 
@@ -411,9 +432,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       }
       l = finish_lse(st);
       if (a.loss_kind == fm::kLossSquentropy) {  // uniform over the block: a kernel argument
-        sq = group_allreduce(sq_pass<kIndexLoads>(xr, n, lane, gsize, tx, st.m, acc(1) / st.d), gsize).a;
+        // (a shard reports d2 = sum_c e^(2 (x'_c - m)): 1 / d = 1)
+        sq = group_allreduce(sq_pass<kIndexLoads>(xr, n, lane, gsize, tx, st.m, kShard ? acc(1) : acc(1) / st.d),
+                             gsize).a;
       }
-      if (valid && lane == 0) {
+      if constexpr (kShard) {
+        if (valid && lane == 0) {
+          const double x_t = has_t ? static_cast<double>(tx(static_cast<acc>(xr[tc]))) : 0.0;  // fl-audit: cold -- x'_t
+          // fl-audit: cold -- the shard's weight sum, once per row
+          const double W = a.w_sum_d != nullptr ? *a.w_sum_d : static_cast<double>(C);
+          const double s3 = !active ? 0.0 : smooth ? sum_w_dx + W * static_cast<double>(shift) : sq;
+          // fl-audit: cold -- lane 0, once per row: the shard's four statistics
+          double* o = a.stats + row * fm::kShardStats;
+          o[0] = active ? fm::shard_max(st.m, st.d) : 0.0;
+          o[1] = active ? static_cast<double>(st.d) : 0.0;
+          o[2] = x_t;
+          o[3] = s3;  // fl-audit: cold -- (the fourth)
+        }
+      } else if (valid && lane == 0) {
         if (active) {
           // fl-audit: cold -- lane 0, once per row: x_t, w_t and the row's loss
           const acc x_t = tx(static_cast<acc>(xr[t]));
@@ -438,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       // The row's coefficients: grad_c = (ka p_c - kb w_c) dx'/dx with p_c = exp(x'_c - m) * inv_d.
       acc ka = acc(0), kb = acc(0), ka2 = acc(0), m = acc(0), inv_d = acc(1);
       T g_t = T(0);
-      if constexpr (!reduce) {
+      if constexpr (!reduce && !kShard) {  // (a shard's sum_c p_c^2 comes with its combined row)
         if (a.loss_kind == fm::kLossSquentropy) {
           // fl-audit: cold -- the saved per-row statistic (or the saved lse), once per row
           if (a.sq_in != nullptr) {  // saved by the forward
@@ -450,13 +486,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
         }
       }
       if (active) {
-        // fl-audit: cold -- the target's class weight, once per row
-        const acc w_t = a.w != nullptr ? a.w[t] : acc(1);
+        acc w_t, x_tk;
+        if constexpr (kShard) {
+          // fl-audit: cold -- the combined row's target weight and logit, once per row
+          w_t = static_cast<acc>(a.rows_in[row * fm::kShardStats + 2]);
+          x_tk = static_cast<acc>(a.rows_in[row * fm::kShardStats + 1]);
+        } else {
+          // fl-audit: cold -- the target's class weight, once per row
+          w_t = a.w != nullptr ? a.w[t] : acc(1);
+          // Comp-sum kinds scale the row by a factor of p_t: every lane reads the (capped) target logit. In place,
+          // this read precedes the group barrier that orders every read of the row before any write.
+          // fl-audit: cold -- x_t, once per row (each lane of the group)
+          x_tk = a.loss_kind != fm::kLossCE ? tx(static_cast<acc>(xr[t])) : acc(0);
+        }
         const acc W = static_cast<acc>(class_weight_sum(a));
-        // Comp-sum kinds scale the row by a factor of p_t: every lane reads the (capped) target logit. In place,
-        // this read precedes the group barrier that orders every read of the row before any write.
-        // fl-audit: cold -- x_t, once per row (each lane of the group)
-        const acc x_tk = a.loss_kind != fm::kLossCE ? tx(static_cast<acc>(xr[t])) : acc(0);
         const acc lp = static_cast<acc>(a.loss_param);
         fm::CeRow<acc> k;
         if constexpr (reduce) {
@@ -468,8 +511,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
           inv_d = acc(1) / st.d;
         } else {
           // fl-audit: cold -- the row's saved lse, grad_lse and grad_loss, once per row
-          const double lr = a.lse_in[row];
+          const double lr = kShard ? a.rows_in[row * fm::kShardStats] : a.lse_in[row];
           const acc gz = a.grad_lse != nullptr ? static_cast<acc>(a.grad_lse[row]) : acc(0);
+          if constexpr (kShard) sq = a.rows_in[row * fm::kShardStats + 3];
           k = fm::ce_index_coefs_kind(a.loss_kind, lp, static_cast<acc>(a.grad_loss[row]), gz, static_cast<acc>(lr),
                                       x_tk, w_t, W, a.eps_a, a.inv_C_a, a.z_a, static_cast<acc>(sq), a.inv_cm1_a);
           const auto nd = normaliser_from_lse<acc>(lr);
@@ -480,17 +524,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
         kb = k.b;
         ka2 = k.a2;
         // Lane 0: the target entry, (a p_t - b w_t - c_t) dx'/dx in acc, from x_t read now (in place, the row pass
-        // overwrites it). It is stored last, over what the row pass wrote there.
-        if (lane == 0) {
+        // overwrites it). It is stored last, over what the row pass wrote there. (A shard without the target: none.)
+        if (has_t && lane == 0) {
           // fl-audit: cold -- lane 0 reads x_t, once per row
-          const acc x_t = tx(static_cast<acc>(xr[t]));
+          const acc x_t = tx(static_cast<acc>(xr[tc]));
           const acc p_t = fm::softmax_at(x_t, m, inv_d);
           g_t = static_cast<T>(times_grad(tx, ka * p_t + ka2 * p_t * p_t - kb * w_t - k.c_t, x_t));
         }
       }
       // In place: every read of the reduction pass (and lane 0's x_t) before any write of the row.
       if constexpr (reduce) group_sync(gsize);
-      T* const target_out = gr + (active ? t : 0);
+      T* const target_out = gr + (has_t ? tc : 0);
       if (active) {
         const bool vec = same_alignment(xr, gr);
         const int64_t head = vec ? aligned_head(xr, C) : C;
@@ -526,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Tx, kMode == Mode::F
       }
       group_sync(gsize);
       // fl-audit: cold -- lane 0 writes the target entry, once per row
-      if (active && lane == 0) *target_out = g_t;
+      if (has_t && lane == 0) *target_out = g_t;
     }
   }
 }
@@ -696,6 +740,40 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksOf<T, Identity>)
   }
 }
 
+// ---------------------------------------------------------------- kernel: a vocabulary shard's loss
+
+struct ShardLossArgs {
+  const double* rows;    // the combined rows [N, kShardStats] = (lse, x'_t, w_t, s)
+  const int64_t* target;
+  const double* w_sum;   // the vocabulary's class-weight sum (0-d), or null: V
+  double* loss;
+  int64_t N, V, ignore_index;
+  int loss_kind;
+  double loss_param, eps, z;
+};
+
+// One thread per row: fastloss/loss_math.h ce_shard_loss; ignored rows 0. A target outside [0, V) that is not
+// ignore_index fails CUDA_KERNEL_ASSERT (the row is not read either way: it needs no index).
+__global__ void __launch_bounds__(kThreads) ce_shard_loss_kernel(const ShardLossArgs a) {
+  const double inv_vm1 = a.V > 1 ? 1.0 / static_cast<double>(a.V - 1) : 0.0;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < a.N;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // fl-audit: cold -- one thread per row: its target
+    const int64_t t = a.target[r];
+    double l = 0.0;
+    if (t != a.ignore_index) {
+      CUDA_KERNEL_ASSERT(t >= 0 && t < a.V);
+      // fl-audit: cold -- one thread per row: the weight sum and the row's four statistics
+      const double W = a.w_sum != nullptr ? *a.w_sum : static_cast<double>(a.V);
+      const double* s = a.rows + r * fm::kShardStats;
+      l = fm::ce_shard_loss(a.loss_kind, a.loss_param, s[0], s[1], s[2], s[3], W, a.eps,
+                            1.0 / static_cast<double>(a.V), a.z, inv_vm1);
+    }
+    // fl-audit: cold -- one thread per row: its loss
+    a.loss[r] = l;
+  }
+}
+
 // ---------------------------------------------------------------- host side
 
 template <typename scalar_t, typename F>
@@ -729,7 +807,7 @@ void launch_index(IndexArgs<scalar_t> args, const CrossEntropyParams& p) {
   const unsigned blocks = row_blocks(args.N, args.gshift);
   const Stream stream = current_stream();
   with_transform<scalar_t>(p, [&](auto tx) {
-    if constexpr (kMode == Mode::Backward) {  // no reduction of the logits: from the saved lse
+    if constexpr (kMode == Mode::Backward || kMode == Mode::ShardBackward) {  // no reduction: from the saved lse
       launch_kernel<&ce_index_kernel<scalar_t, decltype(tx), kMode, false>>(blocks, kThreads, 0, stream, args, tx);
     } else {
       with_algorithm(p, [&](auto two) {
@@ -812,6 +890,67 @@ void ce_index_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p
   });
 }
 
+// Vocabulary shards: one pass over each row (the forward's reduction) for the statistics; the gradient pass as the
+// backward's. (The op layer handles C = 0.)
+void ce_shard_forward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& stats) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1);
+  if (N == 0 || C == 0) return;
+  const DeviceGuard guard(in.logits.device());
+  CrossEntropyInputs local = in;  // the weight sum is float64 here (w_sum_d)
+  local.weight_sum = at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_shard_fwd_cuda", [&] {
+    auto a = index_args<scalar_t>(local, p);
+    a.vocab_start = p.vocab_start;
+    a.stats = stats.mutable_data_ptr<double>();
+    a.w_sum_d = in.weight_sum.defined() ? in.weight_sum.const_data_ptr<double>() : nullptr;
+    launch_index<Mode::ShardForward>(a, p);
+  });
+}
+
+void ce_shard_loss(const at::Tensor& rows, const at::Tensor& target, const at::Tensor& weight_sum,
+                   const CrossEntropyParams& p, const at::Tensor& loss) {
+  const int64_t N = rows.size(0);
+  if (N == 0) return;
+  const DeviceGuard guard(rows.device());
+  ShardLossArgs a{};
+  a.rows = rows.const_data_ptr<double>();
+  a.target = target.const_data_ptr<int64_t>();
+  a.w_sum = weight_sum.defined() ? weight_sum.const_data_ptr<double>() : nullptr;
+  a.loss = loss.mutable_data_ptr<double>();
+  a.N = N;
+  a.V = p.vocab_size;
+  a.ignore_index = p.ignore_index;
+  a.loss_kind = p.loss_kind;
+  a.loss_param = p.loss_param;
+  a.eps = p.label_smoothing;
+  a.z = p.z_loss;
+  launch_kernel<&ce_shard_loss_kernel>(grid_size(ceil_div(N, kThreads)), kThreads, 0, current_stream(), a);
+}
+
+// weight_sum: the vocabulary's, 0-d in the accumulation dtype (the op layer fills in V when there are no weights).
+void ce_shard_backward(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                       const at::Tensor& grad_lse, const at::Tensor& rows, const at::Tensor& weight_sum,
+                       const at::Tensor& grad_logits) {
+  const int64_t N = in.logits.size(0), C = in.logits.size(1), V = p.vocab_size;
+  if (N == 0 || C == 0) return;
+  const DeviceGuard guard(in.logits.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.logits.scalar_type(), "fastloss_ce_shard_bwd_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    auto a = index_args<scalar_t>(in, p);
+    a.w_sum = weight_sum.const_data_ptr<acc>();
+    a.inv_C = 1.0 / static_cast<double>(V);
+    a.inv_C_a = static_cast<acc>(a.inv_C);
+    a.inv_cm1 = V > 1 ? 1.0 / static_cast<double>(V - 1) : 0.0;
+    a.inv_cm1_a = static_cast<acc>(a.inv_cm1);
+    a.vocab_start = p.vocab_start;
+    a.rows_in = rows.const_data_ptr<double>();
+    a.grad = grad_logits.mutable_data_ptr<scalar_t>();
+    a.grad_loss = grad_loss.const_data_ptr<double>();
+    a.grad_lse = grad_lse.defined() ? grad_lse.const_data_ptr<double>() : nullptr;
+    launch_index<Mode::ShardBackward>(a, p);
+  });
+}
+
 template <typename scalar_t>
 ProbArgs<scalar_t> prob_args(const CrossEntropyInputs& in, const CrossEntropyParams& p) {
   ProbArgs<scalar_t> a{};
@@ -890,7 +1029,8 @@ void ce_scale_rows(const at::Tensor& x, const at::Tensor& scale) {
 
 const CrossEntropyKernels& cuda_cross_entropy_kernels() {
   static const CrossEntropyKernels table{&cuda::ce_index_forward, &cuda::ce_index_backward, &cuda::ce_prob_forward,
-                                         &cuda::ce_prob_backward, &cuda::ce_scale_rows};
+                                         &cuda::ce_prob_backward, &cuda::ce_scale_rows,   &cuda::ce_shard_forward,
+                                         &cuda::ce_shard_loss,    &cuda::ce_shard_backward};
   return table;
 }
 

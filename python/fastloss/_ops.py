@@ -180,6 +180,25 @@ def _scale_rows_fake(x, scale):
     return None
 
 
+# Vocabulary shards: no autograd here (the caller, fastloss/_vocab_parallel.py, combines the shards and owns it).
+@torch.library.register_fake("fastloss::cross_entropy_shard_fwd")
+def _ce_shard_fwd_fake(logits, target, weight, vocab_start, ignore_index, label_smoothing, softcap, algorithm="auto",
+                       loss="ce"):
+    return logits.new_empty((logits.shape[0], 4), dtype=torch.float64)
+
+
+@torch.library.register_fake("fastloss::cross_entropy_shard_loss")
+def _ce_shard_loss_fake(rows, target, weight_sum, vocab_size, ignore_index, label_smoothing, z_loss, loss="ce",
+                        loss_param=0.0):
+    return rows.new_empty((target.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake("fastloss::cross_entropy_shard_bwd")
+def _ce_shard_bwd_fake(grad_loss, grad_lse, logits, target, weight, rows, weight_sum, vocab_start, vocab_size,
+                       ignore_index, label_smoothing, z_loss, softcap, loss="ce", loss_param=0.0):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
 def _ce_setup(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing, z_loss, softcap = inputs[:7]
     loss = inputs[8] if len(inputs) > 8 else "ce"

@@ -22,6 +22,10 @@ struct CrossEntropyParams {
   Algorithm algorithm = Algorithm::Online;
   int loss_kind = 0;        // fastloss/loss_math.h: kLossCE, kLossFocal (loss_param = gamma), kLossPoly1 (epsilon)
   double loss_param = 0.0;
+  // Vocabulary shards (the shard_* kernels only): the logits' C columns are the classes [vocab_start, vocab_start
+  // + C) of a vocabulary of vocab_size classes; targets are global class indices.
+  int64_t vocab_start = 0;
+  int64_t vocab_size = 0;
 };
 
 struct CrossEntropyInputs {
@@ -55,6 +59,22 @@ struct CrossEntropyKernels {
   // x[r, :] *= scale[r] in place (scale: [N] float64, or a single value for all rows); rows whose scale is exactly 1 are
   // left untouched, so the usual loss.backward() (incoming gradient 1) costs no pass over the logits.
   void (*scale_rows)(const at::Tensor& x, const at::Tensor& scale);
+
+  // Vocabulary-parallel cross-entropy (the logits are one shard of the vocabulary, p.vocab_start / p.vocab_size;
+  // the caller combines the shards' statistics). stats: float64 [N, 4] per row from one pass over the shard's row:
+  // (m, d) of its online normaliser (m = -inf, d = 0 for an all -inf or empty row), x'_t when the target lies in
+  // the shard (else 0), and sum_c w_c x'_c (label smoothing; in.weight_sum: the shard's, float64) or d2 =
+  // sum_c e^(2 (x'_c - m)) (squentropy), else 0. Ignored rows: zeros, not read.
+  void (*shard_forward)(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& stats);
+  // loss[N] from the combined rows float64 [N, 4] = (lse, x'_t, w_t, s) (s: sum_c w_c x'_c over the vocabulary,
+  // or sum_c p_c^2 for squentropy), W = weight_sum (float64 0-d, undefined: vocab_size). No logits.
+  void (*shard_loss)(const at::Tensor& rows, const at::Tensor& target, const at::Tensor& weight_sum,
+                     const CrossEntropyParams& p, const at::Tensor& loss);
+  // The shard's gradient columns from the combined rows and weight_sum (as shard_loss): index_backward's row pass
+  // with p from the global lse, the target entry only when the target lies in the shard; ignored rows zero.
+  void (*shard_backward)(const CrossEntropyInputs& in, const CrossEntropyParams& p, const at::Tensor& grad_loss,
+                         const at::Tensor& grad_lse, const at::Tensor& rows, const at::Tensor& weight_sum,
+                         const at::Tensor& grad_logits);
 };
 
 const CrossEntropyKernels& cpu_cross_entropy_kernels();

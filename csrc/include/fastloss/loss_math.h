@@ -152,6 +152,27 @@ FL_HD CeRow<T> ce_index_coefs_kind(int kind, T param, T g, T g_lse, T lse, T x_t
   return {g * (f + zl) + g_lse, T(0), g * f};
 }
 
+// ---------------------------------------------------------------- vocabulary shards (cross_entropy_shard_*)
+//
+// A shard holds the classes [vocab_start, vocab_start + C) of V. Its statistics per row (kShardStats float64):
+// (m, d) of the online normaliser of its x' (so lse = M + log sum_r d_r e^(m_r - M) over the shards, M = max m_r),
+// x'_t when it holds the target (else 0), and sum_c w_c x'_c (label smoothing) or d2 = sum_c e^(2 (x'_c - m))
+// (squentropy: sum_c p_c^2 = sum_r d2_r e^(2 (m_r - M)) / D^2), else 0. The loss and gradient then take the
+// combined rows (lse, x'_t, w_t, s) with W the vocabulary's weight sum, 1 / V and 1 / (V - 1).
+constexpr int kShardStats = 4;
+
+// The m a shard reports: -inf for a row with nothing in it (all -inf: the state's m stays at its finite start, d = 0).
+template <class T>
+FL_HD double shard_max(T m, T d) {
+  return d == T(0) ? -Limits<double>::inf : static_cast<double>(m);
+}
+
+// The loss of one combined row (lse, x'_t, w_t, s): sum_w_dx = s with shift 0, and s as squentropy's sum_c p_c^2.
+FL_HD double ce_shard_loss(int kind, double param, double lse, double x_t, double w_t, double s, double W, double eps,
+                           double inv_V, double z, double inv_vm1) {
+  return ce_index_loss_kind<double>(kind, param, lse, x_t, w_t, s, 0.0, W, eps, inv_V, z, s, inv_vm1);
+}
+
 }  // namespace FL_ISA_NAMESPACE
 }  // namespace math
 }  // namespace fastloss
