@@ -256,3 +256,152 @@ def spherical_loss_reference(logits: torch.Tensor, target: torch.Tensor, loss: s
     else:
         raise ValueError(f"unknown spherical loss {loss!r}")
     return torch.where(valid, rows, torch.zeros_like(rows))
+
+
+# ---------------------------------------------------------------- vocabulary-parallel cross-entropy (shards)
+#
+# The per-shard statistics, the loss of the combined rows and a shard's gradient columns, as the ops
+# torch.ops.fastloss.cross_entropy_shard_fwd / _loss / _bwd define them (fastloss/loss_math.h kShardStats), in float64.
+
+
+def _softcap_ref(x: torch.Tensor, softcap) -> torch.Tensor:
+    if softcap is None:
+        return x
+    return torch.where(x == -math.inf, x, softcap * torch.tanh(x / softcap))
+
+
+def ce_shard_fwd_ref(logits: torch.Tensor, target: torch.Tensor, weight=None, vocab_start: int = 0,
+                     ignore_index: int = -100, label_smoothing: float = 0.0, softcap=None,
+                     loss: str = "ce") -> torch.Tensor:
+    """float64 [N, 4] per row of the shard logits [N, C] (classes [vocab_start, vocab_start + C)), x' = softcap(x):
+    (m = max x' (-inf for an all -inf or empty row), d = sum exp(x' - m), x'_t when vocab_start <= t < vocab_start
+    + C else 0, sum_c w_c x'_c with label smoothing / sum_c exp(2 (x'_c - m)) for squentropy / else 0); rows with
+    target == ignore_index all 0."""
+    x = _softcap_ref(logits.double(), softcap)
+    N, C = x.shape
+    valid = target != ignore_index
+    m = x.amax(-1) if C > 0 else torch.full((N,), -math.inf, dtype=torch.float64, device=x.device)
+    e = torch.exp(x - torch.where(m == -math.inf, torch.zeros_like(m), m)[:, None])
+    d = e.sum(-1)
+    tl = target - vocab_start
+    owned = valid & (tl >= 0) & (tl < C)
+    if C > 0:
+        xt = x.gather(1, tl.clamp(0, C - 1)[:, None]).squeeze(1)
+        xt = torch.where(owned, xt, torch.zeros_like(xt))
+    else:
+        xt = torch.zeros_like(m)
+    if label_smoothing > 0:
+        w = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=x.device)
+        s = (x * w).sum(-1)
+    elif loss == "squentropy":
+        s = (e * e).sum(-1)
+    else:
+        s = torch.zeros_like(m)
+    stats = torch.stack([m, d, xt, s], 1)
+    return torch.where(valid[:, None], stats, torch.zeros_like(stats))
+
+
+def _shard_row_loss(lse, xt, wt, s, vocab_size, weight_sum, label_smoothing, z_loss, loss, loss_param):
+    V = vocab_size
+    W = float(weight_sum) if weight_sum is not None else float(V)
+    nll = lse - xt
+    p_t = torch.exp(-nll)
+    if loss == "ce":
+        rows = (1 - label_smoothing) * wt * nll + label_smoothing / V * (W * lse - s)
+    elif loss == "focal":
+        rows = wt * ((1 - p_t) ** loss_param if loss_param != 0 else 1.0) * nll
+    elif loss == "poly1":
+        rows = wt * (nll + loss_param * (1 - p_t))
+    elif loss == "squentropy":
+        rows = wt * (nll + ((s - p_t * p_t).clamp_min(0) / (V - 1) if V > 1 else 0.0))
+    else:
+        raise ValueError(loss)
+    return rows + z_loss * lse * lse
+
+
+def ce_shard_loss_ref(rows: torch.Tensor, target: torch.Tensor, weight_sum=None, vocab_size: int = 1,
+                      ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0, loss: str = "ce",
+                      loss_param: float = 0.0) -> torch.Tensor:
+    """float64 [N] losses from the combined rows [N, 4] = (lse, x'_t, w_t, s) (s: sum_c w_c x'_c over the vocabulary
+    with label smoothing, sum_c p_c^2 for squentropy); 0 where target == ignore_index."""
+    lse, xt, wt, s = rows.double().unbind(1)
+    out = _shard_row_loss(lse, xt, wt, s, vocab_size, weight_sum, label_smoothing, z_loss, loss, loss_param)
+    return torch.where(target != ignore_index, out, torch.zeros_like(out))
+
+
+def ce_shard_bwd_ref(grad_loss: torch.Tensor, grad_lse, logits: torch.Tensor, target: torch.Tensor, weight,
+                     rows: torch.Tensor, weight_sum=None, vocab_start: int = 0, vocab_size: int = 1,
+                     ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0, softcap=None,
+                     loss: str = "ce", loss_param: float = 0.0) -> torch.Tensor:
+    """float64 [N, C]: the shard's columns of d(sum_r grad_loss[r] loss_r + grad_lse[r] lse_r)/dlogits. The row loss's
+    partials in (lse, x'_t, s) by autograd, then the chain rule: dlse/dx'_c = p_c, dx'_t/dx'_c = [c == t],
+    ds/dx'_c = w_c (label smoothing) or 2 p_c (p_c - s) (squentropy), times dx'/dx."""
+    valid = target != ignore_index
+    lse, xt, wt, s = (c.clone().requires_grad_() for c in rows.double().unbind(1))
+    out = _shard_row_loss(lse, xt, wt, s, vocab_size, weight_sum, label_smoothing, z_loss, loss, loss_param)
+    g = torch.where(valid, grad_loss.double(), torch.zeros_like(lse))
+    d_lse, d_xt, d_s = torch.autograd.grad((out * g).sum(), (lse, xt, s), allow_unused=True, materialize_grads=True)
+    if grad_lse is not None:
+        d_lse = d_lse + torch.where(valid, grad_lse.double(), torch.zeros_like(lse))
+    x = logits.double()
+    xc = _softcap_ref(x, softcap)
+    N, C = x.shape
+    p = torch.exp(xc - lse.detach()[:, None])
+    grad = d_lse[:, None] * p
+    if label_smoothing > 0:
+        w = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=x.device)
+        grad = grad + d_s[:, None] * w[None, :]
+    elif loss == "squentropy":
+        grad = grad + d_s[:, None] * 2 * p * (p - s.detach()[:, None])
+    tl = target - vocab_start
+    owned = valid & (tl >= 0) & (tl < C)
+    if C > 0:
+        onehot = torch.nn.functional.one_hot(tl.clamp(0, C - 1), C).double() * owned[:, None]
+        grad = grad + d_xt[:, None] * onehot
+    if softcap is not None:
+        grad = grad * torch.where(xc == -math.inf, torch.zeros_like(xc), 1 - (xc / softcap) ** 2)
+    return torch.where(valid[:, None], grad, torch.zeros_like(grad))
+
+
+def ce_shard_combine_ref(stats: list, target: torch.Tensor, weight=None, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, loss: str = "ce") -> torch.Tensor:
+    """The collective of the distributed layer, in one process: the combined rows [N, 4] = (lse, x'_t, w_t, s) from
+    the shards' statistics (one [N, 4] tensor per shard, in vocabulary order): M = max m_r, D = sum d_r e^(m_r - M),
+    lse = M + log D, x'_t = sum of the shards' x'_t, s = sum of the shards' sum_c w_c x'_c (label smoothing) or
+    sum_r d2_r e^(2 (m_r - M)) / D^2 (squentropy); w_t = weight[t] (1 without weights); ignored rows 0."""
+    S = torch.stack([s.double() for s in stats])
+    m, d = S[..., 0], S[..., 1]
+    M = m.amax(0)
+    Ms = torch.where(M == -math.inf, torch.zeros_like(M), M)
+    scale = torch.exp(m - Ms)
+    D = (d * scale).sum(0)
+    lse = Ms + torch.log(D)
+    xt = S[..., 2].sum(0)
+    if label_smoothing > 0:
+        s = S[..., 3].sum(0)
+    elif loss == "squentropy":
+        s = (S[..., 3] * scale * scale).sum(0) / (D * D)
+    else:
+        s = torch.zeros_like(lse)
+    valid = target != ignore_index
+    wt = weight.double()[target.masked_fill(~valid, 0)] if weight is not None else torch.ones_like(lse)
+    rows = torch.stack([lse, xt, wt, s], 1)
+    return torch.where(valid[:, None], rows, torch.zeros_like(rows))
+
+
+def cross_entropy_rows_reference(logits: torch.Tensor, target: torch.Tensor, *, weight=None, ignore_index: int = -100,
+                                 label_smoothing: float = 0.0, z_loss: float = 0.0, softcap=None, loss: str = "ce",
+                                 loss_param: float = 0.0) -> torch.Tensor:
+    """Per-row losses of fastloss.cross_entropy(reduction="none") in the dtype of the logits (float64 for a float64
+    leaf, which keeps its graph): torch's F.cross_entropy or comp_sum_loss_reference (loss_param = gamma / epsilon) of
+    softcap(logits), plus z_loss * lse^2 on the rows that are not ignored."""
+    xc = _softcap_ref(logits, softcap)
+    if loss == "ce":
+        rows = torch.nn.functional.cross_entropy(xc, target, weight=weight, ignore_index=ignore_index,
+                                                 reduction="none", label_smoothing=label_smoothing)
+    else:
+        kw = {"gamma": loss_param} if loss == "focal" else {"epsilon": loss_param} if loss == "poly1" else {}
+        rows = comp_sum_loss_reference(xc, target, loss, weight=weight, reduction="none", ignore_index=ignore_index,
+                                       **kw)
+    lse = torch.logsumexp(xc, -1)
+    return rows + z_loss * lse * lse * (target != ignore_index)
