@@ -40,6 +40,11 @@ What it calls (forward and backward unless said otherwise), each on small tensor
   reduction "none" / "sum", inplace_backward (the fused forward-with-gradient kernel and scale_rows), probability
   targets (with smoothing and weights), loss="focal" / "poly1" / "squentropy" (default and in place); long rows
   (2, 262147) in the modes of CE_LONG_MODES; a 3-d input and an all-ignored batch.
+* the vocabulary-shard ops (cross_entropy_shard_fwd / _loss / _bwd: the forward kernel's ShardForward and the
+  backward's ShardBackward modes, the per-row loss kernel) on two uneven shards of the cross_entropy shapes (the
+  misaligned one as misaligned shards), every dtype and both algorithms: plain, label smoothing + weights +
+  softcap, squentropy + z-loss, focal + weights + softcap with an lse gradient; combined here as the distributed
+  layer combines them, checked against the full-vocabulary float64 loss and its gradient.
 * linear_cross_entropy (chunked, several chunks) in every dtype: plain with a bias, weights + smoothing, softcap
   + z-loss + lse, focal, squentropy, reduction "none" (the backward recomputes), gradient filtering
   (filter_eps="auto") and probability targets.
@@ -68,8 +73,8 @@ import torch
 import torch.nn.functional as F
 
 import fastloss
-from fastloss.reference import (comp_sum_loss_reference, distillation_loss_reference, spherical_loss_reference,
-                                token_logprobs_reference)
+from fastloss.reference import (ce_shard_combine_ref, comp_sum_loss_reference, cross_entropy_rows_reference,
+                                distillation_loss_reference, spherical_loss_reference, token_logprobs_reference)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ALGS = ("online", "two_pass")
@@ -93,6 +98,12 @@ CE_SHAPES = {
     "tiny": [("g8", 6, 13), ("g16-64", 5, 300), ("block", 4, 2053)],
 }
 CE_LONG = {"small": (2, 262147), "tiny": (2, 4099)}
+CE_SHARD_MODES = (("plain", {}),
+                  ("smoothing+weights+softcap", {"label_smoothing": 0.1, "weight": True, "softcap": 5.0}),
+                  ("squentropy+z", {"loss": "squentropy", "z_loss": 1e-3}),
+                  ("focal+weights+softcap+lse", {"loss": "focal", "loss_param": 2.0, "weight": True, "softcap": 5.0,
+                                                 "grad_lse": True}))
+"""Modes of the vocabulary-shard calls (each on the CE_SHAPES and the misaligned shape, both algorithms)."""
 """Long rows (the whole-block kernels over many iterations) get the modes of :data:`CE_LONG_MODES` only."""
 CE_LONG_MODES = ("index", "smoothing", "softcap+z+smoothing", "inplace", "no-grad", "prob+smoothing+weights",
                  "squentropy", "squentropy-inplace")
@@ -311,6 +322,13 @@ class Workload:
                                  lambda: self._ce(n, c, dtype, alg, mis, dict(kw)))
             self.run("cross_entropy", f"3-d input {dtype}", lambda: self._ce_3d(dtype))
             self.run("cross_entropy", f"all ignored {dtype}", lambda: self._ce_all_ignored(dtype))
+            for lab, (n, c), mis in shapes:
+                if lab == "long":
+                    continue
+                for mode, kw in CE_SHARD_MODES:
+                    for alg in ALGS:
+                        self.run("cross_entropy_shard", f"{mode} {lab} ({n}, {c}) {dtype} {alg}",
+                                 lambda: self._ce_shard(n, c, dtype, alg, mis, dict(kw)))
 
     def _weight(self, c: int, dtype: torch.dtype) -> torch.Tensor:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -392,6 +410,42 @@ class Workload:
             (gx_ref,) = torch.autograd.grad(rtotal, x64)
             checks.append(("gradient", gx, gx_ref, dtype))
         return checks
+
+    def _ce_shard(self, n: int, c: int, dtype: torch.dtype, alg: str, misaligned: bool, kw: dict) -> list:
+        """Two uneven shards of [n, c] logits through the three shard ops, combined as the distributed layer does."""
+        ops = torch.ops.fastloss
+        weight = self._weight(c, dtype) if kw.pop("weight", False) else None
+        grad_lse = self.rand((n,), torch.float64, scale=0.1) if kw.pop("grad_lse", False) else None
+        loss, param = kw.get("loss", "ce"), kw.get("loss_param", 0.0)
+        ls, z, cap = kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("softcap")
+        x = self.rand((n, c), dtype)
+        t = self.targets(n, c)
+        shards = []
+        for a, b in ((0, c // 3), (c // 3, c)):
+            xs = (self.misaligned(n, b - a, dtype) if misaligned
+                  else torch.empty((n, b - a), dtype=dtype, device=self.device))
+            xs.copy_(x[:, a:b])
+            shards.append((a, xs, weight[a:b] if weight is not None else None))
+        stats = [ops.cross_entropy_shard_fwd(xs, t, ws, a, IGNORE, ls, cap, alg, loss) for a, xs, ws in shards]
+        rows = ce_shard_combine_ref(stats, t, weight, IGNORE, ls, loss)
+        wsum = weight.double().sum() if weight is not None else None
+        out = ops.cross_entropy_shard_loss(rows, t, wsum, c, IGNORE, ls, z, loss, param)
+        g = self.rand((n,), torch.float64, scale=1.0)
+        grad = torch.cat([ops.cross_entropy_shard_bwd(g, grad_lse, xs, t, ws, rows, wsum, a, c, IGNORE, ls, z, cap,
+                                                      loss, param) for a, xs, ws in shards], 1)
+        if not self.check:
+            return []
+        x64 = x.detach().double().cpu().requires_grad_()
+        t64 = t.cpu()
+        ref = cross_entropy_rows_reference(x64, t64, weight=weight.double().cpu() if weight is not None else None,
+                                           ignore_index=IGNORE, label_smoothing=ls, z_loss=z, softcap=cap, loss=loss,
+                                           loss_param=param)
+        total = (ref * g.cpu()).sum()
+        if grad_lse is not None:
+            xc = cap * torch.tanh(x64 / cap) if cap else x64
+            total = total + (torch.logsumexp(xc, -1) * (t64 != IGNORE) * grad_lse.cpu()).sum()
+        (gref,) = torch.autograd.grad(total, x64)
+        return [("loss", out, ref, dtype), ("gradient", grad, gref, dtype)]
 
     def _ce_3d(self, dtype: torch.dtype) -> list:
         x = self.rand((2, 37, 3), dtype).requires_grad_()
