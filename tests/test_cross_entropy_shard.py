@@ -48,7 +48,7 @@ def rel(got: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
     return num / den if den > 0 else num
 
 
-def make(N, V, dtype, seed=0, scale=3.0, ignore=True):
+def make(N, V, dtype, seed=0, scale=3.0, ignore=True, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(N, V, generator=g, dtype=torch.float64) * scale).to(dtype)
     t = torch.randint(0, V, (N,), generator=g)
@@ -56,7 +56,7 @@ def make(N, V, dtype, seed=0, scale=3.0, ignore=True):
         t[1] = IGNORE
         t[-1] = IGNORE
     w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
-    return x, t, w
+    return x.to(device), t.to(device), w.to(device)
 
 
 def run_shards(x, t, weight, bounds, *, label_smoothing=0.0, z_loss=0.0, softcap=None, loss="ce", loss_param=0.0,
@@ -73,7 +73,7 @@ def run_shards(x, t, weight, bounds, *, label_smoothing=0.0, z_loss=0.0, softcap
     out = ops.cross_entropy_shard_loss(rows, t, ws, V, ignore_index, label_smoothing, z_loss, loss, loss_param)
     N = x.shape[0]
     if grad_loss is None:
-        grad_loss = torch.linspace(0.5, 1.5, N, dtype=torch.float64)
+        grad_loss = torch.linspace(0.5, 1.5, N, dtype=torch.float64, device=x.device)
     grads = [ops.cross_entropy_shard_bwd(grad_loss, grad_lse, x[:, a:b], t, w[a:b] if w is not None else None, rows,
                                          ws, a, V, ignore_index, label_smoothing, z_loss, softcap, loss, loss_param)
              for a, b in shards]
@@ -101,17 +101,17 @@ def reference_loss(x, t, weight, **kw):
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("kind", list(LOSSES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_shards_match_full_vocabulary(dtype, kind, split, extra):
+def test_shards_match_full_vocabulary(dtype, kind, split, extra, device):
     cfg = dict(LOSSES[kind])
     use_w = cfg.pop("weight", False)
     bounds = SPLITS[split]
     V = bounds[-1]
-    x, t, w = make(11, V, dtype, seed=hash((kind, split, extra)) % 1000)
+    x, t, w = make(11, V, dtype, seed=sum(map(ord, kind + split + extra)), device=device)
     weight = w if use_w else None
     if extra == "softcap+z":
         cfg.update(softcap=4.0, z_loss=1e-3)
     alg = "two_pass" if split == "three" else "auto"
-    grad_lse = torch.linspace(-0.3, 0.2, x.shape[0], dtype=torch.float64) if extra == "plain" else None
+    grad_lse = torch.linspace(-0.3, 0.2, x.shape[0], dtype=torch.float64, device=device) if extra == "plain" else None
     stats, rows, out, grad, gl = run_shards(x, t, weight, bounds, algorithm=alg, grad_lse=grad_lse, **cfg)
     lo, lse, gfull = full_ops(x, t, weight, grad_loss=gl, grad_lse=grad_lse, **cfg)
 
@@ -147,8 +147,8 @@ def test_shards_match_full_vocabulary(dtype, kind, split, extra):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("loss", ["ce", "squentropy"])
-def test_stats_layout(dtype, loss):
-    x, t, w = make(9, 45, dtype, seed=3)
+def test_stats_layout(dtype, loss, device):
+    x, t, w = make(9, 45, dtype, seed=3, device=device)
     t[2] = 40  # another shard's target
     t[3] = -7  # negative, not ignore_index: not owned, never read
     smooth = 0.2 if loss == "ce" else 0.0
@@ -167,15 +167,15 @@ def test_stats_layout(dtype, loss):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_empty_shard_and_empty_batch(dtype):
-    x, t, _ = make(5, 8, dtype)
+def test_empty_shard_and_empty_batch(dtype, device):
+    x, t, _ = make(5, 8, dtype, device=device)
     st = ops.cross_entropy_shard_fwd(x[:, 3:3], t, None, 3, IGNORE, 0.1, None)
     valid = t != IGNORE
     assert st.shape == (5, 4)
     assert (st[valid, 0] == -math.inf).all() and (st[valid, 1:] == 0).all() and (st[~valid] == 0).all()
-    rows = torch.zeros(5, 4, dtype=torch.float64)
-    g = ops.cross_entropy_shard_bwd(torch.ones(5, dtype=torch.float64), None, x[:, 3:3], t, None, rows, None, 3, 8,
-                                    IGNORE, 0.0, 0.0, None)
+    rows = torch.zeros(5, 4, dtype=torch.float64, device=device)
+    ones = torch.ones(5, dtype=torch.float64, device=device)
+    g = ops.cross_entropy_shard_bwd(ones, None, x[:, 3:3], t, None, rows, None, 3, 8, IGNORE, 0.0, 0.0, None)
     assert g.shape == (5, 0) and g.dtype == dtype
     # N = 0
     e = x[:0]
@@ -189,9 +189,9 @@ def test_empty_shard_and_empty_batch(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("loss", ["ce", "focal", "squentropy"])
-def test_masked_vocabulary_and_all_inf_shard(dtype, loss):
+def test_masked_vocabulary_and_all_inf_shard(dtype, loss, device):
     """-inf logits (a masked vocabulary), and rows whose second shard is all -inf."""
-    x, t, _ = make(8, 50, dtype, seed=5)
+    x, t, _ = make(8, 50, dtype, seed=5, device=device)
     x[:, 7] = -math.inf
     x[::2, 20:] = -math.inf
     t[::2] = t[::2] % 20  # targets of the masked rows in the live shard
@@ -209,8 +209,8 @@ def test_masked_vocabulary_and_all_inf_shard(dtype, loss):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
-def test_huge_magnitudes(dtype):
-    x, t, w = make(7, 61, dtype, seed=9)
+def test_huge_magnitudes(dtype, device):
+    x, t, w = make(7, 61, dtype, seed=9, device=device)
     x = (x.double() + 1e4).to(dtype)
     for kw in (dict(label_smoothing=0.1, weight=w), dict(loss="squentropy", weight=None), dict(weight=None)):
         weight = kw.pop("weight")
@@ -223,8 +223,8 @@ def test_huge_magnitudes(dtype):
         assert rel(out, ref) <= 1e-6
 
 
-def test_nan_propagates():
-    x, t, _ = make(6, 40, torch.float32, seed=2)
+def test_nan_propagates(device):
+    x, t, _ = make(6, 40, torch.float32, seed=2, device=device)
     t[:] = torch.tensor([3, 25, 5, 33, 1, 39])
     x[0, 30] = math.nan  # another shard's NaN
     x[2, 35] = math.nan
@@ -235,9 +235,9 @@ def test_nan_propagates():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_long_rows(dtype):
+def test_long_rows(dtype, device):
     """Rows long enough for the CUDA kernels' whole-block groups, V not a multiple of any vector width."""
-    x, t, w = make(3, 5003, dtype, seed=4)
+    x, t, w = make(3, 5003, dtype, seed=4, device=device)
     for kw in (dict(label_smoothing=0.1, weight=w, softcap=20.0), dict(loss="squentropy", weight=None, z_loss=1e-4)):
         weight = kw.pop("weight")
         _, _, out, grad, gl = run_shards(x, t, weight, (0, 2501, 5003), algorithm="two_pass", **kw)
@@ -246,11 +246,11 @@ def test_long_rows(dtype):
         assert rel(grad, gfull) <= TOL_FULL[dtype]
 
 
-def test_misaligned_views():
+def test_misaligned_views(device):
     """Shards that start off a 16-byte boundary (a column slice of the full logits, made contiguous by the op, and a
     contiguous view at storage offset 1)."""
-    x, t, w = make(5, 301, torch.bfloat16, seed=8)
-    buf = torch.empty(5 * 301 + 1, dtype=torch.bfloat16)
+    x, t, w = make(5, 301, torch.bfloat16, seed=8, device=device)
+    buf = torch.empty(5 * 301 + 1, dtype=torch.bfloat16, device=device)
     xm = buf[1:].view(5, 301)
     xm.copy_(x)
     _, _, out, grad, gl = run_shards(xm, t, w, (0, 3, 301), label_smoothing=0.1)
