@@ -1,0 +1,277 @@
+"""Vocabulary-parallel cross-entropy on fastloss's shard kernels: the one implementation of the shard math behind
+:mod:`fastloss.distributed` (plain tensors and a process group) and the DTensor rules (:mod:`fastloss._dtensor`).
+
+Each rank holds a contiguous slice [start, start + C) of a vocabulary of V classes. Per row:
+
+1. ``torch.ops.fastloss.cross_entropy_shard_fwd``: one pass over the local logits gives (m_r, d_r, x_t, s_r): the
+   online normaliser of the (softcapped) slice, the target logit when this slice owns the target (else 0) and,
+   when the loss needs it, the weighted logit sum (label smoothing) or sum exp(2 (x - m_r)) (squentropy);
+2. one small collective combines them (:func:`combine`): an all-gather of the packed rows on 2 ranks, an
+   all-reduce MAX of m_r then one packed all-reduce SUM on more (fewer bytes per rank there); every rank merges
+   in the same order, so every rank gets bitwise the same rows;
+3. ``cross_entropy_shard_loss``: the row's loss from the global (lse, x_t, w_t, s) (fastloss/loss_math.h);
+4. backward: ``cross_entropy_shard_bwd``, one pass over the local logits, no communication.
+
+What crosses the network per token: 3 numbers (m, d, x_t), 4 with label smoothing or squentropy, in float32
+(float64 for float64 logits). Never the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+_ops = torch.ops.fastloss
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice of the vocabulary: classes [start, start + size) of V, over ``group``."""
+
+    start: int
+    size: int
+    V: int
+    group: object
+
+
+@dataclass(frozen=True)
+class CeOptions:
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    loss: str = "ce"
+    loss_param: float = 0.0
+    algorithm: str = "auto"
+
+    @property
+    def extra(self) -> bool:
+        """Whether the 4th statistic (logit sum / squared-probability sum) is needed."""
+        return self.label_smoothing > 0 or self.loss == "squentropy"
+
+
+def wire_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def combine(stats: torch.Tensor, shard: VocabShard, opts: CeOptions, dtype: torch.dtype) -> torch.Tensor:
+    """Local [N, 4] (m, d, x_t, s) -> global float64 [N, 4] (lse, x_t, 0, s); column 2 (w_t) is the caller's."""
+    k = 4 if opts.extra else 3
+    world = dist.get_world_size(shard.group)
+    n = stats.shape[0]
+    sq = opts.loss == "squentropy"
+    if world == 2:
+        wire = stats[:, :k].to(wire_dtype(dtype)).contiguous()
+        got = wire.new_empty((world * n, k))
+        _all_gather(got, wire, shard.group)
+        got = got.view(world, n, k).to(torch.float64)
+        m = got[..., 0]
+        M = m.amax(0) if n else m.new_empty((0,))
+        Ms = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+        sc = torch.exp(m - Ms)
+        D = (got[..., 1] * sc).sum(0)
+        xt = got[..., 2].sum(0)
+        s = None if k == 3 else ((got[..., 3] * sc * sc).sum(0) if sq else got[..., 3].sum(0))
+    else:
+        M = stats[:, 0].to(wire_dtype(dtype), copy=True).contiguous()  # (a copy: stats' m_r is used below)
+        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=shard.group)
+        M = M.to(torch.float64)
+        Ms = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+        sc = torch.exp(stats[:, 0] - Ms)
+        packed = torch.stack([stats[:, 1] * sc, stats[:, 2]] + ([] if k == 3 else [stats[:, 3] * sc * sc if sq
+                                                                                   else stats[:, 3]]))
+        packed = packed.to(wire_dtype(dtype))
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=shard.group)
+        packed = packed.to(torch.float64)
+        D, xt = packed[0], packed[1]
+        s = None if k == 3 else packed[2]
+    lse = torch.where(torch.isfinite(M), torch.log(D) + Ms, M)  # an all -inf row: -inf; +inf / nan propagate
+    if sq:
+        s = s / (D * D)
+    rows = torch.zeros((n, 4), dtype=torch.float64, device=stats.device)
+    rows[:, 0] = lse
+    rows[:, 1] = xt
+    if s is not None:
+        rows[:, 3] = s
+    return rows
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    # all_gather_single from torch 2.13 (all_gather_into_tensor is deprecated there); the older name before
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp, group=group)
+
+
+class ClassWeights:
+    """The class weights as the shard kernels see them: this rank's slice, the per-row w_t and the global sum."""
+
+    def __init__(self, full: Optional[torch.Tensor], shard: VocabShard, dtype: torch.dtype):
+        self.full = None if full is None else full.to(wire_dtype(dtype))
+        self.local = None if full is None else self.full[shard.start:shard.start + shard.size].contiguous()
+        self.total = None if full is None else self.full.sum().to(torch.float64)
+
+    def at(self, t: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        if self.full is None:
+            return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+        return self.full[t.masked_fill(t == ignore_index, 0)].to(torch.float64)
+
+
+def shard_forward(x, t, weights: ClassWeights, shard: VocabShard, opts: CeOptions):
+    """Per-row losses (float64 [N]) and the global rows (float64 [N, 4]: lse, x_t, w_t, s) of local logits x."""
+    stats = _ops.cross_entropy_shard_fwd(x, t, weights.local, shard.start, opts.ignore_index, opts.label_smoothing,
+                                         opts.softcap, opts.algorithm, opts.loss)
+    rows = combine(stats, shard, opts, x.dtype)
+    rows[:, 2] = weights.at(t, opts.ignore_index)
+    loss = _ops.cross_entropy_shard_loss(rows, t, weights.total, shard.V, opts.ignore_index, opts.label_smoothing,
+                                         opts.z_loss, opts.loss, opts.loss_param)
+    return loss, rows
+
+
+def shard_backward(grad_loss, grad_lse, x, t, weights: ClassWeights, rows, shard: VocabShard, opts: CeOptions):
+    """d loss / d local logits (x's dtype), from the global rows: one pass, no communication."""
+    return _ops.cross_entropy_shard_bwd(grad_loss, grad_lse, x, t, weights.local, rows, weights.total, shard.start,
+                                        shard.V, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
+                                        opts.loss, opts.loss_param)
+
+
+def target_logit(x: torch.Tensor, t: torch.Tensor, shard: VocabShard, opts: CeOptions) -> torch.Tensor:
+    """The global (softcapped) target logit of each row, float64 [N]: one gather and one all-reduce SUM (the
+    backward of the comp-sum losses when only the lse was kept)."""
+    tl = t - shard.start
+    owned = (t != opts.ignore_index) & (tl >= 0) & (tl < shard.size)
+    xt = torch.zeros(t.shape, dtype=wire_dtype(x.dtype), device=x.device)
+    if shard.size:
+        v = x.gather(1, tl.clamp(0, shard.size - 1)[:, None]).squeeze(1).to(xt.dtype)
+        if opts.softcap is not None:
+            v = torch.where(v == float("-inf"), v, torch.tanh(v / opts.softcap) * opts.softcap)
+        xt = torch.where(owned, v, xt)
+    dist.all_reduce(xt, op=dist.ReduceOp.SUM, group=shard.group)
+    return xt.to(torch.float64)
+
+
+def check_targets(fn: str, t: torch.Tensor, V: int, ignore_index: int) -> None:
+    bad = ((t < 0) | (t >= V)) & (t != ignore_index)
+    if t.device.type == "cpu":
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            raise IndexError(f"{fn}: target {int(t[pos])} at position {pos} is out of range for a global "
+                             f"vocabulary of {V} (and is not ignore_index={ignore_index})")
+    else:  # no host sync on the device: an asynchronous assert
+        torch._assert_async(~bad.any(), f"{fn}: target out of range for the global vocabulary")
+
+
+class VocabParallelCE(torch.autograd.Function):
+    """Per-row losses (float64 [N]) and lse of local logits [N, C]; the gradient flows to the local logits only."""
+
+    @staticmethod
+    def forward(ctx, x, t, weights, shard, opts):
+        loss, rows = shard_forward(x, t, weights, shard, opts)
+        ctx.save_for_backward(x, t, rows)
+        ctx.meta = (weights, shard, opts)
+        lse = rows[:, 0].clone()
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        x, t, rows = ctx.saved_tensors
+        weights, shard, opts = ctx.meta
+        g = shard_backward(grad_loss.to(torch.float64).contiguous(), None, x, t, weights, rows, shard, opts)
+        return g, None, None, None, None
+
+
+class VocabParallelLinearCE(torch.autograd.Function):
+    """Linear cross-entropy with the head's rows (and bias) sharded over the vocabulary: token chunks as in
+    :mod:`fastloss._linear_ce`. Per chunk the local logits (one GEMM), the shard pass, the collective, and -- when
+    gradients are wanted and the caller reduces the rows with one weight for all (mean / sum) -- the gradient pass
+    for an incoming gradient of 1 per row and the two backward GEMMs right away; the backward then only rescales.
+    d input is all-reduced once at the end. Otherwise the rows are kept and the backward recomputes the logits."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, t, weights, shard, opts, uniform, chunk_rows, want):
+        N = h.shape[0]
+        precompute = uniform and any(want)
+        scale = torch.ones(N, dtype=torch.float64, device=h.device) if precompute else None
+        loss = torch.empty(N, dtype=torch.float64, device=h.device)
+        rows = torch.empty((N, 4), dtype=torch.float64, device=h.device)
+        grads = _GradAcc(h, W, b, want) if precompute else None
+        for s in range(0, N, chunk_rows):
+            e = min(N, s + chunk_rows)
+            x = torch.nn.functional.linear(h[s:e], W, b)
+            loss[s:e], rows[s:e] = shard_forward(x, t[s:e], weights, shard, opts)
+            if precompute:
+                grads.add(shard_backward(scale[s:e], None, x, t[s:e], weights, rows[s:e], shard, opts), s, e)
+            del x
+        ctx.meta = (weights, shard, opts, chunk_rows, want, precompute)
+        if precompute:
+            ctx.save_for_backward(*grads.finish(shard.group))
+        else:
+            ctx.save_for_backward(h, W, b, t, rows)
+        lse = rows[:, 0].clone()
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        weights, shard, opts, chunk_rows, want, precompute = ctx.meta
+        if precompute:  # the forward's gradients are for an incoming gradient of 1 on every row
+            gh, gW, gb = ctx.saved_tensors
+            g = grad_loss.reshape(-1)[:1].reshape(())  # mean / sum: every row's incoming gradient is the same
+            if grad_loss.numel() == 0:
+                g = torch.zeros((), dtype=torch.float64, device=grad_loss.device)
+            out = [None if v is None else v * g.to(v.dtype) for v in (gh, gW, gb)]
+        else:
+            h, W, b, t, rows = ctx.saved_tensors
+            gl = grad_loss.to(torch.float64).contiguous()
+            grads = _GradAcc(h, W, b, want)
+            for s in range(0, h.shape[0], chunk_rows):
+                e = min(h.shape[0], s + chunk_rows)
+                x = torch.nn.functional.linear(h[s:e], W, b)
+                grads.add(shard_backward(gl[s:e], None, x, t[s:e], weights, rows[s:e], shard, opts), s, e)
+            out = list(grads.finish(shard.group))
+        return (*out,) + (None,) * 7
+
+
+def linear_rows(hidden, local_weight, local_bias, t, weights, shard, opts, uniform: bool, chunk_size):
+    """Per-row losses and lse of ``hidden @ W_r.T (+ b_r)`` over the sharded vocabulary (local tensors);
+    ``uniform``: the caller reduces the rows with one weight for all (mean / sum)."""
+    from ._linear_ce import resolve_chunk_rows
+
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    want = (hidden.requires_grad, local_weight.requires_grad, local_bias is not None and local_bias.requires_grad)
+    if not torch.is_grad_enabled():
+        want = (False, False, False)
+    chunk_rows = resolve_chunk_rows(chunk_size, h.shape[0], max(shard.size, 1), hidden.dtype, hidden.device)
+    return VocabParallelLinearCE.apply(h, local_weight.contiguous(), local_bias, t.contiguous(), weights, shard,
+                                       opts, uniform, chunk_rows, want)
+
+
+class _GradAcc:
+    """d h (this rank's partial, all-reduced at the end), d W_r and d b_r (local, float32 accumulation)."""
+
+    def __init__(self, h, W, b, want):
+        acc = wire_dtype(h.dtype)
+        self.h, self.W, self.b = h, W, b
+        self.gh = torch.zeros(h.shape, dtype=acc, device=h.device) if want[0] else None
+        self.gW = torch.zeros(W.shape, dtype=acc, device=W.device) if want[1] else None
+        self.gb = torch.zeros(W.shape[0], dtype=acc, device=W.device) if (b is not None and want[2]) else None
+
+    def add(self, g, s, e):
+        if self.gh is not None:
+            self.gh[s:e] += (g @ self.W).to(self.gh.dtype)
+        if self.gW is not None:
+            self.gW += (g.t() @ self.h[s:e]).to(self.gW.dtype)
+        if self.gb is not None:
+            self.gb += g.sum(0, dtype=self.gb.dtype)
+
+    def finish(self, group):
+        gh = self.gh
+        if gh is not None:
+            dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)  # the one collective of the input gradient
+            gh = gh.to(self.h.dtype)
+        gW = None if self.gW is None else self.gW.to(self.W.dtype)
+        gb = None if self.gb is None else self.gb.to(self.b.dtype)
+        return gh, gW, gb
