@@ -205,10 +205,21 @@ def _ce_setup(ctx, inputs, output):
     loss_param = inputs[9] if len(inputs) > 9 else 0.0
     ctx.args = (ignore_index, label_smoothing, z_loss, softcap, loss, loss_param)
     ctx.save_for_backward(logits, target, weight, output[1], output[2])
+    _no_zeros(ctx)
+
+
+def _no_zeros(ctx):
+    # Unused outputs get no gradient rather than autograd's zeros: no N-sized buffers for nothing, and no plain
+    # zeros beside DTensor arguments (tensor parallelism, fastloss._dtensor).
+    ctx.set_materialize_grads(False)
 
 
 def _ce_bwd(ctx, grad_loss, grad_lse, _grad_sum_sq):
     logits, target, weight, lse, sum_sq = ctx.saved_tensors
+    if grad_loss is None and grad_lse is None:
+        return (None,) * 10
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
     grad = _lib.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, lse, *ctx.args, sum_sq)
     return grad, None, None, None, None, None, None, None, None, None
 
@@ -217,10 +228,15 @@ def _ce_prob_setup(ctx, inputs, output):
     logits, target, weight, label_smoothing, z_loss, softcap = inputs[:6]
     ctx.args = (label_smoothing, z_loss, softcap)
     ctx.save_for_backward(logits, target, weight, output[1], output[2])
+    _no_zeros(ctx)
 
 
 def _ce_prob_bwd(ctx, grad_loss, grad_lse, _grad_sum_wy):
     logits, target, weight, lse, sum_wy = ctx.saved_tensors
+    if grad_loss is None and grad_lse is None:
+        return (None,) * 7
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
     grad = _lib.cross_entropy_prob_bwd(grad_loss, grad_lse, logits, target, weight, lse, sum_wy, *ctx.args)
     # The target's gradient (soft labels that require grad) is not provided, as in Liger and Cut Cross-Entropy.
     return grad, None, None, None, None, None, None
@@ -285,10 +301,13 @@ def _logprobs_setup(ctx, inputs, output):
     ctx.temperature = temperature
     ctx.save_for_backward(logits, tokens, output[2], output[1])
     ctx.mark_non_differentiable(output[3], output[4])  # the per-token statistics and the argmax
+    _no_zeros(ctx)
 
 
 def _logprobs_bwd(ctx, grad_logprobs, grad_entropy, _grad_lse, _grad_stats=None, _grad_argmax=None):
     logits, tokens, lse, entropy = ctx.saved_tensors
+    if grad_logprobs is None and grad_entropy is None:
+        return None, None, None, None, None
     if grad_entropy is not None and entropy.shape[0] != logits.shape[0]:
         grad_entropy = None  # the entropy was not computed (an empty output): nothing flows from it
     grad = _lib.token_logprobs_bwd(grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature)
@@ -300,10 +319,13 @@ def _distill_setup(ctx, inputs, output):
     ctx.args = tuple(inputs[3:8])  # without student_entropy, which the backward does not take
     ctx.save_for_backward(student, teacher, target, output[1])
     ctx.mark_non_differentiable(output[1])  # the statistics (the student's entropy is for logging)
+    _no_zeros(ctx)
 
 
 def _distill_bwd(ctx, grad_loss, _grad_stats):
     student, teacher, target, stats = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 9
     grad = _lib.distill_bwd(grad_loss, student, teacher, target, stats, *ctx.args)
     # The teacher is a constant: its logits get no gradient even when they require one.
     return grad, None, None, None, None, None, None, None, None
@@ -336,10 +358,13 @@ def _spherical_setup(ctx, inputs, output):
     x, target = inputs[:2]
     ctx.args = tuple(inputs[2:])
     ctx.save_for_backward(x, target, output[1])
+    _no_zeros(ctx)
 
 
 def _spherical_bwd(ctx, grad_loss, _grad_stats):
     x, target, stats = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 6
     return _lib.spherical_loss_bwd(grad_loss, x, target, stats, *ctx.args), None, None, None, None, None
 
 

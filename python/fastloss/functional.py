@@ -9,7 +9,17 @@ import torch
 
 from ._common import (ALGORITHMS, REDUCTIONS, CrossEntropyOutput, SoftmaxTopK, check_choice, check_input,
                       check_tensor, loss_kind, mean_denominator, reduce_rows)
+from . import _vocab_parallel
 from ._linear_ce import LinearCrossEntropyFunction, resolve_chunk_rows
+
+if torch.distributed.is_available():
+    from . import _dtensor
+else:  # a torch build without torch.distributed has no DTensor
+    _dtensor = None
+
+
+def _is_dtensor(x) -> bool:
+    return _dtensor is not None and _dtensor.is_dtensor(x)
 
 
 def softmax(
@@ -214,6 +224,9 @@ def cross_entropy(
     if softcap is not None:
         softcap = float(softcap)
     kind, param = loss_kind("cross_entropy", loss, gamma, epsilon, float(label_smoothing), soft)
+    if _is_dtensor(input):  # a plain target / weight beside DTensor logits: this rank's rows / replicated
+        target = _dtensor.rows_like(input, target, 0 if input.dim() == 1 else 1)
+        weight = _dtensor.replicate_like(input, weight)
     x2d, t, out_shape = _flatten_for_ce(input, target, soft)
     ls, z = float(label_smoothing), float(z_loss)
     ops = torch.ops.fastloss
@@ -366,6 +379,11 @@ def _linear_cross_entropy(input, linear_weight, target, lowrank, *, linear_bias,
             raise ValueError(f"fastloss.linear_cross_entropy: class-index `target` must have shape {lead}, got "
                              f"{tuple(target.shape)}")
         t = target.reshape(-1)
+    if _is_dtensor(linear_weight) or _is_dtensor(input):
+        return _dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                             ignore_index, label_smoothing, z_loss, softcap, chunk_size, loss_dtype,
+                                             return_lse, return_z_loss, soft, lowrank, filter_eps, loss, gamma,
+                                             epsilon)
     h = input.reshape(-1, D)
     N = h.shape[0]
     valid = None if soft else t != ignore_index
@@ -398,3 +416,31 @@ def _linear_cross_entropy(input, linear_weight, target, lowrank, *, linear_bias,
         float(z_loss), softcap, algorithm, reduction, chunk_rows, denom, lead, want, filter_eps, (kind, param))
     return _finish(out.to(input.dtype if loss_dtype is None else loss_dtype), lse, valid, float(z_loss), reduction,
                    lead, denom, return_lse, return_z_loss)
+
+
+def _dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                  label_smoothing, z_loss, softcap, chunk_size, loss_dtype, return_lse, return_z_loss,
+                                  soft, lowrank, filter_eps, loss, gamma, epsilon):
+    """A DTensor head (tensor parallelism): the vocabulary-parallel linear cross-entropy on the local rows."""
+    fn = "linear_cross_entropy"
+    if soft or lowrank is not None or _resolve_filter_eps(filter_eps, input.dtype) != 0.0:
+        raise NotImplementedError(f"fastloss.{fn}: with a DTensor head only class-index targets, no low-rank block "
+                                  "and filter_eps=None are supported")
+    kind, param = loss_kind(fn, loss, gamma, epsilon, float(label_smoothing), False)
+    ops = _dtensor.LinearOperands(fn, input, linear_weight, linear_bias, target, weight, ignore_index)
+    if ops.shard is None:  # a replicated head: the ordinary path on the local tensors
+        return ops.wrap(linear_cross_entropy(
+            ops.h, ops.W, ops.t, linear_bias=ops.b, weight=ops.weight, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
+            loss_dtype=loss_dtype, return_lse=return_lse, return_z_loss=return_z_loss, loss=loss, gamma=gamma,
+            epsilon=epsilon))
+    opts = _vocab_parallel.CeOptions(ignore_index, float(label_smoothing), float(z_loss),
+                                     None if softcap is None else float(softcap), kind, float(param))
+    t = ops.t.reshape(-1)
+    rows, lse = _vocab_parallel.linear_rows(ops.h, ops.W, ops.b, t, ops.weights, ops.shard, opts,
+                                            reduction != "none", chunk_size)
+    valid = t != ignore_index
+    lead = tuple(ops.h.shape[:-1])
+    denom = mean_denominator(reduction, t, valid, ops.weights.full, input.dtype)
+    out = reduce_rows(rows, reduction, lead, denom).to(input.dtype if loss_dtype is None else loss_dtype)
+    return ops.wrap(_finish(out, lse, valid, float(z_loss), reduction, lead, denom, return_lse, return_z_loss))

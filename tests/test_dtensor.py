@@ -1,0 +1,226 @@
+"""fastloss's ops on DTensor inputs (tensor parallelism) on the CPU with gloo, 2 and 3 processes, uneven shards:
+the vocabulary-parallel cross-entropy on Shard(1) logits, the local kernels on Shard(0) / Replicate inputs, clear
+errors for placements with no rule; float64 parity with the single-process call in losses and gradients, with
+``loss_parallel()`` active and not."""
+
+import contextlib
+import itertools
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastloss
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+N, V, D = 13, 37, 6  # V = 37 over 2 ranks: 19 + 18; over 3: 13 + 13 + 11 (torch's chunking): uneven
+OPTIONS = [dict(reduction=r, label_smoothing=ls, z_loss=z, softcap=c)
+           for r, ls, z, c in itertools.product(["mean", "sum", "none"], [0.0, 0.1], [0.0, 1e-3], [None, 2.0])]
+LOSSES = [dict(loss="focal", gamma=2.0), dict(loss="poly1", epsilon=0.5), dict(loss="squentropy")]
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _upstream(ref, reduction):
+    """The incoming gradient: uneven per row for reduction="none"."""
+    if reduction == "none":
+        return torch.linspace(0.5, 1.5, N, dtype=ref.dtype)
+    return torch.ones((), dtype=ref.dtype)
+
+
+def _data(dtype=torch.float64, masked=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    if masked:  # (label smoothing turns a -inf logit into an infinite loss, in torch too: not with smoothing)
+        logits[2, 5] = float("-inf")
+        logits[4, :19] = float("-inf")  # rank 0's whole shard of this row is masked
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::4] = -100
+    t[4] = 30
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    return logits.to(dtype), t, w
+
+
+def _full(x):
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def _check_ce(mesh, dtype, tol):
+    """fastloss.cross_entropy on Shard(1) / Shard(0) / Replicate logits == the single-process call."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    cases = [(o, {}) for o in OPTIONS] + [(dict(reduction="mean"), dict(weight=True)),
+                                          (dict(reduction="none", label_smoothing=0.1), dict(weight=True))]
+    cases += [(dict(reduction=r, z_loss=1e-3, softcap=3.0), lk) for r in ("mean", "none") for lk in LOSSES]
+    for (opts, extra), placement, lp in itertools.product(cases, [Shard(1), Shard(0), Replicate()], [False, True]):
+        if lp and placement != Shard(1):
+            continue
+        extra = dict(extra)
+        logits, t, w = _data(dtype, masked=not opts.get("label_smoothing"))
+        if extra.pop("weight", False):
+            extra["weight"] = w.to(torch.float32 if dtype != torch.float64 else dtype)
+        full = logits.clone().requires_grad_()
+        ref = fastloss.cross_entropy(full, t, **opts, **extra)
+        up = _upstream(ref, opts["reduction"])
+        (g_ref,) = torch.autograd.grad(ref, full, up)
+        dx = distribute_tensor(logits.clone(), mesh, [placement]).requires_grad_()
+        with loss_parallel() if lp else contextlib.nullcontext():
+            out = fastloss.cross_entropy(dx, t if placement != Shard(0) else t.chunk(mesh.size())[
+                mesh.get_local_rank()], **opts, **extra)
+            upd = distribute_tensor(up, mesh, [Replicate()] if placement != Shard(0) or up.dim() == 0 else [Shard(0)])
+            (g,) = torch.autograd.grad(out, dx, upd)
+        assert g.placements == dx.placements
+        assert out.dtype == dtype
+        o, gf = _full(out), _full(g)
+        assert o.shape == ref.shape
+        assert _rel(o, ref.detach()) <= tol, (opts, extra, placement, o, ref)
+        assert _rel(gf, g_ref) <= tol * 10, (opts, extra, placement)
+
+
+def _check_ce_inplace(mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    logits, t, _ = _data()
+    full = logits.clone().requires_grad_()
+    ref = fastloss.cross_entropy(full, t, z_loss=1e-3)
+    ref.backward()
+    dx = distribute_tensor(logits.clone(), mesh, [Shard(1)]).requires_grad_()
+    out = fastloss.cross_entropy(dx, t, z_loss=1e-3, inplace_backward=True)
+    (out * 2).backward()
+    assert _rel(_full(out), ref.detach()) < 1e-12
+    assert _rel(_full(dx.grad), 2 * full.grad) < 1e-11
+
+
+def _check_linear(mesh, dtype, tol):
+    """fastloss.linear_cross_entropy with the head sharded along the vocabulary (ColwiseParallel: Shard(0))."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(1)
+    h0 = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
+    W0 = (torch.randn(V, D, generator=g, dtype=torch.float64) * 0.8).to(dtype)
+    b0 = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    _, t, w = _data()
+    for opts in OPTIONS[::3] + [dict(reduction="mean", loss="focal", gamma=1.5)]:
+        h, W, b = (x.clone().requires_grad_() for x in (h0, W0, b0))
+        ref = fastloss.linear_cross_entropy(h, W, t, linear_bias=b, **opts)
+        up = _upstream(ref, opts["reduction"])
+        gr = torch.autograd.grad(ref, (h, W, b), up)
+        hl = h0.clone().requires_grad_()
+        Wd = distribute_tensor(W0.clone(), mesh, [Shard(0)]).requires_grad_()
+        bd = distribute_tensor(b0.clone(), mesh, [Shard(0)]).requires_grad_()
+        out = fastloss.linear_cross_entropy(hl, Wd, t, linear_bias=bd, chunk_size=5, **opts)
+        ga = torch.autograd.grad(out, (hl, Wd, bd), up)
+        assert _rel(out, ref.detach()) <= tol, (opts, out, ref)
+        assert _rel(ga[0], gr[0]) <= tol * 10, opts
+        assert _rel(_full(ga[1]), gr[1]) <= tol * 10, opts
+        assert _rel(_full(ga[2]), gr[2]) <= tol * 10, opts
+
+
+VOCAB_PARALLEL = ("softmax", "log_softmax", "logsumexp")
+
+
+def _check_row_ops(mesh):
+    """The other ops: rows sharded or replicated run the local kernel; classes sharded: the softmax family's
+    vocabulary-parallel rule, else a clear error."""
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+    logits, t, _ = _data(masked=False)
+    teacher = logits.flip(0) * 0.7
+    t0 = t.clamp_min(0)
+    calls = {
+        "softmax": lambda x, k: fastloss.softmax(x, -1),
+        "log_softmax": lambda x, k: fastloss.log_softmax(x, -1),
+        "logsumexp": lambda x, k: fastloss.logsumexp(x, -1),
+        "token_logprobs": lambda x, k: fastloss.token_logprobs(x, k(t0), temperature=0.7, return_entropy=True),
+        "distillation_loss": lambda x, k: fastloss.distillation_loss(x, k(teacher), divergence="jsd", beta=0.3,
+                                                                     reduction="none"),
+        "spherical_loss": lambda x, k: fastloss.spherical_loss(x, k(t), loss="z", a=0.1, b=10.0,
+                                                                  reduction="none"),
+        "softmax_topk": lambda x, k: fastloss.softmax_topk(x, 3),
+    }
+    for name, fn in calls.items():
+        full = logits.clone().requires_grad_()
+        ref = fn(full, lambda v: v)
+        refs = [v for v in (ref if isinstance(ref, tuple) else (ref,)) if v is not None]
+        differentiable = refs[0].requires_grad
+        wt = torch.linspace(-1, 2, refs[0].numel(), dtype=refs[0].dtype).reshape(refs[0].shape)
+        if differentiable:  # (a weighted sum: a softmax row sums to 1, its plain sum has no gradient)
+            (g_ref,) = torch.autograd.grad((refs[0] * wt).sum(), full)
+        for placement in (Shard(0), Replicate()) + ((Shard(1),) if name in VOCAB_PARALLEL else ()):
+            dx = distribute_tensor(logits.clone(), mesh, [placement]).requires_grad_()
+            out = fn(dx, lambda v: distribute_tensor(v, mesh, [placement]))
+            outs = [v for v in (out if isinstance(out, tuple) else (out,)) if v is not None]
+            for a, b in zip(outs, refs):
+                assert _rel(_full(a), b.detach()) < 1e-12, (name, placement)
+            if differentiable:
+                (g,) = torch.autograd.grad((outs[0] * distribute_tensor(wt, mesh, outs[0].placements)).sum(), dx)
+                assert _rel(_full(g), g_ref) < 1e-12, (name, placement)
+        if name in VOCAB_PARALLEL:
+            continue
+        dx = distribute_tensor(logits.clone(), mesh, [Shard(1)])
+        with pytest.raises(NotImplementedError, match=r"fastloss\..*Shard\(dim=1\).*vocabulary-parallel"):
+            fn(dx, lambda v: distribute_tensor(v, mesh, [Shard(1)]) if v.dim() == 2 else
+               distribute_tensor(v, mesh, [Replicate()]))
+    # Partial logits: the cross-entropy names the op and the placement
+    from torch.distributed.tensor import DTensor
+
+    part = DTensor.from_local(logits / mesh.size(), mesh, [Partial()])
+    with pytest.raises(NotImplementedError, match=r"cross_entropy_fwd.*Partial"):
+        fastloss.cross_entropy(part, t)
+
+
+def _check_errors(mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    logits, t, _ = _data()
+    bad = t.clone()
+    bad[3] = V
+    dx = distribute_tensor(logits.clone(), mesh, [Shard(1)])
+    with pytest.raises(IndexError, match="position 3"):
+        fastloss.cross_entropy(dx, bad)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fastloss.cross_entropy(dx, t, loss="focal", label_smoothing=0.1)
+
+
+def _worker(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (world,))
+        _check_ce(mesh, torch.float64, 1e-12)
+        _check_ce(mesh, torch.float32, 1e-5)
+        _check_ce_inplace(mesh)
+        _check_linear(mesh, torch.float64, 1e-12)
+        _check_linear(mesh, torch.bfloat16, 2 ** -6)
+        _check_row_ops(mesh)
+        _check_errors(mesh)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dtensor_ops_match_single_process(world):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, os.path.join(d, "init")), nprocs=world, join=True)
+
+
+if __name__ == "__main__":  # python tests/test_dtensor.py 3
+    w = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    test_dtensor_ops_match_single_process(w)
+    print("ok")
