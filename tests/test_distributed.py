@@ -122,6 +122,11 @@ def _check_bytes_per_token(rank, sizes):
         Wl = W[start:start + sizes[rank]].clone().requires_grad_()
         vocab_parallel_linear_cross_entropy(hl, Wl, t, vocab_sizes=sizes).backward()
         assert calls == stats(3) + [("all_reduce", 4 * N * D)], calls  # one chunk: stats, then d input once
+        calls.clear()
+        # bf16 logits: m and x_t travel in bf16 (exact), d in float32: 8 bytes per token (2 + 8 over 3 ranks)
+        xb = x.detach().bfloat16().requires_grad_()
+        vocab_parallel_cross_entropy(xb, t, vocab_sizes=sizes).backward()
+        assert calls == ([(gather, 8 * N)] if two else [("all_reduce", 2 * N), ("all_reduce", 8 * N)]), calls
     finally:
         for name, fn in real.items():
             setattr(dist, name, fn)

@@ -16,8 +16,10 @@ import torch.multiprocessing as mp
 
 import fastloss
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+# several processes: one CI configuration (make test-stacks)
+pytestmark = [pytest.mark.stacks,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 N, V, D = 13, 37, 6  # V = 37 over 2 ranks: 19 + 18; over 3: 13 + 13 + 11 (torch's chunking): uneven
 OPTIONS = [dict(reduction=r, label_smoothing=ls, z_loss=z, softcap=c)
@@ -205,6 +207,7 @@ def _worker(rank, world, init_file):
         mesh = init_device_mesh("cpu", (world,))
         _check_ce(mesh, torch.float64, 1e-12)
         _check_ce(mesh, torch.float32, 1e-5)
+        _check_ce(mesh, torch.bfloat16, 2 ** -7)
         _check_ce_inplace(mesh)
         _check_linear(mesh, torch.float64, 1e-12)
         _check_linear(mesh, torch.bfloat16, 2 ** -6)

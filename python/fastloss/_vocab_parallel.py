@@ -13,7 +13,8 @@ Each rank holds a contiguous slice [start, start + C) of a vocabulary of V class
 4. backward: ``cross_entropy_shard_bwd``, one pass over the local logits, no communication.
 
 What crosses the network per token: 3 numbers (m, d, x_t), 4 with label smoothing or squentropy, in float32
-(float64 for float64 logits). Never the logits.
+(float64 for float64 logits; m and x_t in bf16 / fp16 for such logits without a softcap, where they are exact):
+12 bytes per token in float32 (8 in bf16), as many as loss_parallel's three all-reduces. Never the logits.
 """
 
 from __future__ import annotations
@@ -63,10 +64,20 @@ def combine(stats: torch.Tensor, shard: VocabShard, opts: CeOptions, dtype: torc
     world = dist.get_world_size(shard.group)
     n = stats.shape[0]
     sq = opts.loss == "squentropy"
+    # bf16 / fp16 logits without a softcap: m and x_t are logits, exact in the logits' dtype, so they travel in
+    # it (packed in pairs into 32-bit words for the all-gather); d and s in float32.
+    exact16 = dtype in (torch.bfloat16, torch.float16) and opts.softcap is None
     if world == 2:
-        wire = stats[:, :k].to(wire_dtype(dtype)).contiguous()
-        got = wire.new_empty((world * n, k))
+        if exact16:
+            pair = torch.stack([stats[:, 0], stats[:, 2]], 1).to(dtype).contiguous().view(torch.float32)
+            wire = torch.cat([pair, stats[:, 1:2].float()] + ([stats[:, 3:4].float()] if k == 4 else []), 1)
+        else:
+            wire = stats[:, :k].to(wire_dtype(dtype)).contiguous()
+        got = wire.new_empty((world * n, wire.shape[1]))
         _all_gather(got, wire, shard.group)
+        if exact16:
+            pair = got[:, :1].contiguous().view(dtype).to(torch.float64)
+            got = torch.cat([pair[:, :1], got[:, 1:2].double(), pair[:, 1:2], got[:, 2:].double()], 1)
         got = got.view(world, n, k).to(torch.float64)
         m = got[..., 0]
         M = m.amax(0) if n else m.new_empty((0,))
@@ -76,7 +87,7 @@ def combine(stats: torch.Tensor, shard: VocabShard, opts: CeOptions, dtype: torc
         xt = got[..., 2].sum(0)
         s = None if k == 3 else ((got[..., 3] * sc * sc).sum(0) if sq else got[..., 3].sum(0))
     else:
-        M = stats[:, 0].to(wire_dtype(dtype), copy=True).contiguous()  # (a copy: stats' m_r is used below)
+        M = stats[:, 0].to(dtype if exact16 else wire_dtype(dtype), copy=True).contiguous()  # (stats' m: below)
         dist.all_reduce(M, op=dist.ReduceOp.MAX, group=shard.group)
         M = M.to(torch.float64)
         Ms = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
