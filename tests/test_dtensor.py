@@ -196,6 +196,43 @@ def _check_errors(mesh):
         fastloss.cross_entropy(dx, bad)
     with pytest.raises(ValueError, match="label_smoothing"):
         fastloss.cross_entropy(dx, t, loss="focal", label_smoothing=0.1)
+    # a DTensor target, replicated or sharded over the rows (redistributed to the rows' placements)
+    from torch.distributed.tensor import Replicate
+
+    ref = fastloss.cross_entropy(logits, t, z_loss=1e-3)
+    for tp in (Replicate(), Shard(0)):
+        out = fastloss.cross_entropy(dx, distribute_tensor(t, mesh, [tp]), z_loss=1e-3)
+        assert _rel(out.full_tensor(), ref) < 1e-12, tp
+
+
+def _check_inplace_row_ops(mesh):
+    """The ops that write over their logits: rows sharded -> the local kernel, in place; classes sharded: an
+    error (a redistribution would write into a temporary)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    logits, t, _ = _data(masked=False)
+    t0 = t.clamp_min(0)
+    lp, ent, lse, _, _ = torch.ops.fastloss.token_logprobs_fwd(logits, t0, 0.7, True)
+    gl = torch.linspace(0.5, 1.5, N, dtype=torch.float64)
+    ref = torch.ops.fastloss.token_logprobs_bwd(gl, None, logits, t0, lse, ent, 0.7)
+    x = distribute_tensor(logits.clone(), mesh, [Shard(0)])
+    d = [distribute_tensor(v, mesh, [Shard(0)]) for v in (gl, t0, lse, ent)]
+    torch.ops.fastloss.token_logprobs_bwd_(x, d[0], None, d[1], d[2], d[3], 0.7)
+    assert _rel(x.full_tensor(), ref) < 1e-14
+    teacher = logits.flip(0)
+    scale = torch.full((N,), 0.25, dtype=torch.float64)
+    loss_r, stats_r, g_r = torch.ops.fastloss.distill_fwd_grad(logits, teacher, t, scale, "jsd", 0.3, 1.0, -100,
+                                                                0.5)
+    x = distribute_tensor(logits.clone(), mesh, [Shard(0)])
+    loss, stats = torch.ops.fastloss.distill_fwd_inplace_grad(
+        x, distribute_tensor(teacher, mesh, [Shard(0)]), distribute_tensor(t, mesh, [Shard(0)]),
+        distribute_tensor(scale, mesh, [Shard(0)]), "jsd", 0.3, 1.0, -100, 0.5)
+    assert _rel(loss.full_tensor(), loss_r) < 1e-14 and _rel(x.full_tensor(), g_r) < 1e-14
+    xv = distribute_tensor(logits.clone(), mesh, [Shard(1)])
+    with pytest.raises(NotImplementedError, match="token_logprobs_bwd_.*classes"):
+        torch.ops.fastloss.token_logprobs_bwd_(xv, distribute_tensor(gl, mesh, [Shard(0)]), None,
+                                               distribute_tensor(t0, mesh, [Shard(0)]), d[2], d[3], 0.7)
+    assert torch.ops.fastloss.resolve_algorithm(xv, -1, "auto") in ("online", "two_pass")
 
 
 def _worker(rank, world, init_file):
@@ -212,9 +249,17 @@ def _worker(rank, world, init_file):
         _check_linear(mesh, torch.float64, 1e-12)
         _check_linear(mesh, torch.bfloat16, 2 ** -6)
         _check_row_ops(mesh)
+        _check_inplace_row_ops(mesh)
         _check_errors(mesh)
     finally:
         dist.destroy_process_group()
+
+
+def test_every_op_has_a_dtensor_rule():
+    import fastloss._dtensor as fd
+
+    names = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("fastloss::")}
+    assert names and names <= fd.covered_ops(), sorted(names - fd.covered_ops())
 
 
 @pytest.mark.parametrize("world", [2, 3])

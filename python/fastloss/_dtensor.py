@@ -302,7 +302,40 @@ def _wrap(mesh, local, global_shape, placements) -> DTensor:
     return DTensor(local, spec, requires_grad=False)
 
 
+def _row_inplace(op, args, kwargs):
+    """Ops that write over their first argument (rows x classes): the local kernel on each rank's rows, written
+    in place; rows sharded or replicated only (a redistribution would write into a temporary)."""
+    a = _bind(op, args, kwargs)
+    first = op._schema.arguments[0].name
+    plan = _Plan(op, first, a[first])
+    if plan.vocab_dim is not None:
+        raise _placement_error(op, first, plan.x.placements, f"sharded along the classes on mesh dimension "
+                               f"{plan.vocab_dim}, which this op has no vocabulary-parallel rule for")
+    if tuple(plan.x.placements) != plan.rows:
+        raise _placement_error(op, first, plan.x.placements, "expected Shard(0) or Replicate")
+    rows_args = _INPLACE_ROW_OPS[op._schema.name.split("::")[1]]
+    outs = op(*_local_args(op, a, plan, rows_args))
+    if outs is None:
+        return None
+    return tuple(plan.wrap_rows(o) for o in outs)
+
+
+def _resolve_algorithm(op, args, kwargs):
+    a = _bind(op, args, kwargs)
+    x = a["self"]
+    return op(x.to_local() if isinstance(x, DTensor) else x, a["dim"], a["algorithm"])
+
+
+# The in-place row ops and their per-row arguments (besides the one written over).
+_INPLACE_ROW_OPS = {
+    "token_logprobs_bwd_": ("grad_logprobs", "grad_entropy", "tokens", "lse", "entropy"),
+    "distill_fwd_inplace_grad": ("teacher", "target", "grad_scale"),
+}
+
 _HANDLERS = {
+    "resolve_algorithm": _resolve_algorithm,
+    "token_logprobs_bwd_": _row_inplace,
+    "distill_fwd_inplace_grad": _row_inplace,
     "softmax": _dim_handler,
     "log_softmax": _dim_handler,
     "logsumexp": _dim_handler,
@@ -404,6 +437,11 @@ def register() -> None:
         op = getattr(_lib, name).default
         _register_rule(op, _row_rule(op, rows))
     _register_rule(_lib.softmax_topk.default, _softmax_topk_rule)
+
+
+def covered_ops() -> set:
+    """The fastloss ops with a DTensor rule (a handler or a sharding strategy)."""
+    return set(_HANDLERS) | set(_ROW_OPS) | {"softmax_topk"}
 
 
 def is_dtensor(x) -> bool:
