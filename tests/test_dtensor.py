@@ -177,7 +177,13 @@ def _check_row_ops(mesh):
         with pytest.raises(NotImplementedError, match=r"fastloss\..*Shard\(dim=1\).*vocabulary-parallel"):
             fn(dx, lambda v: distribute_tensor(v, mesh, [Shard(1)]) if v.dim() == 2 else
                distribute_tensor(v, mesh, [Replicate()]))
-    # Partial logits: the cross-entropy names the op and the placement
+    # DTensor caches sharding decisions per argument values: entropy on, off, on must give [N], [0], [N]
+    dx = distribute_tensor(logits.clone(), mesh, [Shard(0)])
+    tk = distribute_tensor(t0, mesh, [Shard(0)])
+    for want in (True, False, True):
+        out = torch.ops.fastloss.token_logprobs_fwd(dx, tk, 0.7, want)
+        assert out[1].shape == ((N,) if want else (0,)), (want, out[1].shape)
+        # Partial logits: the cross-entropy names the op and the placement
     from torch.distributed.tensor import DTensor
 
     part = DTensor.from_local(logits / mesh.size(), mesh, [Partial()])
