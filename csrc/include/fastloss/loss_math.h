@@ -159,8 +159,8 @@ FL_HD CeRow<T> ce_index_coefs_kind(int kind, T param, T g, T g_lse, T lse, T x_t
 // x'_t when it holds the target (else 0), and sum_c w_c x'_c (label smoothing) or d2 = sum_c e^(2 (x'_c - m))
 // (squentropy: sum_c p_c^2 = sum_r d2_r e^(2 (m_r - M)) / D^2), else 0. The loss and gradient then take the
 // combined rows (lse, x'_t, w_t, s) with W the vocabulary's weight sum, 1 / V and 1 / (V - 1). A NaN in a shard's
-// row makes its d NaN (so the combined lse); a +inf gives m = +inf and d = NaN, as the online state has it (the
-// full-vocabulary op's lse is +inf there, the combination's NaN).
+// row makes its d NaN (so the combined lse); a +inf gives m = +inf and d = NaN, as the online state has it: the
+// combination (python/fastloss/_vocab_parallel.py) takes a non-finite M as the lse, +inf as the full-vocabulary op.
 constexpr int kShardStats = 4;
 
 // The m a shard reports: -inf for a row with nothing in it (all -inf: the state's m stays at its finite start, d = 0).
