@@ -32,9 +32,9 @@ from ._common import TokenStats  # noqa: E402
 from .spherical import linear_spherical_loss, spherical_loss  # noqa: E402
 from . import nn  # noqa: E402,F401
 
-if torch.distributed.is_available():
-    from . import _dtensor  # noqa: E402
+from .functional import _dtensor  # noqa: E402  (None without torch.distributed)
 
+if _dtensor is not None:
     _dtensor.register()  # fastloss's ops on DTensor inputs (tensor parallelism)
 
 cuda_built: bool = hasattr(torch.ops.fastloss, "softmax") and torch._C._dispatch_has_kernel_for_dispatch_key(

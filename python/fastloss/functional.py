@@ -12,9 +12,9 @@ from ._common import (ALGORITHMS, REDUCTIONS, CrossEntropyOutput, SoftmaxTopK, c
 from . import _vocab_parallel
 from ._linear_ce import LinearCrossEntropyFunction, resolve_chunk_rows
 
-if torch.distributed.is_available():
+try:  # DTensor support: its imports reach into torch.distributed.tensor's private modules
     from . import _dtensor
-else:  # a torch build without torch.distributed has no DTensor
+except ImportError:  # a torch without torch.distributed (or one whose DTensor internals moved): no DTensor rules
     _dtensor = None
 
 
