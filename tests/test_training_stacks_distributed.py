@@ -1,10 +1,17 @@
 """The transformers patch under FSDP2 (``fully_shard``) and DDP, gloo on the CPU: every grouping of the output head
 (in the root group, alone, with the final norm), ``reshard_after_forward`` True / False / an int, a
-``MixedPrecisionPolicy`` (bf16 parameters, float32 reduction), a PEFT LoRA adapter on the head, against the same model unpatched under the same
-sharding: the loss of each of two SGD steps, every gradient after the second, the parameters after it, and the
-number of all-gathers and reduce-scatters per step (the same: nothing gathered twice, gradients reduced once).
-A policy with ``output_dtype``, and a tensor-parallel head (DTensor), fall back to the model's own head, with the
-warning."""
+``MixedPrecisionPolicy`` (bf16 parameters, float32 reduction), a PEFT LoRA adapter on the head, against the same
+model unpatched under the same sharding: the loss of each of two SGD steps, every gradient after the second, the
+parameters after it, and the number of all-gathers and reduce-scatters per step (the same: nothing gathered twice,
+gradients reduced once).
+A policy with ``output_dtype`` falls back to the model's own head, with the warning.
+
+Tensor parallelism, the torchtitan way (``ColwiseParallel`` on the head, a DTensor weight sharded over the
+vocabulary): DTensor logits (``output_layouts=Shard(-1), use_local_output=False``) and gathered ones
+(``Replicate()``) run fastloss's vocabulary-parallel loss and match the unpatched model under ``loss_parallel``,
+also when the patched model trains without it (fastloss does not need it), and under FSDP2 on a second mesh
+dimension; local logits (``use_local_output=True``: the model's loss would cover each rank's slice only) fall back,
+warned."""
 
 import copy
 import os
@@ -66,23 +73,48 @@ CASES = {
     "lora_root": ("lora_root", True, None, None, (2,)),
     "lora_head": ("lora_head", True, None, None, (2,)),
     "lora_norm_head": ("lora_norm_head", True, None, None, (2,)),
-    # tensor parallel, the torchtitan way (vocabulary-sharded DTensor logits, loss_parallel): not yet on fastloss's
-    # kernels (#23); the head's DTensor hooks make the patch run the model's own head, warned, same loss
-    "tp_head": ("tp", None, None, "distribute_module", (2,)),
+    # tensor parallel, the torchtitan way: where "tp[_variant]" (TP_HEADS: the head's ColwiseParallel, whether each
+    # model trains under loss_parallel), on fastloss's vocabulary-parallel kernels
+    "tp_head": ("tp", None, None, None, (2,)),
+    "tp_head_no_loss_parallel": ("tp_nolp", None, None, None, (2,)),
+    "tp_head_replicate": ("tp_replicate", None, None, None, (2,)),
+    "tp_head_fsdp": ("tp_fsdp", True, None, None, (2, 4)),  # 4: FSDP2 over 2 ranks x TP over 2
+    # the model's own loss would be over each rank's local slice of the vocabulary: not reproduced
+    "tp_head_local_output": ("tp_local", None, None, "use_local_output=True", (2,)),
+}
+
+# where -> (ColwiseParallel(output_layouts=..., use_local_output=...) arguments, reference under loss_parallel,
+#           patched model under loss_parallel)
+TP_HEADS = {
+    "tp": (("shard", False), True, True),
+    "tp_nolp": (("shard", False), True, False),
+    "tp_replicate": (("replicate", True), False, False),
+    "tp_fsdp": (("shard", False), True, True),
+    "tp_local": (("shard", True), True, True),
 }
 
 
 def _shard(model, where, reshard, policy):
     if where == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
-    if where == "tp":
+    if where in TP_HEADS:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        head = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-        return parallelize_module(model, mesh, {"lm_head": head})
+        (layout, local), _, _ = TP_HEADS[where]
+        head = ColwiseParallel(output_layouts=Shard(-1) if layout == "shard" else Replicate(), use_local_output=local)
+        if where != "tp_fsdp":
+            return parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), {"lm_head": head})
+        from torch.distributed.fsdp import fully_shard
+
+        # 2-D: FSDP2 over "dp" (on 2 processes one rank: its hooks and DTensor parameters, no data split), TP over
+        # 2 ranks of "tp"
+        mesh = init_device_mesh("cpu", (dist.get_world_size() // 2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], {"lm_head": head})
+        fully_shard(model.lm_head, mesh=mesh["dp"], reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard)
+        return model
     from torch.distributed.fsdp import fully_shard
 
     kw = {} if policy is None else {"mp_policy": _mp(torch.float32 if policy == "bf16+output" else None)}
@@ -137,13 +169,14 @@ def _full(t):
 
 def _train(model, rank, profile=False, tp=False):
     """Two SGD steps: losses, collective counts per step, the second step's gradients, final parameters, and
-    whether fastloss's ops ran in the first step. ``tp``: under loss_parallel (vocabulary-sharded logits)."""
+    whether fastloss's ops ran in the first step. ``rank`` picks the data; ``tp``: under loss_parallel
+    (vocabulary-sharded logits)."""
     import contextlib
 
     from torch.distributed.tensor.parallel import loss_parallel
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses, counts, ran = [], [], None
+    losses, counts, kinds, ran = [], [], [], None
     for step in range(2):
         opt.zero_grad(set_to_none=True)
         torch.manual_seed(100 * rank + step)  # dropout (LoRA cases) draws the same numbers in both models
@@ -156,12 +189,13 @@ def _train(model, rank, profile=False, tp=False):
             else:
                 loss = model(**_batch(rank, step)).loss
                 loss.backward()
+        kinds.append(type(loss).__name__)  # a DTensor where the model's own loss is one (tensor parallelism)
         losses.append(_full(loss.detach()).float())
         counts.append(dict(coll.counts))
         grads = {n: _full(p.grad).float() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
     params = {n: _full(p.detach()).float() for n, p in model.named_parameters()}
-    return losses, counts, grads, params, ran
+    return losses, counts, grads, params, ran, kinds
 
 
 def _rel(a, b):
@@ -176,19 +210,39 @@ def _run_case(rank, name):
     wrap = _lora if where.startswith("lora_") else (lambda m: m)
     ref = _shard(wrap(copy.deepcopy(base)), where, reshard, policy)
     fl = _shard(wrap(patch(copy.deepcopy(base))), where, reshard, policy)
-    losses_r, counts_r, grads_r, params_r, _ = _train(ref, rank, tp=where == "tp")
+    _, lp_ref, lp_fl = TP_HEADS.get(where, (None, False, False))
+    data = rank // 2 if where in TP_HEADS else rank  # tensor parallelism (2 ranks): each TP pair the same batch
+    if where == "tp_local":
+        # The model's own head hands each rank its slice of the vocabulary, which transformers' ForCausalLMLoss
+        # cannot even view as (-1, V): the patched model runs that same code (after saying why) and fails alike.
+        errors = []
+        for model in (ref, fl):
+            with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError) as error:
+                warnings.simplefilter("always", DeferredLogitsFallbackWarning)
+                model(**_batch(data, 0))
+            errors.append(str(error.value))
+            said = [str(w.message) for w in caught if issubclass(w.category, DeferredLogitsFallbackWarning)]
+        assert errors[0] == errors[1] and said and all(fallback in s for s in said), (name, errors, said)
+        return
+    losses_r, counts_r, grads_r, params_r, _, kinds_r = _train(ref, data, tp=lp_ref)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DeferredLogitsFallbackWarning)
-        losses_f, counts_f, grads_f, params_f, ran = _train(fl, rank, profile=True, tp=where == "tp")
+        losses_f, counts_f, grads_f, params_f, ran, kinds_f = _train(fl, data, profile=True, tp=lp_fl)
     said = [str(w.message) for w in caught if issubclass(w.category, DeferredLogitsFallbackWarning)]
     if fallback is None:
-        assert not said and ran, (name, said, ran)
+        assert not said and ran and kinds_f == kinds_r, (name, said, ran, kinds_f, kinds_r)
     else:
         assert said and all(fallback in s for s in said) and not ran, (name, said, ran)
     # bf16 parameters: the model's head rounds its logits to bf16, fastloss does not (CPU chunks in float32)
     tol = 2 ** -7 if policy else 1e-5
     for step, (a, b) in enumerate(zip(losses_f, losses_r)):
         assert _rel(a, b) <= tol, (name, step, a, b)
+    if where in TP_HEADS and fallback is None:
+        # DTensor's redistributions (the model's own head and loss) go through functional collectives, not counted;
+        # fastloss's vocabulary-parallel loss on 2 ranks: one all-gather of the per-token statistics forward, one
+        # all-reduce of the hidden states' gradient backward. Nothing else more (FSDP's the same).
+        counts_r = [{**c, "all_gather_single": c.get("all_gather_single", 0) + 1,
+                     "all_reduce": c.get("all_reduce", 0) + 1} for c in counts_r]
     assert counts_f == counts_r, (name, counts_f, counts_r)
     assert grads_f.keys() == grads_r.keys() and grads_r, name
     for n in grads_r:

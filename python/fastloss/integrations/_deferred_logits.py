@@ -58,7 +58,8 @@ class DeferredLogits:
         self._rows = tuple(rows)
         self._owner = owner  # the model's class name, for messages
         self._options = options  # chunk_size, filter_eps, algorithm for linear_cross_entropy
-        self._ops: list = []  # elementwise ops in order, replayed by materialize(): ("mul"|"div", s), ("tanh",), ("to", dtype)
+        # elementwise ops in order, replayed by materialize(): ("mul"|"div", s), ("tanh",), ("to", dtype)
+        self._ops: list = []
         self._dtype = plan.output_dtype(self._rows[0])
         self._materialized: Optional[torch.Tensor] = None
 
@@ -316,8 +317,10 @@ class DeferredLogits:
                 z_loss=0.0, softcap=softcap, loss_dtype=self._dtype, return_lse=False, return_z_loss=False, loss="ce",
                 gamma=None, epsilon=None, **self._options)
 
-        # Inside a call of the head module: FSDP2 gathers its parameters for it and hooks the loss's backward.
-        loss = self._plan.call(self._rows, loss_fn)
+        # Inside a call of the head module: FSDP2 gathers its parameters for it and hooks the loss's backward. A
+        # tensor-parallel head (DTensor weight, rows made DTensors by its input transform): fastloss's
+        # vocabulary-parallel loss, a replicated DTensor, or plain where the head hands out local logits.
+        loss = self._plan.as_output(self._plan.call(self._rows, loss_fn))
         # Callers add to it in place (MoE forwards: `loss += coef * aux_loss`): hand out a tensor of its own, not
         # a view of a custom autograd function's output (a clone, not an _is_view() test: that breaks compiled graphs).
         return loss.clone()

@@ -16,7 +16,16 @@ class or hook. Reproduced exactly:
 * FSDP2 (``fully_shard``) on the head (any of the above), alone or grouped: the head's FSDP hooks are held back
   while the model's code calls the head (nothing to gather yet), and the loss then runs *inside* a second call of
   the head module, so FSDP gathers the parameters, casts the inputs (``MixedPrecisionPolicy``), registers its pre-
-  and post-backward hooks on the loss and reshards afterwards, exactly as for a head that returned logits.
+  and post-backward hooks on the loss and reshards afterwards, exactly as for a head that returned logits;
+* tensor parallelism on an ``nn.Linear`` head (``parallelize_module(..., {"lm_head": ColwiseParallel(...)})``, the
+  torchtitan way, alone or under FSDP2), recognised by the functools.partial of ``ColwiseParallel``'s own
+  ``_prepare_input_fn`` / ``_prepare_output_fn`` inside ``distribute_module``'s hooks, when the logits it hands out
+  are the full vocabulary's: ``output_layouts=Shard(-1)`` with ``use_local_output=False`` (vocabulary-sharded DTensor
+  logits, the loss ``loss_parallel`` computes) or ``output_layouts=Replicate()`` (gathered logits). Its hooks are held
+  back while the model calls the head; the input transform (a DTensor, replicated) is applied to the recorded input,
+  and the loss runs :func:`fastloss.linear_cross_entropy` vocabulary-parallel on the head's DTensor weight and bias.
+  ``Shard(-1)`` with ``use_local_output=True`` (a loss over each rank's slice of the vocabulary), other output
+  layouts and other styles (``RowwiseParallel``, ``SequenceParallel``, a subclass) are reasons.
 
 Anything else on the head -- another class or a wrapper, forward or backward hooks fastloss does not know
 (module or global), a replaced instance ``forward`` (accelerate's hooks), a LoRA variant (DoRA, ...), mixed-adapter
@@ -98,15 +107,105 @@ def _global_hooks_problem() -> Optional[str]:
 
 
 def _hooks_problem(m: nn.Module, fsdp_ok: bool) -> Optional[str]:
-    """Why m's hooks stop an exact deferral, or None. Only FSDP2's own forward hooks are known (and only on the
-    module the model calls: ``fsdp_ok``)."""
+    """Why m's hooks stop an exact deferral, or None. Only FSDP2's own forward hooks and ``ColwiseParallel``'s
+    (checked by :func:`_tensor_parallel`) are known, and only on the module the model calls (``fsdp_ok``)."""
     for kind, hooks in (("forward pre-hook", m._forward_pre_hooks), ("forward hook", m._forward_hooks),
                         ("backward hook", m._backward_hooks), ("backward pre-hook", m._backward_pre_hooks)):
         for hook in hooks.values():
-            if fsdp_ok and kind.startswith("forward") and _fsdp_state_of(hook) is not None:
+            if fsdp_ok and kind.startswith("forward") and (_fsdp_state_of(hook) is not None
+                                                           or _tp_hook(hook) is not None):
                 continue
-            return f"a {kind} {qualified_name(hook)}"
+            what = _tp_hook(hook)
+            return f"a {kind} {qualified_name(hook) if what is None else _tp_name(what[0])}"
     return None
+
+
+# ------------------------------------------------------------------ tensor parallelism (DTensor)
+def _tp_hook(hook):
+    """(fn, mesh) of a hook ``torch.distributed.tensor.distribute_module`` registered (a lambda calling its
+    ``input_fn`` / ``output_fn`` with its ``device_mesh``: read from the lambda's closure), or None."""
+    code = getattr(hook, "__code__", None)
+    if code is None or not code.co_filename.replace("\\", "/").endswith("torch/distributed/tensor/_api.py") \
+            or "distribute_module" not in getattr(code, "co_qualname", "distribute_module"):
+        return None
+    cells = {}
+    for name, cell in zip(code.co_freevars, hook.__closure__ or ()):
+        try:
+            cells[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            pass
+    fn = cells.get("input_fn", cells.get("output_fn"))
+    return (fn, cells.get("device_mesh")) if fn is not None else None
+
+
+def _tp_name(fn) -> str:
+    """A distribute_module hook's function for messages: ``distribute_module(functools.partial(...))``."""
+    return f"torch.distributed.tensor.distribute_module hook of {qualified_name(fn)}"
+
+
+@functools.lru_cache(maxsize=None)
+def _colwise() -> Optional[type]:
+    try:
+        from torch.distributed.tensor.parallel import ColwiseParallel
+    except Exception:  # noqa: BLE001  (no torch.distributed)
+        return None
+    return ColwiseParallel
+
+
+class _TensorParallel:
+    """``ColwiseParallel`` on the head: its input transform (``_prepare_input_fn`` bound to the style's layouts)
+    and output transform, the mesh, and whether the model gets local tensors (``use_local_output``)."""
+
+    def __init__(self, mesh, input_fn, output_fn, hooks):
+        self.mesh, self.input_fn, self.output_fn = mesh, input_fn, output_fn
+        self.output_layouts, self.local_output = output_fn.args
+        self.hooks = hooks  # the ids of distribute_module's hooks in the module's hook dicts
+
+    def input(self, module: nn.Module, x: torch.Tensor):
+        """x as the head sees it once its pre-hook ran: a DTensor (replicated over the mesh)."""
+        return self.input_fn(module, (x,), self.mesh)
+
+    def output(self, module: nn.Module, logits):
+        """The head's logits as its forward hook hands them to the model."""
+        return self.output_fn(module, logits, self.mesh)
+
+
+def _tensor_parallel(m: nn.Module, what: str):
+    """The ``ColwiseParallel`` hooks on m as a :class:`_TensorParallel`, None when there are none, or why they
+    cannot be reproduced."""
+    found = [(kind, hid, hook, _tp_hook(hook)) for kind, hooks in (("pre", m._forward_pre_hooks),
+                                                                    ("post", m._forward_hooks))
+             for hid, hook in hooks.items()]
+    found = [f for f in found if f[3] is not None]
+    if not found:
+        return None
+    colwise = _colwise()
+    pre = [f for f in found if f[0] == "pre"]
+    post = [f for f in found if f[0] == "post"]
+    for kind, _, _, (fn, _) in found:
+        want = "_prepare_input_fn" if kind == "pre" else "_prepare_output_fn"
+        if colwise is None or not isinstance(fn, functools.partial) or fn.func is not getattr(colwise, want) \
+                or fn.keywords or len(fn.args) != 2:
+            style = qualified_name(fn.func if isinstance(fn, functools.partial) else fn).rsplit(".", 1)[0]
+            return (f"{what} ({_describe(m)}) is tensor-parallel with {style} ({_tp_name(fn)}), which fastloss does "
+                    "not reproduce (only ColwiseParallel on the output head)")
+    if len(pre) != 1 or len(post) != 1 or pre[0][3][1] is not post[0][3][1] or pre[0][3][1] is None:
+        return (f"{what} ({_describe(m)}) has {len(pre)} ColwiseParallel input and {len(post)} output hooks "
+                "(distribute_module), not one of each on one device mesh")
+    from torch.distributed.tensor import Replicate, Shard
+
+    tp = _TensorParallel(pre[0][3][1], pre[0][3][0], post[0][3][0], {pre[0][1], post[0][1]})
+    layouts = tuple(tp.output_layouts)
+    full = "ColwiseParallel(output_layouts=" + ", ".join(map(repr, layouts)) + f", use_local_output={tp.local_output})"
+    if layouts == (Shard(-1),) and tp.local_output:
+        return (f"{what} ({_describe(m)}) is tensor-parallel with {full} (distribute_module): the model gets each "
+                "rank's local slice of the vocabulary and computes its loss over that slice only, which fastloss "
+                "does not reproduce (use_local_output=False with loss_parallel gives the loss over the vocabulary, "
+                "which fastloss defers)")
+    if layouts not in ((Shard(-1),), (Replicate(),)):
+        return (f"{what} ({_describe(m)}) is tensor-parallel with {full} (distribute_module): only "
+                "output_layouts=Shard(-1) with use_local_output=False, or Replicate(), are reproduced")
+    return tp
 
 
 def _module_problem(m, what: str, fsdp_ok: bool = False) -> Optional[str]:
@@ -155,13 +254,19 @@ class HeadPlan:
     weight and bias give the base logits (``linear``), the LoRA terms added to them, and the FSDP2 hooks on
     ``module`` that must fire around the call that really reads the parameters."""
 
-    def __init__(self, module: nn.Module, linear: nn.Linear, lora: Sequence[_LoraTerm] = (), unmerge: bool = False):
+    def __init__(self, module: nn.Module, linear: nn.Linear, lora: Sequence[_LoraTerm] = (), unmerge: bool = False,
+                 tp: Optional[_TensorParallel] = None):
         self.module = module
         self.linear = linear
         self.lora = list(lora)
         self.unmerge = unmerge  # a disabled, merged LoRA head unmerges when called (PEFT's forward does)
         self.fsdp = bool(_fsdp_states(module))
+        self.tp = tp  # ColwiseParallel on the head: its transforms are applied by hand (rows, logits, as_output)
+        self.hooked = self.fsdp or tp is not None
         self._hooks = (module._forward_pre_hooks, module._forward_hooks)
+        keep = (lambda hooks: hooks) if tp is None else \
+            (lambda hooks: OrderedDict((k, h) for k, h in hooks.items() if k not in tp.hooks))
+        self._own_hooks = tuple(keep(h) for h in self._hooks)  # FSDP's, without distribute_module's
 
     @property
     def vocab_size(self) -> int:
@@ -178,28 +283,30 @@ class HeadPlan:
     # ------------------------------------------------------------------ the model's call of the head
     def defer(self, first_call: Callable) -> None:
         """Until :meth:`undefer`, calling the head runs ``first_call(x)`` instead (through the head's router), with
-        FSDP's hooks held back: they fire later, around the call that reads the parameters."""
+        FSDP's and tensor parallelism's hooks held back: FSDP's fire later, around the call that reads the
+        parameters; the input transform of ColwiseParallel's is applied to the recorded rows (:meth:`rows`)."""
         m = self.module
         install_router(m)
         m._fastloss_slot = first_call
-        if self.fsdp:
+        if self.hooked:
             m._forward_pre_hooks, m._forward_hooks = OrderedDict(), OrderedDict()
 
     def undefer(self) -> None:
         m = self.module
         m._fastloss_slot = None
-        if self.fsdp:
+        if self.hooked:
             m._forward_pre_hooks, m._forward_hooks = self._hooks
 
-    def run(self, forward: Callable, rows: tuple):
-        """``forward(*rows)``: as a call of the head module, with its own hooks in place, when FSDP2 hooks it;
-        else as a plain function call."""
-        if not self.fsdp:
+    def run(self, forward: Callable, rows: tuple, all_hooks: bool = False):
+        """``forward(*rows)``: as a call of the head module with its FSDP2 hooks in place (``all_hooks``: every
+        hook, tensor parallelism's included, for rows as the model passed them) when it has hooks; else as a plain
+        function call."""
+        if not self.hooked:
             return forward(*rows)
         m = self.module
         slot, hooks = m._fastloss_slot, (m._forward_pre_hooks, m._forward_hooks)
         m._fastloss_slot = forward
-        m._forward_pre_hooks, m._forward_hooks = self._hooks
+        m._forward_pre_hooks, m._forward_hooks = self._hooks if all_hooks else self._own_hooks
         try:
             return m(*rows)
         finally:
@@ -211,6 +318,8 @@ class HeadPlan:
         dropout(x) -- drawn now, in the model's order, so the random numbers are the model's own."""
         if self.unmerge and self.module.merged:
             self.module.unmerge()
+        if self.tp is not None:  # (no LoRA here: ColwiseParallel takes an nn.Linear only)
+            return (self.tp.input(self.module, x),)
         out = [x]
         if self.lora:
             # Under FSDP2 the head's hooks are held back here: cast the input as its pre-forward hook would, and
@@ -232,6 +341,13 @@ class HeadPlan:
                 return policy.param_dtype
         return None
 
+    def as_output(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as the model's own would be: a (replicated) DTensor where the head hands out DTensor logits,
+        a plain tensor where it hands out local ones (``output_layouts=Replicate(), use_local_output=True``)."""
+        if self.tp is not None and self.tp.local_output and hasattr(loss, "to_local"):
+            return loss.to_local()
+        return loss
+
     # ------------------------------------------------------------------ calls that read the parameters
     def call(self, rows: tuple, fn: Callable):
         """``fn(h, W, b, U, B)`` on the widened operands of ``rows`` (U, B None without LoRA), run as a call of the
@@ -248,6 +364,8 @@ class HeadPlan:
 
         def forward(x, *dropped):
             result = F.linear(x, self.linear.weight, self.linear.bias)
+            if self.tp is not None:
+                return self.tp.output(self.module, result)
             dtype = result.dtype
             for term, dx in zip(self.lora, dropped):
                 result = result + term.B(term.A(dx)) * term.scaling
@@ -375,6 +493,27 @@ def _modules_to_save_plan(head: nn.Module, what: str):
     return HeadPlan(head, inner)
 
 
+def _tp_weight_problem(head: nn.Module, what: str, tp) -> Optional[str]:
+    """Why the parameters of a ColwiseParallel head are not what the vocabulary-parallel loss takes: the weight
+    (and bias) DTensors sharded Shard(0) over the hooks' mesh (FSDP2 on top: sharded further over its own mesh,
+    gathered back to that by its hooks), or None."""
+    if tp is None:
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    for name, p in (("weight", head.weight), ("bias", head.bias)):
+        if p is None:
+            continue
+        if not isinstance(p, DTensor):
+            return f"{what} ({_describe(head)}) has ColwiseParallel hooks but its {name} is not a DTensor"
+        if _fsdp_states(head):
+            continue
+        if p.device_mesh != tp.mesh or tuple(p.placements) != (Shard(0),):
+            return (f"{what} ({_describe(head)}) has ColwiseParallel hooks but its {name} has placements "
+                    f"{tuple(p.placements)} on {p.device_mesh}, not (Shard(0),) on the hooks' mesh")
+    return None
+
+
 def plan_head(head, what: str = "the output head"):
     """A :class:`HeadPlan` for the head as it is now, or a string saying why fastloss cannot reproduce it."""
     problem = _global_hooks_problem()
@@ -388,9 +527,15 @@ def plan_head(head, what: str = "the output head"):
     else:
         plan = _linear_problem(head, what, fsdp_ok=True)
         if plan is None:
-            plan = HeadPlan(head, head)
+            tp = _tensor_parallel(head, what)
+            plan = tp if isinstance(tp, str) else _tp_weight_problem(head, what, tp) or HeadPlan(head, head, tp=tp)
     if isinstance(plan, str):
         return plan
+    if plan.tp is None:
+        tp = _tensor_parallel(plan.module, what)  # a wrapper the model calls (PEFT's), tensor-parallel: no
+        if tp is not None:
+            return tp if isinstance(tp, str) else (f"{what} ({_describe(plan.module)}) is tensor-parallel with "
+                                                   "ColwiseParallel on a wrapper fastloss takes apart")
     for state in _fsdp_states(head):
         if state._mp_policy.output_dtype is not None:
             return (f"{what} is sharded by FSDP2 with MixedPrecisionPolicy(output_dtype="

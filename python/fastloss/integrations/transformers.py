@@ -159,7 +159,8 @@ def _patched_forward(self, signature, *args, **kwargs):
             warnings.warn(f"fastloss: {owner} calls its output head with extra arguments; its own forward ran "
                           "(the loss is the model's own, without the memory saving)",
                           DeferredLogitsFallbackWarning, stacklevel=3)
-            return plan.run(lambda *r: type(plan.module).forward(plan.module, *r, **kw), (x, *more))
+            return plan.run(lambda *r: type(plan.module).forward(plan.module, *r, **kw), (x, *more),
+                            all_hooks=True)
         return DeferredLogits(plan, plan.rows(x), owner=owner, options=options)
 
     plan.defer(first_call)
