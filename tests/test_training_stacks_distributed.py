@@ -10,8 +10,9 @@ Tensor parallelism, the torchtitan way (``ColwiseParallel`` on the head, a DTens
 vocabulary): DTensor logits (``output_layouts=Shard(-1), use_local_output=False``) and gathered ones
 (``Replicate()``) run fastloss's vocabulary-parallel loss and match the unpatched model under ``loss_parallel``,
 also when the patched model trains without it (fastloss does not need it), and under FSDP2 on a second mesh
-dimension; local logits (``use_local_output=True``: the model's loss would cover each rank's slice only) fall back,
-warned."""
+dimension; local logits (``use_local_output=True``: the model's loss would cover each rank's slice only), other
+styles (``RowwiseParallel``, ``SequenceParallel``, a subclass with its own transforms, other output layouts) and
+``filter_eps`` fall back, warned; ``return_logits=True`` gives the model's own DTensor logits."""
 
 import copy
 import os
@@ -81,6 +82,8 @@ CASES = {
     "tp_head_fsdp": ("tp_fsdp", True, None, None, (2, 4)),  # 4: FSDP2 over 2 ranks x TP over 2
     # the model's own loss would be over each rank's local slice of the vocabulary: not reproduced
     "tp_head_local_output": ("tp_local", None, None, "use_local_output=True", (2,)),
+    # other tensor-parallel styles on the head: plan_head's reasons; return_logits on a ColwiseParallel head
+    "tp_head_other": ("tp_other", None, None, None, (2,)),
 }
 
 # where -> (ColwiseParallel(output_layouts=..., use_local_output=...) arguments, reference under loss_parallel,
@@ -129,6 +132,48 @@ def _shard(model, where, reshard, policy):
         fully_shard([inner.model.norm, inner.lm_head], reshard_after_forward=reshard, **kw)
     fully_shard(model, reshard_after_forward=reshard, **kw)
     return model
+
+
+def _tp_other(rank):
+    """Other tensor-parallel styles on the head are reasons that name the style (plan_head, not run: the model
+    would compute something else or fail); ``return_logits=True`` on a ColwiseParallel head gives the model's own
+    DTensor logits next to fastloss's loss."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+                                                   loss_parallel, parallelize_module)
+
+    from fastloss.integrations._head import plan_head
+    from fastloss.integrations.transformers import patch
+
+    class OwnColwise(ColwiseParallel):  # its own output transform: not ColwiseParallel's
+        @staticmethod
+        def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+            return ColwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for style, says in ((RowwiseParallel(), "RowwiseParallel"), (SequenceParallel(), "SequenceParallel"),
+                        (ColwiseParallel(output_layouts=Shard(1), use_local_output=False), "output_layouts=S"),
+                        (OwnColwise(output_layouts=Shard(-1), use_local_output=False), "OwnColwise")):
+        model = parallelize_module(patch(_llama()), mesh, {"lm_head": style})
+        why = plan_head(model.lm_head)
+        assert isinstance(why, str) and says in why and "distribute_module" in why, (style, why)
+    base = _llama()
+    head = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    ref = parallelize_module(copy.deepcopy(base), mesh, {"lm_head": head})
+    fl = parallelize_module(patch(copy.deepcopy(base), return_logits=True), mesh, {"lm_head": head})
+    with loss_parallel():
+        out_r, out_f = ref(**_batch(0, 0)), fl(**_batch(0, 0))
+    assert type(out_f.logits) is type(out_r.logits) and tuple(out_f.logits.placements) == tuple(out_r.logits.placements)
+    assert torch.equal(out_f.logits.full_tensor(), out_r.logits.full_tensor())
+    assert _rel(out_f.loss.full_tensor(), out_r.loss.full_tensor()) <= 1e-6
+    # filter_eps: not in the vocabulary-parallel loss; the model's own logits and loss (under loss_parallel), warned
+    from fastloss.integrations.transformers import DeferredLogitsFallbackWarning
+
+    fl = parallelize_module(patch(copy.deepcopy(base), filter_eps=1e-6), mesh, {"lm_head": head})
+    with loss_parallel(), pytest.warns(DeferredLogitsFallbackWarning, match="filter_eps"):
+        out_f = fl(**_batch(0, 0))
+    assert torch.equal(out_f.loss.full_tensor(), out_r.loss.full_tensor())
 
 
 def _lora(model):
@@ -206,6 +251,8 @@ def _run_case(rank, name):
     from fastloss.integrations.transformers import DeferredLogitsFallbackWarning, patch
 
     where, reshard, policy, fallback, _ = CASES[name]
+    if where == "tp_other":
+        return _tp_other(rank)
     base = _llama()
     wrap = _lora if where.startswith("lora_") else (lambda m: m)
     ref = _shard(wrap(copy.deepcopy(base)), where, reshard, policy)

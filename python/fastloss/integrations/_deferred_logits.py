@@ -295,6 +295,12 @@ class DeferredLogits:
         legacy = size_average is not None or reduce is not None
         pre, softcap = self._canonical()
         scale = pre if softcap is None else pre * softcap  # c * tanh(pre z) = c * tanh((pre c) z / c)
+        if getattr(self._plan, "tp", None) is not None and self._options.get("filter_eps") not in (None, 0, 0.0):
+            self._warn("cross_entropy with filter_eps on a tensor-parallel head (no filter in the vocabulary-parallel "
+                       "loss)")
+            return F.cross_entropy(self.materialize(), target, weight=weight, size_average=size_average,
+                                   ignore_index=ignore_index, reduce=reduce, reduction=reduction,
+                                   label_smoothing=label_smoothing)
         if self.ndim != 2 or legacy or (softcap is not None and not softcap > 0) \
                 or not torch.is_tensor(target) or target.is_floating_point() \
                 or self._dtype not in (torch.float32, torch.float64, self._hidden.dtype):
