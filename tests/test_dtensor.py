@@ -202,7 +202,12 @@ def _check_errors(mesh):
         fastloss.cross_entropy(dx, bad)
     with pytest.raises(ValueError, match="label_smoothing"):
         fastloss.cross_entropy(dx, t, loss="focal", label_smoothing=0.1)
-    # a DTensor target, replicated or sharded over the rows (redistributed to the rows' placements)
+    # the lse and z-loss term returned beside the loss (ignored rows: lse 0, as the single-process call)
+    full = fastloss.cross_entropy(logits, t, z_loss=1e-3, return_lse=True, return_z_loss=True)
+    got = fastloss.cross_entropy(dx, t, z_loss=1e-3, return_lse=True, return_z_loss=True)
+    for a, b in zip(got, full):
+        assert _rel(_full(a), b) < 1e-12
+        # a DTensor target, replicated or sharded over the rows (redistributed to the rows' placements)
     from torch.distributed.tensor import Replicate
 
     ref = fastloss.cross_entropy(logits, t, z_loss=1e-3)

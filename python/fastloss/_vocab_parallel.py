@@ -135,6 +135,8 @@ def shard_forward(x, t, weights: ClassWeights, shard: VocabShard, opts: CeOption
     stats = _ops.cross_entropy_shard_fwd(x, t, weights.local, shard.start, opts.ignore_index, opts.label_smoothing,
                                          opts.softcap, opts.algorithm, opts.loss)
     rows = combine(stats, shard, opts, x.dtype)
+    ignored = t == opts.ignore_index
+    rows[:, 0].masked_fill_(ignored, 0.0)  # an ignored row's lse is 0, as cross_entropy_fwd reports it
     rows[:, 2] = weights.at(t, opts.ignore_index)
     loss = _ops.cross_entropy_shard_loss(rows, t, weights.total, shard.V, opts.ignore_index, opts.label_smoothing,
                                          opts.z_loss, opts.loss, opts.loss_param)
