@@ -5,16 +5,14 @@ errors for placements with no rule; float64 parity with the single-process call 
 
 import contextlib
 import itertools
-import os
 import sys
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastloss
+from _gloo import spawn
 
 # several processes: one CI configuration (make test-stacks)
 pytestmark = [pytest.mark.stacks,
@@ -262,6 +260,7 @@ def _worker(rank, world, init_file):
         _check_row_ops(mesh)
         _check_inplace_row_ops(mesh)
         _check_errors(mesh)
+        dist.barrier()  # every rank done with every collective before any tears down
     finally:
         dist.destroy_process_group()
 
@@ -275,8 +274,7 @@ def test_every_op_has_a_dtensor_rule():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_dtensor_ops_match_single_process(world):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "init")), nprocs=world, join=True)
+    spawn(_worker, world)
 
 
 if __name__ == "__main__":  # python tests/test_dtensor.py 3

@@ -5,18 +5,16 @@ the last; gloo on the CPU, 2 processes, float64. Also the head as a linear cross
 (no logits at all), and FSDP2 + TP on a 2-D mesh (data x tensor)."""
 
 import copy
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
 import fastloss  # noqa: E402
+from _gloo import spawn  # noqa: E402
 
 pytestmark = [pytest.mark.stacks,
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -121,6 +119,7 @@ def _tp_worker(rank, world, init_file):
         _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_module, False), torch_tp, 1e-11)
         # the head as a linear cross-entropy on its vocabulary-sharded weight: no logits, the same training
         _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_linear, False), torch_tp, 1e-11)
+        dist.barrier()  # every rank done with every collective before any tears down
     finally:
         dist.destroy_process_group()
 
@@ -143,16 +142,15 @@ def _fsdp_tp_worker(rank, world, init_file, dp):
             return fully_shard(model, mesh=mesh["dp"])
 
         _compare(_train(build(), _loss_fastloss, False, dp_rank), _train(build(), _loss_torch, True, dp_rank), 1e-11)
+        dist.barrier()  # every rank done with every collective before any tears down
     finally:
         dist.destroy_process_group()
 
 
 def test_tiny_llama_tensor_parallel_trains_as_loss_parallel():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_tp_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+    spawn(_tp_worker, 2)
 
 
 @pytest.mark.parametrize("dp,world", [(2, 4)])
 def test_tiny_llama_fsdp2_tp_2d_mesh(dp, world):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_fsdp_tp_worker, args=(world, os.path.join(d, "init"), dp), nprocs=world, join=True)
+    spawn(_fsdp_tp_worker, world, dp)
