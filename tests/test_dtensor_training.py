@@ -2,7 +2,8 @@
 ColwiseParallel with DTensor output: logits sharded along the vocabulary) trained with fastloss's loss equals the
 same model trained with ``loss_parallel()`` + ``F.cross_entropy``: the loss of every step, the parameters after
 the last; gloo on the CPU, 2 processes, float64. Also the head as a linear cross-entropy on its DTensor weight
-(no logits at all), and FSDP2 + TP on a 2-D mesh (data x tensor)."""
+(no logits at all), the model's end sequence-parallel (torchtitan's plan: the final norm on Shard(1) of the
+sequence, the head all-gathering it), and FSDP2 + TP on a 2-D mesh (data x tensor)."""
 
 import copy
 
@@ -31,11 +32,19 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg).double()
 
 
-def _tp(model, mesh):
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def _tp(model, mesh, sequence_parallel=False):
+    """The torchtitan plan. ``sequence_parallel``: the model's end as torchtitan runs it, the final norm sequence-
+    parallel (the last layer's output resharded to Shard(1)) and the head all-gathering its Shard(1) input."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleOutput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
 
-    plan = {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
+    plan = {"lm_head": ColwiseParallel(input_layouts=Shard(1) if sequence_parallel else None,
+                                       output_layouts=Shard(-1), use_local_output=False)}
+    if sequence_parallel:
+        plan[f"model.layers.{len(model.model.layers) - 1}"] = PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=False)
+        plan["model.norm"] = SequenceParallel()
     for i in range(len(model.model.layers)):
         p = f"model.layers.{i}."
         plan.update({p + "self_attn.q_proj": ColwiseParallel(), p + "self_attn.k_proj": ColwiseParallel(),
@@ -73,7 +82,7 @@ def _loss_torch(model, ids, labels):
 
 
 def _loss_linear(model, ids, labels):
-    h = model.model(input_ids=ids).last_hidden_state  # plain, replicated over the tensor-parallel ranks
+    h = model.model(input_ids=ids).last_hidden_state  # plain and replicated, or (sequence parallel) a Shard(1) DTensor
     return fastloss.linear_cross_entropy(h[:, :-1].flatten(0, 1), model.lm_head.weight, labels[:, 1:].flatten(),
                                          chunk_size=7)
 
@@ -119,6 +128,16 @@ def _tp_worker(rank, world, init_file):
         _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_module, False), torch_tp, 1e-11)
         # the head as a linear cross-entropy on its vocabulary-sharded weight: no logits, the same training
         _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_linear, False), torch_tp, 1e-11)
+        # sequence parallel at the model's end: the head's input (and the linear version's hidden states) sharded
+        # along the sequence
+        from torch.distributed.tensor import DTensor, Shard
+
+        h = _tp(copy.deepcopy(base), mesh, True).model(input_ids=_batch(0)[0]).last_hidden_state
+        assert isinstance(h, DTensor) and tuple(h.placements) == (Shard(1),), h
+        torch_sp = _train(_tp(copy.deepcopy(base), mesh, True), _loss_torch, True)
+        _compare(torch_sp, single, 1e-11)
+        for loss_fn in (_loss_fastloss, _loss_linear):
+            _compare(_train(_tp(copy.deepcopy(base), mesh, True), loss_fn, False), torch_sp, 1e-11)
         dist.barrier()  # every rank done with every collective before any tears down
     finally:
         dist.destroy_process_group()

@@ -9,9 +9,10 @@ A policy with ``output_dtype`` falls back to the model's own head, with the warn
 Tensor parallelism, the torchtitan way (``ColwiseParallel`` on the head, a DTensor weight sharded over the
 vocabulary): DTensor logits (``output_layouts=Shard(-1), use_local_output=False``) and gathered ones
 (``Replicate()``) run fastloss's vocabulary-parallel loss and match the unpatched model under ``loss_parallel``,
-also when the patched model trains without it (fastloss does not need it), and under FSDP2 on a second mesh
-dimension; local logits (``use_local_output=True``: the model's loss would cover each rank's slice only), other
-styles (``RowwiseParallel``, ``SequenceParallel``, a subclass with its own transforms, other output layouts) and
+also when the patched model trains without it (fastloss does not need it), under FSDP2 on a second mesh dimension,
+and with the model's end sequence-parallel (the head's input a Shard(1) DTensor); local logits
+(``use_local_output=True``: the model's loss would cover each rank's slice only), other styles
+(``RowwiseParallel``, ``SequenceParallel``, a subclass with its own transforms, other output layouts) and
 ``filter_eps`` fall back, warned; ``return_logits=True`` gives the model's own DTensor logits."""
 
 import copy
@@ -80,6 +81,8 @@ CASES = {
     "tp_head_no_loss_parallel": ("tp_nolp", None, None, None, (2,)),
     "tp_head_replicate": ("tp_replicate", None, None, None, (2,)),
     "tp_head_fsdp": ("tp_fsdp", True, None, None, (2, 4)),  # 4: FSDP2 over 2 ranks x TP over 2
+    # torchtitan's end of the model: the final norm sequence-parallel, the head all-gathering its Shard(1) input
+    "tp_head_sequence_parallel": ("tp_sp", None, None, None, (2,)),
     # the model's own loss would be over each rank's local slice of the vocabulary: not reproduced
     "tp_head_local_output": ("tp_local", None, None, "use_local_output=True", (2,)),
     # other tensor-parallel styles on the head: plan_head's reasons; return_logits on a ColwiseParallel head
@@ -93,6 +96,7 @@ TP_HEADS = {
     "tp_nolp": (("shard", False), True, False),
     "tp_replicate": (("replicate", True), False, False),
     "tp_fsdp": (("shard", False), True, True),
+    "tp_sp": (("shard", False), True, True),
     "tp_local": (("shard", True), True, True),
 }
 
@@ -103,12 +107,19 @@ def _shard(model, where, reshard, policy):
     if where in TP_HEADS:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleOutput, SequenceParallel,
+                                                       parallelize_module)
 
         (layout, local), _, _ = TP_HEADS[where]
-        head = ColwiseParallel(output_layouts=Shard(-1) if layout == "shard" else Replicate(), use_local_output=local)
+        head = ColwiseParallel(input_layouts=Shard(1) if where == "tp_sp" else None,
+                               output_layouts=Shard(-1) if layout == "shard" else Replicate(), use_local_output=local)
+        plan = {"lm_head": head}
+        if where == "tp_sp":  # the last layer's output resharded along the sequence, the norm sequence-parallel
+            plan[f"model.layers.{len(model.model.layers) - 1}"] = PrepareModuleOutput(
+                output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=False)
+            plan["model.norm"] = SequenceParallel()
         if where != "tp_fsdp":
-            return parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), {"lm_head": head})
+            return parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), plan)
         from torch.distributed.fsdp import fully_shard
 
         # 2-D: FSDP2 over "dp" (on 2 processes one rank: its hooks and DTensor parameters, no data split), TP over
