@@ -2,17 +2,15 @@
 the single-process fastloss call (and F.cross_entropy where it has the option) on the full vocabulary."""
 
 import itertools
-import os
 import sys
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastloss
+from _gloo import spawn
 from fastloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -132,43 +130,37 @@ def _check_bytes_per_token(rank, sizes):
             setattr(dist, name, fn)
 
 
-def _worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank, world):
+    sizes = SHARDS[world]
+    _check_ce(rank, sizes, torch.float64, 1e-12)
+    _check_linear(rank, sizes, torch.float64, 1e-12)
+    _check_ce(rank, sizes, torch.bfloat16, 2 ** -7)
+    _check_linear(rank, sizes, torch.bfloat16, 2 ** -6)
+    _check_ce(rank, sizes, torch.float32, 1e-5)
+    _check_bytes_per_token(rank, sizes)
+    # bad input: every rank raises the same clear error (after the layout all-gather, before any other
+    # collective, so no rank hangs)
+    logits, t, *_ = _data(torch.float64)
+    bad = t.clone()
+    bad[3] = 37
+    start = sum(sizes[:rank])
     try:
-        torch.set_num_threads(1)
-        sizes = SHARDS[world]
-        _check_ce(rank, sizes, torch.float64, 1e-12)
-        _check_linear(rank, sizes, torch.float64, 1e-12)
-        _check_ce(rank, sizes, torch.bfloat16, 2 ** -7)
-        _check_linear(rank, sizes, torch.bfloat16, 2 ** -6)
-        _check_ce(rank, sizes, torch.float32, 1e-5)
-        _check_bytes_per_token(rank, sizes)
-        # bad input: every rank raises the same clear error (after the layout all-gather, before any other
-        # collective, so no rank hangs)
-        logits, t, *_ = _data(torch.float64)
-        bad = t.clone()
-        bad[3] = 37
-        start = sum(sizes[:rank])
-        try:
-            vocab_parallel_cross_entropy(logits[:, start:start + sizes[rank]], bad)
-        except IndexError as e:
-            assert "37" in str(e) and "position 3" in str(e)
-        else:
-            raise AssertionError("out-of-range target not caught")
-        try:
-            vocab_parallel_cross_entropy(logits[:, :1], t, vocab_sizes=[1] * (world + 1))
-        except ValueError as e:
-            assert "vocab_sizes" in str(e)
-        else:
-            raise AssertionError("wrong vocab_sizes not caught")
-    finally:
-        dist.destroy_process_group()
+        vocab_parallel_cross_entropy(logits[:, start:start + sizes[rank]], bad)
+    except IndexError as e:
+        assert "37" in str(e) and "position 3" in str(e)
+    else:
+        raise AssertionError("out-of-range target not caught")
+    try:
+        vocab_parallel_cross_entropy(logits[:, :1], t, vocab_sizes=[1] * (world + 1))
+    except ValueError as e:
+        assert "vocab_sizes" in str(e)
+    else:
+        raise AssertionError("wrong vocab_sizes not caught")
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_matches_single_process(world):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "init")), nprocs=world, join=True)
+    spawn(_worker, world)
 
 
 if __name__ == "__main__":  # python tests/test_distributed.py 3

@@ -244,25 +244,19 @@ def _check_inplace_row_ops(mesh):
     assert torch.ops.fastloss.resolve_algorithm(xv, -1, "auto") in ("online", "two_pass")
 
 
-def _worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def _worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
 
-        torch.set_num_threads(1)
-        mesh = init_device_mesh("cpu", (world,))
-        _check_ce(mesh, torch.float64, 1e-12)
-        _check_ce(mesh, torch.float32, 1e-5)
-        _check_ce(mesh, torch.bfloat16, 2 ** -7)
-        _check_ce_inplace(mesh)
-        _check_linear(mesh, torch.float64, 1e-12)
-        _check_linear(mesh, torch.bfloat16, 2 ** -6)
-        _check_row_ops(mesh)
-        _check_inplace_row_ops(mesh)
-        _check_errors(mesh)
-        dist.barrier()  # every rank done with every collective before any tears down
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    _check_ce(mesh, torch.float64, 1e-12)
+    _check_ce(mesh, torch.float32, 1e-5)
+    _check_ce(mesh, torch.bfloat16, 2 ** -7)
+    _check_ce_inplace(mesh)
+    _check_linear(mesh, torch.float64, 1e-12)
+    _check_linear(mesh, torch.bfloat16, 2 ** -6)
+    _check_row_ops(mesh)
+    _check_inplace_row_ops(mesh)
+    _check_errors(mesh)
 
 
 def test_every_op_has_a_dtensor_rule():

@@ -112,58 +112,46 @@ def _compare(a, b, tol):
         assert ((pa[n] - pb[n]).norm() / pb[n].norm()).item() <= tol, n
 
 
-def _tp_worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def _tp_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
 
-        torch.set_num_threads(1)
-        mesh = init_device_mesh("cpu", (world,))
-        base = _llama()
-        single = _train(copy.deepcopy(base), _loss_torch, False)  # one process, no parallelism: the truth
-        torch_tp = _train(_tp(copy.deepcopy(base), mesh), _loss_torch, True)
-        _compare(torch_tp, single, 1e-11)
-        for parallel in (False, True):  # fastloss's rule is registered once: loss_parallel() changes nothing
-            _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_fastloss, parallel), torch_tp, 1e-11)
-        _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_module, False), torch_tp, 1e-11)
-        # the head as a linear cross-entropy on its vocabulary-sharded weight: no logits, the same training
-        _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_linear, False), torch_tp, 1e-11)
-        # sequence parallel at the model's end: the head's input (and the linear version's hidden states) sharded
-        # along the sequence
-        from torch.distributed.tensor import DTensor, Shard
+    mesh = init_device_mesh("cpu", (world,))
+    base = _llama()
+    single = _train(copy.deepcopy(base), _loss_torch, False)  # one process, no parallelism: the truth
+    torch_tp = _train(_tp(copy.deepcopy(base), mesh), _loss_torch, True)
+    _compare(torch_tp, single, 1e-11)
+    for parallel in (False, True):  # fastloss's rule is registered once: loss_parallel() changes nothing
+        _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_fastloss, parallel), torch_tp, 1e-11)
+    _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_module, False), torch_tp, 1e-11)
+    # the head as a linear cross-entropy on its vocabulary-sharded weight: no logits, the same training
+    _compare(_train(_tp(copy.deepcopy(base), mesh), _loss_linear, False), torch_tp, 1e-11)
+    # sequence parallel at the model's end: the head's input (and the linear version's hidden states) sharded
+    # along the sequence
+    from torch.distributed.tensor import DTensor, Shard
 
-        h = _tp(copy.deepcopy(base), mesh, True).model(input_ids=_batch(0)[0]).last_hidden_state
-        assert isinstance(h, DTensor) and tuple(h.placements) == (Shard(1),), h
-        torch_sp = _train(_tp(copy.deepcopy(base), mesh, True), _loss_torch, True)
-        _compare(torch_sp, single, 1e-11)
-        for loss_fn in (_loss_fastloss, _loss_linear):
-            _compare(_train(_tp(copy.deepcopy(base), mesh, True), loss_fn, False), torch_sp, 1e-11)
-        dist.barrier()  # every rank done with every collective before any tears down
-    finally:
-        dist.destroy_process_group()
+    h = _tp(copy.deepcopy(base), mesh, True).model(input_ids=_batch(0)[0]).last_hidden_state
+    assert isinstance(h, DTensor) and tuple(h.placements) == (Shard(1),), h
+    torch_sp = _train(_tp(copy.deepcopy(base), mesh, True), _loss_torch, True)
+    _compare(torch_sp, single, 1e-11)
+    for loss_fn in (_loss_fastloss, _loss_linear):
+        _compare(_train(_tp(copy.deepcopy(base), mesh, True), loss_fn, False), torch_sp, 1e-11)
 
 
-def _fsdp_tp_worker(rank, world, init_file, dp):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+def _fsdp_tp_worker(rank, world, dp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        torch.set_num_threads(1)
-        mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "tp"))
-        dp_rank = mesh["dp"].get_local_rank()
-        base = _llama()
+    mesh = init_device_mesh("cpu", (dp, world // dp), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh["dp"].get_local_rank()
+    base = _llama()
 
-        def build():
-            model = _tp(copy.deepcopy(base), mesh["tp"])
-            for layer in model.model.layers:
-                fully_shard(layer, mesh=mesh["dp"])
-            return fully_shard(model, mesh=mesh["dp"])
+    def build():
+        model = _tp(copy.deepcopy(base), mesh["tp"])
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["dp"])
+        return fully_shard(model, mesh=mesh["dp"])
 
-        _compare(_train(build(), _loss_fastloss, False, dp_rank), _train(build(), _loss_torch, True, dp_rank), 1e-11)
-        dist.barrier()  # every rank done with every collective before any tears down
-    finally:
-        dist.destroy_process_group()
+    _compare(_train(build(), _loss_fastloss, False, dp_rank), _train(build(), _loss_torch, True, dp_rank), 1e-11)
 
 
 def test_tiny_llama_tensor_parallel_trains_as_loss_parallel():

@@ -16,16 +16,15 @@ and with the model's end sequence-parallel (the head's input a Shard(1) DTensor)
 ``filter_eps`` fall back, warned; ``return_logits=True`` gives the model's own DTensor logits."""
 
 import copy
-import os
-import tempfile
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
+
+from _gloo import spawn  # noqa: E402
 
 pytestmark = [pytest.mark.stacks,
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -309,14 +308,9 @@ def _run_case(rank, name):
         assert _rel(params_f[n], params_r[n]) <= 20 * tol, (name, n)
 
 
-def _worker(rank, world, init_file, names):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        for name in names:
-            _run_case(rank, name)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, names):
+    for name in names:
+        _run_case(rank, name)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -326,5 +320,4 @@ def test_fsdp2_and_ddp_match_the_unpatched_model(world):
         import peft  # noqa: F401
     except ImportError:
         names = [n for n in names if not n.startswith("lora_")]
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "init"), names), nprocs=world, join=True)
+    spawn(_worker, world, names)

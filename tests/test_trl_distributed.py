@@ -6,15 +6,15 @@ each of two SGD steps, every gradient after the second, the parameters after it;
 
 import copy
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("trl")
+
+from _gloo import spawn  # noqa: E402
 
 pytestmark = [pytest.mark.stacks,
               pytest.mark.skipif(os.environ.get("FASTLOSS_STACKS") != "1",
@@ -113,21 +113,15 @@ def _run_case(rank, case):
         assert _rel(params_f[n], params_r[n]) <= 20 * tol, (case, n)
 
 
-def _worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        for case in CASES:
-            if case.startswith("lora_"):
-                try:
-                    import peft  # noqa: F401
-                except ImportError:
-                    continue
-            _run_case(rank, case)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world):
+    for case in CASES:
+        if case.startswith("lora_"):
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                continue
+        _run_case(rank, case)
 
 
 def test_trl_fused_head_on_fastloss_under_ddp_fsdp2_and_peft():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, os.path.join(d, "init")), nprocs=2, join=True)
+    spawn(_worker, 2)
