@@ -537,6 +537,8 @@ class Workload:
                     self.run("token_logprobs", f"entropy={ent} ({rows}, {v}) {dtype}",
                              lambda: self._logprobs(rows, v, dtype, ent))
                 self.run("token_logprobs", f"stats ({rows}, {v}) {dtype}", lambda: self._logprob_stats(rows, v, dtype))
+                self.run("token_logprobs", f"backward on vocabulary slices ({rows}, {v}) {dtype}",
+                         lambda: self._logprob_slices(rows, v, dtype))
                 self.run("distillation", f"student entropy ({rows}, {v}) {dtype}",
                          lambda: self._distill_entropy(rows, v, dtype))
             self.run("linear_distillation", f"jsd {dtype}", lambda: self._linear_distill(dtype))
@@ -593,6 +595,25 @@ class Workload:
                 ("log_sum_sq_probs", out.log_sum_sq_probs, ref[2], dtype),
                 ("mean_logits", out.mean_logits, ref[3], dtype),
                 ("argmax is torch.argmax", torch.tensor([same]), torch.ones(1, dtype=torch.float64), torch.float64)]
+
+    def _logprob_slices(self, rows: int, v: int, dtype: torch.dtype) -> list:
+        """token_logprobs_bwd with vocab_start (the vocabulary-parallel backward, logprob_slice_row): the gradient of
+        the log-probs and the entropy assembled from two uneven slices of the logits, each given the whole
+        vocabulary's lse and entropy; a token outside a slice adds nothing there. Its own generator."""
+        g = torch.Generator().manual_seed(31 + rows + v)
+        x = (torch.randn((rows, v), generator=g, dtype=torch.float64) * 3.0).to(dtype).to(self.device)
+        tok = torch.randint(0, v, (rows,), generator=g).to(self.device)
+        a = torch.randn(rows, generator=g, dtype=torch.float64)
+        b = torch.randn(rows, generator=g, dtype=torch.float64)
+        _, ent, lse, _, _ = torch.ops.fastloss.token_logprobs_fwd(x, tok, 0.8, True)
+        cut = v // 3 + 1
+        parts = [torch.ops.fastloss.token_logprobs_bwd(a.to(self.device), b.to(self.device), x[:, s:e].contiguous(),
+                                                       tok, lse, ent, 0.8, s)
+                 for s, e in ((0, min(cut, v)), (min(cut, v), v)) if e > s]
+        x64 = x.double().cpu().requires_grad_()
+        lp, h = token_logprobs_reference(x64, tok.cpu(), temperature=0.8, return_entropy=True)
+        (g64,) = torch.autograd.grad((lp * a).sum() + (h * b).sum(), x64)
+        return [("d logits from slices", torch.cat(parts, 1), g64, dtype)]
 
     def _distill_entropy(self, rows: int, v: int, dtype: torch.dtype) -> list:
         """student_entropy=True (distill_entropy_kernel, every divergence, the forward and the forward with the

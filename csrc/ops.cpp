@@ -56,9 +56,12 @@ TORCH_LIBRARY_FRAGMENT(fastloss, m) {
   m.def(
       "token_logprobs_fwd(Tensor logits, Tensor tokens, float temperature, bool entropy, bool stats=False) "
       "-> (Tensor logprobs, Tensor entropy, Tensor lse, Tensor stats, Tensor argmax)");
+  // With vocab_start (vocabulary parallelism): logits [N, C] are the classes [vocab_start, vocab_start + C) of a
+  // larger vocabulary, tokens are indices into that vocabulary (>= 0), and lse / entropy are the whole
+  // vocabulary's; a token outside the slice contributes no + g_lp (another rank's slice holds it).
   m.def(
       "token_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor tokens, Tensor lse, "
-      "Tensor entropy, float temperature) -> Tensor");
+      "Tensor entropy, float temperature, int? vocab_start=None) -> Tensor");
   // The same gradient written over the logits (the chunked linear version's recomputed logits).
   m.def(
       "token_logprobs_bwd_(Tensor(a!) logits, Tensor? grad_logprobs, Tensor? grad_entropy, Tensor tokens, "

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace fastloss {
@@ -88,11 +89,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_log
 
 namespace {
 // The backward's checks and incoming gradients; grad is written by the kernel (it may be the logits).
+// vocab_start: the logits are a slice of the vocabulary starting there, tokens index the whole vocabulary (any
+// value >= 0 here; the caller knows its size) and one outside the slice gets no + g_lp.
 void logprob_backward(const at::Tensor& logits, const std::optional<at::Tensor>& g_lp,
                       const std::optional<at::Tensor>& g_h, const at::Tensor& tokens, const at::Tensor& lse,
-                      const at::Tensor& entropy, double temperature, const at::Tensor& grad, const PolicyKernels& k) {
+                      const at::Tensor& entropy, double temperature, std::optional<int64_t> vocab_start,
+                      const at::Tensor& grad, const PolicyKernels& k) {
   check_temperature(temperature, kLogprobOp);
-  const at::Tensor tok = check_indices(tokens, logits, kLogprobOp, "tokens", std::nullopt);
+  TORCH_CHECK(!vocab_start || *vocab_start >= 0, kLogprobOp, ": `vocab_start` must be >= 0, got ",
+              vocab_start.value_or(0));
+  // A slice's tokens index the whole vocabulary, whose size only the caller knows: here only >= 0 (int64 max as
+  // the bound) -- what falls outside the slice is another rank's.
+  const at::Tensor tok = check_indices(tokens, logits.size(0),
+                                       vocab_start ? std::numeric_limits<int64_t>::max() : logits.size(1),
+                                       logits.device(), kLogprobOp, "tokens", std::nullopt);
   if (logits.numel() == 0) return;
   at::Tensor glp = as_rows(g_lp, logits, kLogprobOp, "grad_logprobs");
   at::Tensor gh = as_rows(g_h, logits, kLogprobOp, "grad_entropy");
@@ -100,18 +110,18 @@ void logprob_backward(const at::Tensor& logits, const std::optional<at::Tensor>&
   if (gh.defined()) {
     ent = as_rows(entropy, logits, kLogprobOp, "entropy");
   }
-  k.logprob_backward(logits.contiguous(), tok, 1.0 / temperature, glp, gh,
-                     as_rows(lse, logits, kLogprobOp, "lse"), ent, grad);
+  k.logprob_backward(logits.contiguous(), tok, vocab_start.value_or(0), vocab_start.has_value(), 1.0 / temperature,
+                     glp, gh, as_rows(lse, logits, kLogprobOp, "lse"), ent, grad);
 }
 }  // namespace
 
 at::Tensor token_logprobs_bwd_op(const std::optional<at::Tensor>& grad_logprobs,
                                  const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
                                  const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
-                                 double temperature, const PolicyKernels& k) {
+                                 double temperature, std::optional<int64_t> vocab_start, const PolicyKernels& k) {
   check_logits(logits, kLogprobOp, "logits");
   at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  logprob_backward(logits, grad_logprobs, grad_entropy, tokens, lse, entropy, temperature, grad, k);
+  logprob_backward(logits, grad_logprobs, grad_entropy, tokens, lse, entropy, temperature, vocab_start, grad, k);
   return grad;
 }
 
@@ -121,7 +131,7 @@ void token_logprobs_bwd_inplace_op(const at::Tensor& logits, const std::optional
                                    const PolicyKernels& k) {
   check_logits(logits, kLogprobOp, "logits");
   TORCH_CHECK(logits.is_contiguous(), kLogprobOp, ": the in-place gradient needs contiguous logits");
-  logprob_backward(logits, grad_logprobs, grad_entropy, tokens, lse, entropy, temperature, logits, k);
+  logprob_backward(logits, grad_logprobs, grad_entropy, tokens, lse, entropy, temperature, std::nullopt, logits, k);
 }
 
 std::tuple<at::Tensor, at::Tensor> distill_fwd_op(const at::Tensor& student, const at::Tensor& teacher,

@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_log
 at::Tensor token_logprobs_bwd_op(const std::optional<at::Tensor>& grad_logprobs,
                                  const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
                                  const at::Tensor& tokens, const at::Tensor& lse, const at::Tensor& entropy,
-                                 double temperature, const PolicyKernels& k);
+                                 double temperature, std::optional<int64_t> vocab_start, const PolicyKernels& k);
 void token_logprobs_bwd_inplace_op(const at::Tensor& logits, const std::optional<at::Tensor>& grad_logprobs,
                                    const std::optional<at::Tensor>& grad_entropy, const at::Tensor& tokens,
                                    const at::Tensor& lse, const at::Tensor& entropy, double temperature,

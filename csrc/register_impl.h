@@ -116,8 +116,9 @@ struct PolicyDeviceOps {
     return token_logprobs_fwd_op(x, tok, temp, ent, stats, K());
   }
   static at::Tensor logprobs_bwd(const OptT& glp, const OptT& gh, const at::Tensor& x, const at::Tensor& tok,
-                                 const at::Tensor& lse, const at::Tensor& ent, double temp) {
-    return token_logprobs_bwd_op(glp, gh, x, tok, lse, ent, temp, K());
+                                 const at::Tensor& lse, const at::Tensor& ent, double temp,
+                                 std::optional<int64_t> start) {
+    return token_logprobs_bwd_op(glp, gh, x, tok, lse, ent, temp, start, K());
   }
   static void logprobs_bwd_(const at::Tensor& x, const OptT& glp, const OptT& gh, const at::Tensor& tok,
                             const at::Tensor& lse, const at::Tensor& ent, double temp) {

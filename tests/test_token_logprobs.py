@@ -726,3 +726,47 @@ def test_linear_gradient_with_unused_outputs(device):
     (g_ent,) = torch.autograd.grad(ent.sum(), h)
     _, rent = ref_lp(F.linear(h, W, b), tok, return_entropy=True)
     assert rel_err(g_ent, torch.autograd.grad(rent.sum(), h)[0]) <= GTOL64
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["logprobs", "entropy", "both"])
+def test_backward_on_vocabulary_slices(dtype, which, device):
+    # token_logprobs_bwd with vocab_start (the vocabulary-parallel backward): a slice of the logits with the whole
+    # vocabulary's lse and entropy gives that slice of the full gradient; a token outside the slice adds nothing.
+    v = 203  # odd: slices of every alignment, a 1-class slice, an empty one
+    x = _logits((9,), v=v, dtype=dtype, device=device, seed=31, scale=3.0)
+    tok = _tokens((9,), v=v, device=device)
+    tok[0], tok[1] = 0, v - 1
+    _, ent, lse, _, _ = torch.ops.fastloss.token_logprobs_fwd(x, tok, 0.7, True)
+    a = _weights((9,), device, 2) if which != "entropy" else None
+    b = _weights((9,), device, 3) if which != "logprobs" else None
+    full = torch.ops.fastloss.token_logprobs_bwd(a, b, x, tok, lse, ent, 0.7)
+    eps = torch.finfo(dtype).eps
+    for cuts in ([0, 100, 203], [0, 1, 67, 203], [0, 202, 203], [0, 0, 203]):
+        parts = [torch.ops.fastloss.token_logprobs_bwd(a, b, x[:, s:e].contiguous(), tok, lse, ent, 0.7, s)
+                 for s, e in zip(cuts[:-1], cuts[1:]) if e > s]
+        got = torch.cat(parts, 1)
+        assert got.dtype == dtype and rel_err(got, full) <= 4 * eps, (cuts, rel_err(got, full))
+    # the token's + g_lp lands in its slice only: a slice holding no token has only the -p terms
+    none = torch.ops.fastloss.token_logprobs_bwd(a, b, x[:, 1:5].contiguous(), torch.full_like(tok, 100), lse, ent,
+                                                 0.7, 1)
+    p = torch.exp(x[:, 1:5].double() / 0.7 - lse[:, None])
+    if which == "logprobs":
+        assert rel_err(none, (-a[:, None] * p / 0.7).to(dtype)) <= TOL[dtype]
+    # bad input: a negative start or token, named
+    with pytest.raises(RuntimeError, match="vocab_start"):
+        torch.ops.fastloss.token_logprobs_bwd(a, b, x, tok, lse, ent, 0.7, -1)
+    with pytest.raises(IndexError, match="tokens"):
+        torch.ops.fastloss.token_logprobs_bwd(a, b, x, tok - 1, lse, ent, 0.7, 0)
+    empty = torch.ops.fastloss.token_logprobs_bwd(a[:0] if a is not None else None, b[:0] if b is not None else None,
+                                                  x[:0], tok[:0], lse[:0], ent[:0], 0.7, 5)
+    assert empty.shape == (0, v)
+
+
+def test_opcheck_vocabulary_slice():
+    x = _logits((5,), v=37, dtype=torch.float32, device="cpu", seed=23)
+    tok = _tokens((5,), v=80, device="cpu")
+    _, ent, lse, _, _ = torch.ops.fastloss.token_logprobs_fwd(x, tok.clamp_max(36), 0.7, True)
+    torch.library.opcheck(torch.ops.fastloss.token_logprobs_bwd.default,
+                          (torch.ones(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64), x, tok, lse, ent,
+                           0.7, 30), test_utils=("test_schema", "test_faketensor"))

@@ -213,9 +213,9 @@ inline void logprob_forward(const at::Tensor& x, const at::Tensor& tokens, doubl
   });
 }
 
-inline void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, double inv_t, const at::Tensor& g_lp,
-                             const at::Tensor& g_h, const at::Tensor& lse, const at::Tensor& entropy,
-                             const at::Tensor& grad) {
+inline void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, int64_t vocab_start, bool /*shard*/,
+                             double inv_t, const at::Tensor& g_lp, const at::Tensor& g_h, const at::Tensor& lse,
+                             const at::Tensor& entropy, const at::Tensor& grad) {
   const int64_t N = x.size(0), V = x.size(1);
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const double* pglp = g_lp.defined() ? g_lp.const_data_ptr<double>() : nullptr;
@@ -241,10 +241,11 @@ inline void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, doub
           return fm::logprob_entropy_grad(lp, splat_like<T>(glp), splat_like<T>(gh), splat_like<T>(h)) *
                  splat_like<T>(it);
         };
-        const int64_t k = tok[r];
-        const acc x_k = acc(xr[k]);  // read before the pass: out may alias x
+        const int64_t k = tok[r] - vocab_start;  // in [0, V) unless another slice holds the token
+        const bool own = k >= 0 && k < V;
+        const acc x_k = own ? acc(xr[k]) : acc(0);  // read before the pass: out may alias x
         map_row(xr, xr, out, V, f);
-        out[k] = static_cast<scalar_t>(f(x_k, x_k) + glp * it);
+        if (own) out[k] = static_cast<scalar_t>(f(x_k, x_k) + glp * it);
       }
     });
   });

@@ -142,12 +142,16 @@ struct LogprobArgs {
   const double* g_lp;
   const double* g_h;
   T* grad;
+  int64_t vocab_start;  // the backward only: row r's token is column tokens[r] - vocab_start
+  bool shard;           // the backward only: x a slice of a larger vocabulary, a column outside [0, V) is another
+                        // slice's token
 };
 
-// One row of a log-prob kernel: its logits, its token, and whether the token is in [0, V) -- the row prologue both
-// kernels share. A token outside [0, V) fails CUDA_KERNEL_ASSERT (like nll_loss); were device asserts compiled
-// out, the token is never read (log-probability NaN, no + g_lp in the gradient) and nothing outside the row is
-// touched.
+// One row of a log-prob kernel: its logits, its token's column, and whether that is in [0, V) -- the row prologue
+// (logprob_row for the forwards, logprob_slice_row for the backward). A column outside [0, V) fails
+// CUDA_KERNEL_ASSERT (like nll_loss) unless the backward's logits are a slice of the vocabulary (shard: another
+// slice holds the token); either way the column is never read (log-probability NaN, no + g_lp in the gradient)
+// and nothing outside the row is touched.
 template <typename T>
 struct LogprobRow {
   const T* x;
@@ -163,6 +167,18 @@ __device__ __forceinline__ LogprobRow<T> logprob_row(const LogprobArgs<T>& a, in
     CUDA_KERNEL_ASSERT(tok >= 0 && tok < a.V);
   }
   return {a.x + row * a.V, tok, tok >= 0 && tok < a.V};
+}
+
+// The backward's prologue: the column tokens[r] - vocab_start; with shard, one outside [0, V) is not an error.
+template <typename T>
+__device__ __forceinline__ LogprobRow<T> logprob_slice_row(const LogprobArgs<T>& a, int64_t row, int tid) {
+  // fl-audit: cold -- the row's token, one load per thread per row
+  const int64_t tok = a.tokens[row] - a.vocab_start;
+  const bool ok = tok >= 0 && tok < a.V;
+  if (tid == 0 && !a.shard) {
+    CUDA_KERNEL_ASSERT(ok);
+  }
+  return {a.x + row * a.V, tok, ok};
 }
 
 template <typename T, bool kEntropy>
@@ -273,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) logprob_backward_kernel(const Logpro
   const acc it = static_cast<acc>(a.inv_t);
 #pragma unroll 1
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
-    const LogprobRow<T> r = logprob_row(a, row, tid);
+    const LogprobRow<T> r = logprob_slice_row(a, row, tid);
     T* out = a.grad + row * a.V;
     // fl-audit: cold -- the row's upstream gradients and saved entropy / lse, one double each per row
     const acc glp = a.g_lp != nullptr ? static_cast<acc>(a.g_lp[row]) : acc(0);
@@ -529,7 +545,9 @@ void logprob_forward(const at::Tensor& x, const at::Tensor& tokens, double inv_t
                                      stats.defined() ? argmax.mutable_data_ptr<int64_t>() : nullptr,
                                      nullptr,
                                      nullptr,
-                                     nullptr};
+                                     nullptr,
+                                     0,
+                                     false};
     if (stats.defined()) {
       launch_kernel<&logprob_stats_forward_kernel<scalar_t>>(row_grid(x.size(0)), kThreads, 0, stream, args);
     } else if (entropy.defined()) {
@@ -540,8 +558,8 @@ void logprob_forward(const at::Tensor& x, const at::Tensor& tokens, double inv_t
   });
 }
 
-void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, double inv_t, const at::Tensor& g_lp,
-                      const at::Tensor& g_h, const at::Tensor& lse, const at::Tensor& entropy,
+void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, int64_t vocab_start, bool shard, double inv_t,
+                      const at::Tensor& g_lp, const at::Tensor& g_h, const at::Tensor& lse, const at::Tensor& entropy,
                       const at::Tensor& grad) {
   const DeviceGuard guard(x.device());
   const Stream stream = current_stream();
@@ -558,7 +576,9 @@ void logprob_backward(const at::Tensor& x, const at::Tensor& tokens, double inv_
                                      nullptr,
                                      g_lp.defined() ? g_lp.const_data_ptr<double>() : nullptr,
                                      g_h.defined() ? g_h.const_data_ptr<double>() : nullptr,
-                                     grad.mutable_data_ptr<scalar_t>()};
+                                     grad.mutable_data_ptr<scalar_t>(),
+                                     vocab_start,
+                                     shard};
     launch_kernel<&logprob_backward_kernel<scalar_t>>(row_grid(x.size(0)), kThreads, 0, stream, args);
   });
 }

@@ -258,7 +258,7 @@ def _logprobs_fwd_fake(logits, tokens, temperature, entropy, stats=False):
 
 
 @torch.library.register_fake("fastloss::token_logprobs_bwd")
-def _logprobs_bwd_fake(grad_logprobs, grad_entropy, logits, tokens, lse, entropy, temperature):
+def _logprobs_bwd_fake(grad_logprobs, grad_entropy, logits, tokens, lse, entropy, temperature, vocab_start=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 

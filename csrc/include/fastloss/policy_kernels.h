@@ -49,8 +49,11 @@ struct PolicyKernels {
                           const at::Tensor& logp, const at::Tensor& entropy, const at::Tensor& lse,
                           const at::Tensor& stats, const at::Tensor& argmax);
   // grad = d(sum_r g_lp[r] logp[r] + g_h[r] H[r]) / dx (either incoming gradient may be undefined: zero).
-  // `entropy` is read only with g_h. grad may alias x.
-  void (*logprob_backward)(const at::Tensor& x, const at::Tensor& tokens, double inv_temperature,
+  // `entropy` is read only with g_h. grad may alias x. Row r's token is column tokens[r] - vocab_start; with
+  // shard (x a slice of a larger vocabulary, lse / entropy the whole vocabulary's) a column outside [0, V) is
+  // another slice's token: no + g_lp here. Without shard every column is in [0, V) (checked by the op).
+  void (*logprob_backward)(const at::Tensor& x, const at::Tensor& tokens, int64_t vocab_start, bool shard,
+                           double inv_temperature,
                            const at::Tensor& g_lp, const at::Tensor& g_h, const at::Tensor& lse,
                            const at::Tensor& entropy, const at::Tensor& grad);
   // loss[r] (0 for ignored rows) and stats [N, kDistillStats] (the entropy column with p.student_entropy).
