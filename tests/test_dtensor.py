@@ -169,7 +169,7 @@ def _check_row_ops(mesh):
             if differentiable:
                 (g,) = torch.autograd.grad((outs[0] * distribute_tensor(wt, mesh, outs[0].placements)).sum(), dx)
                 assert _rel(_full(g), g_ref) < 1e-12, (name, placement)
-        if name in VOCAB_PARALLEL:
+        if name in VOCAB_PARALLEL or name == "token_logprobs":  # (the latter: _check_logprobs)
             continue
         dx = distribute_tensor(logits.clone(), mesh, [Shard(1)])
         with pytest.raises(NotImplementedError, match=r"fastloss\..*Shard\(dim=1\).*vocabulary-parallel"):
@@ -187,6 +187,61 @@ def _check_row_ops(mesh):
     part = DTensor.from_local(logits / mesh.size(), mesh, [Partial()])
     with pytest.raises(NotImplementedError, match=r"cross_entropy_fwd.*Partial"):
         fastloss.cross_entropy(part, t)
+
+
+def _check_logprobs(mesh, dtype, tol):
+    """fastloss.token_logprobs on Shard(1) logits (the vocabulary-parallel rule) == the single-process call: the
+    log-probs, entropy, TRL's statistics and argmax, and the gradient of both outputs, over temperatures, masked
+    entries (a rank's whole slice of a row -inf, a token whose logit is -inf), a NaN row, ties for the argmax across
+    the slices; tokens plain (this rank's rows) or a DTensor."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    logits, t, _ = _data(masked=True)
+    t = t.clamp_min(0)
+    t[2] = 5  # logits[2, 5] = -inf: log p = -inf
+    logits[7, 3] = logits[7, 30] = logits[7].max() + 1  # the argmax tied across two slices: the first wins
+    logits[9, 11] = float("nan")
+    x = logits.to(dtype)
+    gl = torch.linspace(0.5, 1.5, N, dtype=torch.float64)
+    gh = torch.linspace(-1.0, 1.0, N, dtype=torch.float64)
+    fin = torch.ones(N, dtype=torch.bool)
+    fin[[2, 9]] = False  # their gradients hold nan (as single-process): compared apart
+    for temperature, entropy, stats, dt_tokens in itertools.product((1.0, 0.7), (False, True), (False, True),
+                                                                     (False, True)):
+        kw = dict(temperature=temperature, return_entropy=entropy, return_stats=stats)
+        full = x.clone().requires_grad_()
+        ref = fastloss.token_logprobs(full, t, **kw)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        dx = distribute_tensor(x.clone(), mesh, [Shard(1)]).requires_grad_()
+        out = fastloss.token_logprobs(dx, distribute_tensor(t, mesh, [Replicate()]) if dt_tokens else t, **kw)
+        out = out if isinstance(out, tuple) else (out,)
+        assert len(out) == len(ref)
+        for i, (a, b) in enumerate(zip(out, ref)):
+            if b is None:
+                assert a is None
+                continue
+            a = _full(a)
+            assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype)
+            if b.dtype == torch.int64:
+                assert torch.equal(a, b), (i, a, b)
+                continue
+            assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b)), i
+            ok = torch.isfinite(b)
+            assert _rel(a[ok], b[ok]) <= tol, (i, kw, _rel(a[ok], b[ok]))
+        loss_ref = (ref[0][fin] * gl[fin].to(ref[0].dtype)).sum()
+        loss = (out[0] * distribute_tensor(gl * fin, mesh, [Replicate()]).to(out[0].dtype)).sum()
+        if entropy:
+            loss_ref = loss_ref + (ref[1][fin] * gh[fin].to(ref[1].dtype)).sum()
+            loss = loss + (out[1] * distribute_tensor(gh * fin, mesh, [Replicate()]).to(out[1].dtype)).sum()
+        (g_ref,) = torch.autograd.grad(loss_ref, full)
+        (g,) = torch.autograd.grad(loss, dx)
+        g = _full(g)
+        assert g.dtype == x.dtype and _rel(g[fin], g_ref[fin]) <= tol, (kw, _rel(g[fin], g_ref[fin]))
+    # a token outside the global vocabulary: the same clear error on every rank
+    bad = t.clone()
+    bad[3] = V
+    with pytest.raises(IndexError, match="token 37 at position 3"):
+        fastloss.token_logprobs(distribute_tensor(x.clone(), mesh, [Shard(1)]), bad)
 
 
 def _check_errors(mesh):
@@ -255,6 +310,9 @@ def _worker(rank, world):
     _check_linear(mesh, torch.float64, 1e-12)
     _check_linear(mesh, torch.bfloat16, 2 ** -6)
     _check_row_ops(mesh)
+    _check_logprobs(mesh, torch.float64, 1e-12)
+    _check_logprobs(mesh, torch.float32, 1e-6)
+    _check_logprobs(mesh, torch.bfloat16, 2 ** -7)
     _check_inplace_row_ops(mesh)
     _check_errors(mesh)
 

@@ -4,10 +4,11 @@ Every ``torch.ops.fastloss`` op accepts DTensor arguments:
 
 - rows sharded (``Shard(0)``, the token dimension) or replicated: the local kernel on each rank's rows, outputs
   with the rows' placements -- sharding strategies registered with DTensor's own ``register_sharding``;
-- the cross-entropy ops (``cross_entropy_fwd`` / ``_bwd`` / ``_fwd_inplace_grad`` and ``scale_rows_``) with logits
-  sharded along the classes (``Shard(1)``: ``ColwiseParallel`` on the head with ``use_local_output=False``): the
-  vocabulary-parallel algorithm of :mod:`fastloss._vocab_parallel` on the DTensor's mesh dimension (one fused pass,
-  one small collective, a communication-free backward); softmax / log_softmax / logsumexp (and backwards) along a
+- the cross-entropy ops (``cross_entropy_fwd`` / ``_bwd`` / ``_fwd_inplace_grad`` and ``scale_rows_``) and the
+  token log-probabilities (``token_logprobs_fwd`` / ``_bwd``) with logits sharded along the classes (``Shard(1)``:
+  ``ColwiseParallel`` on the head with ``use_local_output=False``): the vocabulary-parallel algorithms of
+  :mod:`fastloss._vocab_parallel` on the DTensor's mesh dimension (one fused pass, one small collective, a
+  communication-free backward); softmax / log_softmax / logsumexp (and backwards) along a
   sharded dimension: the local log-sum-exp kernel and one combine. These go through DTensor's custom-op handler
   table (the mechanism ``torch.distributed.tensor.parallel.loss_parallel`` uses), registered once at import, so
   they work with ``loss_parallel()`` active or not;
@@ -198,6 +199,41 @@ def _ce_fwd_inplace(op, args, kwargs):
     return plan.wrap_rows(loss), plan.wrap_rows(rows[:, 0].clone())
 
 
+def _logprobs_fwd(op, args, kwargs):
+    a = _bind(op, args, kwargs)
+    plan = _Plan(op, "logits", a["logits"])
+    ent, st = bool(a["entropy"]), bool(a["stats"])
+    if plan.vocab_dim is None:
+        outs = op(*_local_args(op, a, plan, ("tokens",)))
+    else:
+        shard = plan.shard()
+        t = plan.local_rows(a["tokens"], "tokens").contiguous()
+        _vp.check_targets(_op_name(op), t, shard.V, None)
+        outs = _vp.logprobs_forward(plan.x.to_local().contiguous(), t, shard, float(a["temperature"]), ent, st)
+    lp, h, lse, stats, amax = outs
+    return (plan.wrap_rows(lp), plan.wrap_rows(h, ent), plan.wrap_rows(lse), plan.wrap_rows(stats, st),
+            plan.wrap_rows(amax, st))
+
+
+def _logprobs_bwd(op, args, kwargs):
+    a = _bind(op, args, kwargs)
+    plan = _Plan(op, "logits", a["logits"])
+    rows_args = ("grad_logprobs", "grad_entropy", "tokens", "lse", "entropy")
+    if a["grad_entropy"] is None and isinstance(a["entropy"], DTensor):
+        a["entropy"] = a["entropy"].to_local()  # not read without its gradient: no redistribution for it
+    if plan.vocab_dim is None:
+        return plan.wrap(op(*_local_args(op, a, plan, rows_args)), plan.x.shape, plan.x.placements)
+    if a["vocab_start"] is not None:
+        raise ValueError(f"{_op_name(op)}: `vocab_start` is for local slices; a DTensor sharded along the classes "
+                         "carries its own")
+    local = dict(zip([arg.name for arg in op._schema.arguments], _local_args(op, a, plan, rows_args)))
+    shard = plan.shard()
+    g = _vp.logprobs_backward(local["grad_logprobs"], local["grad_entropy"], local["logits"].contiguous(),
+                              local["tokens"].contiguous(), local["lse"], local["entropy"], shard,
+                              float(a["temperature"]))
+    return plan.wrap(g, plan.x.shape, plan.x.placements)
+
+
 def _scale_rows(op, args, kwargs):
     a = _bind(op, args, kwargs)
     x, scale = a["self"], a["scale"]
@@ -334,6 +370,8 @@ _INPLACE_ROW_OPS = {
 
 _HANDLERS = {
     "resolve_algorithm": _resolve_algorithm,
+    "token_logprobs_fwd": _logprobs_fwd,
+    "token_logprobs_bwd": _logprobs_bwd,
     "token_logprobs_bwd_": _row_inplace,
     "distill_fwd_inplace_grad": _row_inplace,
     "softmax": _dim_handler,
@@ -359,8 +397,6 @@ _ROW_OPS = {
     "cross_entropy_shard_fwd": ("logits", "target"),
     "cross_entropy_shard_loss": ("rows", "target"),
     "cross_entropy_shard_bwd": ("grad_loss", "grad_lse", "logits", "target", "rows"),
-    "token_logprobs_fwd": ("logits", "tokens"),
-    "token_logprobs_bwd": ("grad_logprobs", "grad_entropy", "logits", "tokens", "lse", "entropy"),
     "distill_fwd": ("student", "teacher", "target"),
     "distill_bwd": ("grad_loss", "student", "teacher", "target", "stats"),
     "distill_fwd_grad": ("student", "teacher", "target", "grad_scale"),

@@ -165,13 +165,18 @@ def target_logit(x: torch.Tensor, t: torch.Tensor, shard: VocabShard, opts: CeOp
     return xt.to(torch.float64)
 
 
-def check_targets(fn: str, t: torch.Tensor, V: int, ignore_index: int) -> None:
-    bad = ((t < 0) | (t >= V)) & (t != ignore_index)
+def check_targets(fn: str, t: torch.Tensor, V: int, ignore_index: Optional[int]) -> None:
+    """Targets (or, ignore_index None, tokens) in [0, V) of the global vocabulary."""
+    bad = (t < 0) | (t >= V)
+    if ignore_index is not None:
+        bad &= t != ignore_index
     if t.device.type == "cpu":
         if bool(bad.any()):
             pos = int(bad.nonzero()[0, 0])
-            raise IndexError(f"{fn}: target {int(t[pos])} at position {pos} is out of range for a global "
-                             f"vocabulary of {V} (and is not ignore_index={ignore_index})")
+            what = "token" if ignore_index is None else "target"
+            tail = "" if ignore_index is None else f" (and is not ignore_index={ignore_index})"
+            raise IndexError(f"{fn}: {what} {int(t[pos])} at position {pos} is out of range for a global "
+                             f"vocabulary of {V}{tail}")
     else:  # no host sync on the device: an asynchronous assert
         torch._assert_async(~bad.any(), f"{fn}: target out of range for the global vocabulary")
 
@@ -288,3 +293,77 @@ class _GradAcc:
         gW = None if self.gW is None else self.gW.to(self.W.dtype)
         gb = None if self.gb is None else self.gb.to(self.b.dtype)
         return gh, gW, gb
+
+
+# ---------------------------------------------------------------- token log-probabilities (RL policies)
+
+
+def logprobs_forward(x, t, shard: VocabShard, temperature: float, entropy: bool, stats: bool):
+    """token_logprobs_fwd over a sharded vocabulary. Local logits x [N, C] (classes [start, start + C) of V),
+    tokens t [N] indexing the whole vocabulary -> the whole vocabulary's float64 rows, bitwise the same on every
+    rank: (logprobs, entropy ([0] unless entropy), lse, stats ([N, 2] / [0, 2]), argmax (int64 [N] / [0])).
+
+    One pass of fastloss's log-prob kernel over the local logits gives the slice's lse_r and, as asked, its entropy
+    H_r (-> mu_r = lse_r - H_r, the slice's mean tempered logit under its own softmax), log sum p_r^2, the mean
+    tempered logit and the argmax; one all-gather of (lse_r, x_t if owned, mu_r, ..., the argmax's value and
+    global index) per token; then, merged in rank order: lse = log sum_r exp(lse_r), log p_t = x_t / T - lse,
+    H = lse - sum_r exp(lse_r - lse) mu_r, log sum p^2 = log sum_r exp(lsq_r + 2 (lse_r - lse)), the mean over
+    all V, and the first index of the largest value (NaN first, as torch.argmax)."""
+    n, C = t.shape[0], shard.size
+    wd = wire_dtype(x.dtype)
+    tl = t - shard.start
+    owned = (tl >= 0) & (tl < C)
+    cols = []
+    if C:
+        tc = tl.clamp(0, C - 1)
+        _, ent_r, lse_r, st_r, am_r = _ops.token_logprobs_fwd(x, tc, temperature, entropy, stats)
+        xt = torch.where(owned, x.gather(1, tc[:, None]).squeeze(1).to(wd), torch.zeros((), dtype=wd))
+    else:  # an empty slice (V smaller than the group): contributes nothing
+        lse_r = torch.full((n,), float("-inf"), dtype=torch.float64, device=x.device)
+        ent_r, xt = torch.zeros_like(lse_r), torch.zeros((n,), dtype=wd, device=x.device)
+        st_r = torch.stack([lse_r, torch.zeros_like(lse_r)], 1)
+        am_r = torch.zeros((n,), dtype=torch.int64, device=x.device)
+    empty = lse_r == float("-inf")  # a slice whose row is all -inf (or no slice): weight 0, nothing else read
+    cols += [lse_r.to(wd), xt]
+    if entropy:
+        cols.append(torch.where(empty, 0.0, lse_r - ent_r).to(wd))
+    if stats:
+        amax = x.gather(1, am_r[:, None]).squeeze(1).to(wd) if C else torch.full((n,), float("-inf"), dtype=wd,
+                                                                               device=x.device)
+        idx = (am_r + shard.start).contiguous().view(wd).reshape(n, -1)  # the global index, bit-exact
+        cols += [torch.where(empty, float("-inf"), st_r[:, 0]).to(wd), (st_r[:, 1] * C).to(wd), amax]
+    wire = torch.cat([c.reshape(n, 1) for c in cols] + ([idx] if stats else []), 1).contiguous()
+    world = dist.get_world_size(shard.group)
+    got = wire.new_empty((world * n, wire.shape[1]))
+    _all_gather(got, wire, shard.group)
+    got = got.view(world, n, -1)
+    k = len(cols)
+    g = got[..., :k].to(torch.float64)
+    L = g[..., 0]
+    M = L.amax(0) if n else L.new_empty((0,))
+    Ms = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    w = torch.exp(L - Ms)
+    S = w.sum(0)
+    lse = torch.where(torch.isfinite(M), torch.log(S) + Ms, M)
+    lp = g[..., 1].sum(0) * (1.0 / temperature) - lse
+    H = lse - (w * g[..., 2]).sum(0) / S if entropy else lse.new_empty((0,))
+    if not stats:
+        return lp, H, lse, lse.new_empty((0, 2)), torch.empty((0,), dtype=torch.int64, device=x.device)
+    c = 3 if entropy else 2
+    lsq = torch.logsumexp(g[..., c] + 2 * (L - lse), 0)
+    mean = g[..., c + 1].sum(0) / shard.V
+    val = g[..., c + 2]
+    gidx = got[..., k:].contiguous().view(torch.int64).reshape(world, n)
+    best_v, best_i = val[0], gidx[0]
+    for r in range(1, world):  # ranks hold increasing classes: a tie keeps the earlier (smaller) index
+        better = (val[r] > best_v) | (torch.isnan(val[r]) & ~torch.isnan(best_v))
+        best_v, best_i = torch.where(better, val[r], best_v), torch.where(better, gidx[r], best_i)
+    return lp, H, lse, torch.stack([lsq, mean], 1), best_i
+
+
+def logprobs_backward(g_lp, g_h, x, t, lse, entropy, shard: VocabShard, temperature: float):
+    """d (sum g_lp log p_t + g_h H) / d local logits from the whole vocabulary's lse and entropy: one pass of the
+    log-prob backward kernel over the slice (the token's + g_lp only where the slice holds it), no communication."""
+    if shard.size == 0:
+        return torch.empty_like(x)
+    return _ops.token_logprobs_bwd(g_lp, g_h, x, t, lse, entropy, temperature, shard.start)
