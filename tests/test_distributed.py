@@ -1,5 +1,6 @@
 """fastloss.distributed on the CPU with gloo, 2 and 3 processes, uneven vocabulary shards: loss and gradients equal
-the single-process fastloss call (and F.cross_entropy where it has the option) on the full vocabulary."""
+the single-process fastloss call (and F.cross_entropy where it has the option) on the full vocabulary; the token
+log-probabilities (entropy, statistics, softcap for the linear version) likewise."""
 
 import itertools
 import sys
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 import fastloss
 from _gloo import spawn
-from fastloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from fastloss.distributed import (vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy,
+                                  vocab_parallel_linear_token_logprobs, vocab_parallel_token_logprobs)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -84,6 +86,44 @@ def _check_linear(rank, sizes, dtype, tol):
         assert _rel(ga[2].double(), gr[2][sl]) <= tol * 10, opts
 
 
+def _check_logprobs(rank, sizes, dtype, tol):
+    """vocab_parallel_token_logprobs / vocab_parallel_linear_token_logprobs == fastloss.token_logprobs /
+    linear_token_logprobs on the full vocabulary: outputs (entropy, statistics, argmax) and gradients."""
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
+    logits, t, h0, W0, b0 = _data(dtype, masked=False)  # (-inf and NaN rows: tests/test_dtensor.py, same code)
+    t = t.clamp_min(0)
+    a = torch.linspace(0.5, 1.5, N, dtype=torch.float64)
+    c = torch.linspace(-1.0, 1.0, N, dtype=torch.float64)
+    for kw in (dict(), dict(temperature=0.7, return_entropy=True), dict(return_entropy=True, return_stats=True)):
+        full = logits.clone().requires_grad_()
+        ref = fastloss.token_logprobs(full, t, **kw)
+        local = logits[:, sl].clone().requires_grad_()
+        out = vocab_parallel_token_logprobs(local, t, vocab_sizes=sizes if kw else None, **kw)
+        hr, Wr, br = (x.clone().requires_grad_() for x in (h0, W0, b0))
+        lref = fastloss.linear_token_logprobs(hr, Wr, t, bias=br, softcap=4.0, **kw)
+        hl, Wl, bl = h0.clone().requires_grad_(), W0[sl].clone().requires_grad_(), b0[sl].clone().requires_grad_()
+        lout = vocab_parallel_linear_token_logprobs(hl, Wl, t, local_bias=bl, softcap=4.0, chunk_size=5, **kw)
+        for (o, r), leaves, refs in (((out, ref), (local,), (full,)), ((lout, lref), (hl, Wl, bl), (hr, Wr, br))):
+            o, r = (o if isinstance(o, tuple) else (o,)), (r if isinstance(r, tuple) else (r,))
+            for x, y in zip(o, r):
+                assert (x is None) == (y is None)
+                if y is not None:
+                    assert x.dtype == y.dtype and (torch.equal(x, y) if y.dtype == torch.int64 else
+                                                   _rel(x.double(), y.detach().double()) <= tol), (kw, x, y)
+            lo = (o[0] * a.to(o[0].dtype)).sum() + ((o[1] * c.to(o[1].dtype)).sum() if len(o) > 1 else 0)
+            lr = (r[0] * a.to(r[0].dtype)).sum() + ((r[1] * c.to(r[1].dtype)).sum() if len(r) > 1 else 0)
+            for x, y, leaf in zip(torch.autograd.grad(lo, leaves), torch.autograd.grad(lr, refs), leaves):
+                y = y[:, sl] if leaf is local else (y[sl] if leaf is Wl or leaf is bl else y)
+                assert _rel(x.double(), y.double()) <= tol * 10, (kw, _rel(x.double(), y.double()))
+    try:
+        vocab_parallel_token_logprobs(logits[:, sl], torch.full((N,), 37))
+    except IndexError as e:
+        assert "token 37" in str(e)
+    else:
+        raise AssertionError("out-of-range token not caught")
+
+
 def _check_bytes_per_token(rank, sizes):
     """What crosses the network, per token, float32: (m, d, x_t) -- 12 B, 16 B with label smoothing -- in one
     all-gather on 2 ranks, or an all-reduce MAX of m (4 B) and one packed SUM (8 B / 12 B) on more; nothing in the
@@ -125,6 +165,14 @@ def _check_bytes_per_token(rank, sizes):
         xb = x.detach().bfloat16().requires_grad_()
         vocab_parallel_cross_entropy(xb, t, vocab_sizes=sizes).backward()
         assert calls == ([(gather, 8 * N)] if two else [("all_reduce", 2 * N), ("all_reduce", 8 * N)]), calls
+        # token log-probs: one all-gather of (lse_r, x_t) per token, float32: 8 bytes (12 with the entropy, 32 with
+        # the statistics too: log sum p^2, the logit sum, the argmax's value and its int64 index); backward: nothing
+        for kw, nbytes in ((dict(), 8), (dict(return_entropy=True), 12),
+                           (dict(return_entropy=True, return_stats=True), 32)):
+            calls.clear()
+            out = vocab_parallel_token_logprobs(x, t.clamp_min(0), vocab_sizes=sizes, **kw)
+            (out if isinstance(out, torch.Tensor) else out[0]).sum().backward()
+            assert calls == [(gather, nbytes * N)], (kw, calls)
     finally:
         for name, fn in real.items():
             setattr(dist, name, fn)
@@ -137,6 +185,8 @@ def _worker(rank, world):
     _check_ce(rank, sizes, torch.bfloat16, 2 ** -7)
     _check_linear(rank, sizes, torch.bfloat16, 2 ** -6)
     _check_ce(rank, sizes, torch.float32, 1e-5)
+    _check_logprobs(rank, sizes, torch.float64, 1e-12)
+    _check_logprobs(rank, sizes, torch.bfloat16, 2 ** -6)
     _check_bytes_per_token(rank, sizes)
     # bad input: every rank raises the same clear error (after the layout all-gather, before any other
     # collective, so no rank hangs)

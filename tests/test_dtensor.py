@@ -130,6 +130,58 @@ def _check_linear(mesh, dtype, tol):
         assert _rel(_full(ga[2]), gr[2]) <= tol * 10, opts
 
 
+def _check_linear_logprobs(mesh, dtype, tol):
+    """fastloss.linear_token_logprobs with the head sharded along the vocabulary (Shard(0), with bias): log-probs,
+    entropy, statistics and the gradients of hidden, weight and bias == the single-process call; temperature,
+    softcap, uneven upstream gradients on either output, chunks that split the tokens unevenly; the hidden states
+    plain, a replicated DTensor (output a DTensor) or sharded over the tokens (gathered)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(2)
+    h0 = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
+    W0 = (torch.randn(V, D, generator=g, dtype=torch.float64) * 0.8).to(dtype)
+    b0 = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    t = torch.randint(0, V, (N,), generator=g)
+    a = torch.linspace(0.5, 1.5, N, dtype=torch.float64)
+    c = torch.linspace(-1.0, 1.0, N, dtype=torch.float64)
+    cases = [dict(), dict(temperature=0.7, return_entropy=True), dict(return_entropy=True, return_stats=True),
+             dict(softcap=3.0, return_entropy=True, temperature=1.3)]
+    for kw, hp in itertools.product(cases, (None, Replicate(), Shard(0))):
+        h, W, b = (x.clone().requires_grad_() for x in (h0, W0, b0))
+        ref = fastloss.linear_token_logprobs(h, W, t, bias=b, **kw)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        hin = (h0.clone() if hp is None else distribute_tensor(h0.clone(), mesh, [hp])).requires_grad_()
+        Wd = distribute_tensor(W0.clone(), mesh, [Shard(0)]).requires_grad_()
+        bd = distribute_tensor(b0.clone(), mesh, [Shard(0)]).requires_grad_()
+        out = fastloss.linear_token_logprobs(hin, Wd, t, bias=bd, chunk_size=5, **kw)
+        out = out if isinstance(out, tuple) else (out,)
+        for i, (x, y) in enumerate(zip(out, ref)):
+            if y is None:
+                assert x is None
+                continue
+            assert isinstance(x, DTensor) == (hp is not None), (i, type(x))
+            x = _full(x)
+            assert x.dtype == y.dtype and x.shape == y.shape, i
+            assert (torch.equal(x, y) if y.dtype == torch.int64 else _rel(x, y.detach()) <= tol), (kw, hp, i)
+        loss_ref = (ref[0] * a.to(ref[0].dtype)).sum()
+        loss = (_full(out[0]) * a.to(ref[0].dtype)).sum()
+        if kw.get("return_entropy"):
+            loss_ref = loss_ref + (ref[1] * c.to(ref[1].dtype)).sum()
+            loss = loss + (_full(out[1]) * c.to(ref[1].dtype)).sum()
+        gr = torch.autograd.grad(loss_ref, (h, W, b))
+        ga = torch.autograd.grad(loss, (hin, Wd, bd))
+        for x, y in zip(ga, gr):
+            assert _rel(_full(x), y) <= tol * 10, (kw, hp, _rel(_full(x), y))
+    with pytest.raises(IndexError, match="token 37"):
+        fastloss.linear_token_logprobs(h0, distribute_tensor(W0, mesh, [Shard(0)]), torch.full((N,), V))
+    # the linear calls without a tensor-parallel version say so, naming the argument
+    Wd = distribute_tensor(W0, mesh, [Shard(0)])
+    with pytest.raises(NotImplementedError, match="linear_distillation_loss: `student_weight` is a DTensor"):
+        fastloss.linear_distillation_loss(h0, Wd, h0, W0)
+    with pytest.raises(NotImplementedError, match="linear_spherical_loss: `linear_weight` is a DTensor"):
+        fastloss.linear_spherical_loss(h0, Wd, t)
+
+
 VOCAB_PARALLEL = ("softmax", "log_softmax", "logsumexp")
 
 
@@ -313,6 +365,8 @@ def _worker(rank, world):
     _check_logprobs(mesh, torch.float64, 1e-12)
     _check_logprobs(mesh, torch.float32, 1e-6)
     _check_logprobs(mesh, torch.bfloat16, 2 ** -7)
+    _check_linear_logprobs(mesh, torch.float64, 1e-12)
+    _check_linear_logprobs(mesh, torch.bfloat16, 2 ** -6)
     _check_inplace_row_ops(mesh)
     _check_errors(mesh)
 

@@ -70,6 +70,21 @@ def token_stats(lp, ent, stats, argmax, out, lead) -> TokenStats:
 # ---------------------------------------------------------------- argument checks
 
 
+def refuse_dtensors(fn: str, **tensors) -> None:
+    """A clear error for DTensor arguments of a call with no tensor-parallel version (instead of DTensor's own
+    about mixed tensors, or a silent gather)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # no torch.distributed: no DTensors either
+        return
+    for name, x in tensors.items():
+        if isinstance(x, DTensor):
+            raise NotImplementedError(
+                f"fastloss.{fn}: `{name}` is a DTensor (placements {tuple(x.placements)}); this call has no "
+                "tensor-parallel version (linear_cross_entropy and linear_token_logprobs take a vocabulary-sharded "
+                f"head): pass plain tensors, e.g. `{name}.full_tensor()`")
+
+
 def check_tensor(fn: str, name: str, value) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"fastloss.{fn}: `{name}` must be a torch.Tensor, got {type(value).__name__}")

@@ -514,16 +514,19 @@ def replicate_like(input: DTensor, t: Optional[torch.Tensor]):
 class LinearOperands:
     """The local operands of a linear cross-entropy whose head weight is a DTensor: rows (V, D) sharded along the
     vocabulary on one mesh dimension (``ColwiseParallel`` on the head: ``Shard(0)``) and replicated on the others;
-    the hidden states replicated over that mesh (a DTensor, or a plain tensor holding them)."""
+    the hidden states replicated over that mesh (a DTensor, or a plain tensor holding them). ``names``: the
+    caller's names of (input, weight, bias, target) for messages; ignore_index None: targets are tokens."""
 
-    def __init__(self, fn: str, input, W: DTensor, bias, target, weight, ignore_index: int):
+    def __init__(self, fn: str, input, W: DTensor, bias, target, weight, ignore_index: Optional[int],
+                 names=("input", "linear_weight", "linear_bias", "target")):
+        n_in, n_w, n_b, n_t = names
         if not isinstance(W, DTensor):
-            raise TypeError(f"fastloss.{fn}: `input` is a DTensor but `linear_weight` is not; pass the head weight as "
+            raise TypeError(f"fastloss.{fn}: `{n_in}` is a DTensor but `{n_w}` is not; pass the head weight as "
                             "a DTensor (tensor parallelism) or both as plain tensors")
         self.mesh = W.device_mesh
         vocab = [i for i, p in enumerate(W.placements) if p.is_shard(0)]
         if any(not (p.is_replicate() or p.is_shard(0)) for p in W.placements) or len(vocab) > 1:
-            raise NotImplementedError(f"fastloss.{fn}: `linear_weight` with placements {tuple(W.placements)}: only "
+            raise NotImplementedError(f"fastloss.{fn}: `{n_w}` with placements {tuple(W.placements)}: only "
                                       "Shard(0) (the vocabulary, ColwiseParallel) on at most one mesh dimension and "
                                       "Replicate elsewhere are supported")
         V = W.shape[0]
@@ -534,13 +537,13 @@ class LinearOperands:
             self.shard = None
         rep = [Replicate()] * self.mesh.ndim
         self.wrap_out = isinstance(input, DTensor)
-        self.h = self._replicated(fn, "input", input, rep)
-        self.t = self._replicated(fn, "target", target, rep)
+        self.h = self._replicated(fn, n_in, n_w, input, rep)
+        self.t = self._replicated(fn, n_t, n_w, target, rep)
         self.W = W.to_local()
         if bias is not None:
             if not isinstance(bias, DTensor) or tuple(bias.placements) != tuple(W.placements):
-                raise NotImplementedError(f"fastloss.{fn}: `linear_bias` must be a DTensor with `linear_weight`'s "
-                                          f"placements {tuple(W.placements)}")
+                raise NotImplementedError(f"fastloss.{fn}: `{n_b}` must be a DTensor with `{n_w}`'s placements "
+                                          f"{tuple(W.placements)}")
             bias = bias.to_local()
         self.b = bias
         if self.shard is not None:
@@ -550,11 +553,11 @@ class LinearOperands:
             self.weights = None
             self.weight = _full(weight)
 
-    def _replicated(self, fn, name, x, rep):
+    def _replicated(self, fn, name, n_w, x, rep):
         if not isinstance(x, DTensor):
             return x
         if x.device_mesh != self.mesh:
-            raise ValueError(f"fastloss.{fn}: `{name}` is on another device mesh than `linear_weight`")
+            raise ValueError(f"fastloss.{fn}: `{name}` is on another device mesh than `{n_w}`")
         if tuple(x.placements) != tuple(rep):
             x = x.redistribute(self.mesh, rep)
         return x.to_local()

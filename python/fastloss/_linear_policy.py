@@ -16,9 +16,10 @@ import torch
 
 from torch.autograd.function import once_differentiable
 
+from . import _vocab_parallel
 from ._linear_ce import _acc_dtype, _chunk_backward, _compute_dtype, no_autocast, resolve_chunk_rows
 from ._common import (TokenLogprobs, check_temperature, check_tensor, check_tokens, distill_options, out_dtype,
-                      reduce_rows, token_stats, unmasked_count)
+                      reduce_rows, refuse_dtensors, token_stats, unmasked_count)
 
 
 def _check_head(fn: str, hname: str, wname: str, bname: str, h, W, b) -> None:
@@ -197,6 +198,8 @@ def linear_distillation_loss_impl(hs, Ws, ht, Wt, bs, bt, divergence, beta, temp
                                   reduction, hard_weight, chunk_size, return_student_entropy=False,
                                   student_softcap=None, teacher_softcap=None):
     fn = "linear_distillation_loss"
+    refuse_dtensors(fn, student_hidden=hs, student_weight=Ws, student_bias=bs, teacher_hidden=ht, teacher_weight=Wt,
+                    teacher_bias=bt, target=target)
     _check_head(fn, "student_hidden", "student_weight", "student_bias", hs, Ws, bs)
     _check_head(fn, "teacher_hidden", "teacher_weight", "teacher_bias", ht, Wt, bt)
     if Ws.shape[0] != Wt.shape[0]:
@@ -315,6 +318,19 @@ def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return
     check_tokens(fn, "tokens", tokens, lead)
     temperature = check_temperature(fn, temperature)
     softcap = _check_softcap(fn, "softcap", softcap)
+    from .functional import _dtensor, _is_dtensor
+
+    if _is_dtensor(weight) or _is_dtensor(hidden):  # a DTensor head (tensor parallelism)
+        ops = _dtensor.LinearOperands(fn, hidden, weight, bias, tokens, None, None,
+                                      ("hidden", "weight", "bias", "tokens"))
+        if ops.shard is None:  # replicated: the ordinary path on the local tensors
+            return ops.wrap(linear_token_logprobs_impl(ops.h, ops.W, ops.t, ops.b, temperature, return_entropy,
+                                                       chunk_size, return_stats, softcap))
+        lp, ent, st, am = _vocab_parallel.linear_logprobs(ops.h, ops.W, ops.b, ops.t.reshape(-1), ops.shard,
+                                                          temperature, bool(return_entropy), bool(return_stats),
+                                                          softcap, chunk_size)
+        return ops.wrap(_logprob_outputs(lp, ent, st, am, hidden.dtype, tuple(ops.h.shape[:-1]), return_entropy,
+                                         return_stats))
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     N, V = h.shape[0], weight.shape[0]
     # with a softcap the backward keeps d cap / d logits beside each chunk: two chunk buffers in the budget
@@ -324,7 +340,11 @@ def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return
     lp, ent, _, st, am = _LinearTokenLogprobs.apply(h, weight.contiguous(), bias, tokens.reshape(-1), temperature,
                                                     bool(return_entropy), chunk_rows, want, bool(return_stats),
                                                     softcap)
-    out = out_dtype(hidden.dtype)
+    return _logprob_outputs(lp, ent, st, am, hidden.dtype, lead, return_entropy, return_stats)
+
+
+def _logprob_outputs(lp, ent, st, am, dtype, lead, return_entropy, return_stats):
+    out = out_dtype(dtype)
     lp = lp.to(out).view(lead)
     ent = ent.to(out).view(lead) if return_entropy else None
     if return_stats:

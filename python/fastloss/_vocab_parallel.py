@@ -367,3 +367,112 @@ def logprobs_backward(g_lp, g_h, x, t, lse, entropy, shard: VocabShard, temperat
     if shard.size == 0:
         return torch.empty_like(x)
     return _ops.token_logprobs_bwd(g_lp, g_h, x, t, lse, entropy, temperature, shard.start)
+
+
+class VocabParallelLogprobs(torch.autograd.Function):
+    """(logprobs, entropy, stats, argmax) of local logits [N, C] over the sharded vocabulary; the gradient of the
+    first two flows to the local logits only (no communication)."""
+
+    @staticmethod
+    def forward(ctx, x, t, shard, temperature, entropy, stats):
+        lp, ent, lse, st, am = logprobs_forward(x, t, shard, temperature, entropy, stats)
+        ctx.save_for_backward(x, t, lse, ent)
+        ctx.meta = (shard, temperature)
+        ctx.mark_non_differentiable(st, am)
+        return lp, ent, st, am
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, _g_st, _g_am):
+        x, t, lse, ent = ctx.saved_tensors
+        shard, temperature = ctx.meta
+        if g_ent is not None and ent.shape[0] != x.shape[0]:
+            g_ent = None
+        if g_lp is None and g_ent is None:
+            return (None,) * 6
+        glp = None if g_lp is None else g_lp.to(torch.float64).contiguous()
+        gh = None if g_ent is None else g_ent.to(torch.float64).contiguous()
+        return (logprobs_backward(glp, gh, x, t, lse, ent, shard, temperature),) + (None,) * 5
+
+
+def _capped(x: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    return x if softcap is None else torch.tanh(x / softcap) * softcap  # (-inf -> -softcap, as the model's code)
+
+
+class VocabParallelLinearLogprobs(torch.autograd.Function):
+    """linear_token_logprobs with the head's rows (and bias) sharded over the vocabulary: token chunks as in
+    :mod:`fastloss._linear_policy` (its head and gradient helpers: the same compute dtype and accumulation). Per
+    chunk the local logits (one GEMM; softcapped by torch when asked) and :func:`logprobs_forward` (one log-prob
+    pass, one all-gather). The backward recomputes each chunk's local logits, runs :func:`logprobs_backward` and
+    the two GEMMs; d hidden is all-reduced once at the end."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, t, shard, temperature, entropy, stats, softcap, chunk_rows, want):
+        from ._linear_ce import no_autocast
+        from ._linear_policy import _Head
+
+        N = h.shape[0]
+        f64 = dict(dtype=torch.float64, device=h.device)
+        lp, lse = torch.empty(N, **f64), torch.empty(N, **f64)
+        ent = torch.empty(N if entropy else 0, **f64)
+        st = torch.empty((N if stats else 0, 2), **f64)
+        am = torch.empty(N if stats else 0, dtype=torch.int64, device=h.device)
+        head = _Head(h, W, b)
+        for s in range(0, N, chunk_rows):  # (the same chunks on every rank: the hidden states are replicated)
+            e = min(N, s + chunk_rows)
+            with no_autocast(h.device):
+                x = _capped(head.logits(head.rows(s, e)), softcap).contiguous()
+            c_lp, c_ent, c_lse, c_st, c_am = logprobs_forward(x, t[s:e], shard, temperature, entropy, stats)
+            lp[s:e], lse[s:e] = c_lp, c_lse
+            if entropy:
+                ent[s:e] = c_ent
+            if stats:
+                st[s:e], am[s:e] = c_st, c_am
+            del x
+        ctx.save_for_backward(h, W, b, t, lse, ent)
+        ctx.meta = (shard, temperature, softcap, chunk_rows, want)
+        ctx.mark_non_differentiable(st, am)
+        return lp, ent, st, am
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, _g_st, _g_am):
+        from ._linear_ce import no_autocast
+        from ._linear_policy import _Grads, _Head
+
+        h, W, b, t, lse, ent = ctx.saved_tensors
+        shard, temperature, softcap, chunk_rows, want = ctx.meta
+        if g_ent is not None and ent.shape[0] != h.shape[0]:
+            g_ent = None  # the entropy was not computed: nothing flows from it
+        if g_lp is None and g_ent is None:
+            return (None,) * 11
+        glp = None if g_lp is None else g_lp.to(torch.float64).contiguous()
+        gh = None if g_ent is None else g_ent.to(torch.float64).contiguous()
+        head = _Head(h, W, b)
+        grads = _Grads(head, W, want)
+        for s in range(0, h.shape[0], chunk_rows):
+            e = min(h.shape[0], s + chunk_rows)
+            with no_autocast(h.device):
+                hc = head.rows(s, e)
+                x = _capped(head.logits(hc), softcap).contiguous()
+                g = logprobs_backward(None if glp is None else glp[s:e], None if gh is None else gh[s:e], x, t[s:e],
+                                      lse[s:e], ent[s:e] if gh is not None else ent, shard, temperature)
+                if softcap is not None:  # d cap(z) / dz = 1 - (cap(z) / softcap)^2
+                    g = g * (1 - (x / softcap) ** 2)
+                grads.add_chunk(g, hc, head, s, e)
+        if grads.gh is not None:
+            dist.all_reduce(grads.gh, op=dist.ReduceOp.SUM, group=shard.group)  # d hidden: the one collective
+        return (*grads.result(h, W, b),) + (None,) * 8
+
+
+def linear_logprobs(hidden, local_weight, local_bias, t, shard, temperature, entropy, stats, softcap, chunk_size):
+    """(logprobs, entropy, stats, argmax) float64 / int64 rows of ``hidden @ W_r.T (+ b_r)`` over the sharded
+    vocabulary (local tensors, the hidden states replicated over the group)."""
+    from ._linear_ce import resolve_chunk_rows
+
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    want = (hidden.requires_grad, local_weight.requires_grad, local_bias is not None and local_bias.requires_grad)
+    if not torch.is_grad_enabled():
+        want = (False, False, False)
+    chunk_rows = resolve_chunk_rows(chunk_size, h.shape[0], max(shard.size, 1), hidden.dtype, hidden.device,
+                                    fn="linear_token_logprobs", buffers=1 if softcap is None else 2)
+    return VocabParallelLinearLogprobs.apply(h, local_weight.contiguous(), local_bias, t.contiguous(), shard,
+                                             temperature, entropy, stats, softcap, chunk_rows, want)

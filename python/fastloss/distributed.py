@@ -1,4 +1,5 @@
-"""Vocab-parallel (tensor-parallel) cross-entropy and linear cross-entropy over torch.distributed.
+"""Vocab-parallel (tensor-parallel) cross-entropy, linear cross-entropy and token log-probabilities over
+torch.distributed.
 
 Each rank of ``group`` holds a contiguous slice of the vocabulary, ranks in order, slices of any sizes (worked
 out with one small all-gather unless ``vocab_sizes`` is given). ``target`` holds global class indices on every
@@ -12,6 +13,11 @@ full vocabulary (class-index targets; class weights, ignore_index, reduction, la
 the comp-sum losses), accumulated in float32 (float64 for float64 input). Label smoothing is over the *global*
 vocabulary (Megatron's smoothing under TP > 1 used the local one, NVIDIA/Megatron-LM#737). All ranks must call
 with the same targets and options.
+
+The token log-probabilities (:func:`vocab_parallel_token_logprobs`, :func:`vocab_parallel_linear_token_logprobs`)
+are those of :func:`fastloss.token_logprobs` / :func:`fastloss.linear_token_logprobs` on the full vocabulary
+(entropy, TRL's statistics, temperature, softcap for the linear one): one log-prob kernel pass over the local
+logits, one all-gather of a few numbers per token, a backward with no communication for the logits' gradient.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import torch.distributed as dist
 
 from . import _vocab_parallel as _vp
 from ._common import REDUCTIONS as _REDUCTIONS
+from ._common import check_temperature as _check_temperature
+from ._linear_policy import _logprob_outputs
 from ._common import loss_kind as _loss_kind
 from ._common import mean_denominator as _mean_denominator
 from ._common import reduce_rows as _reduce_rows
@@ -192,3 +200,87 @@ def _linear(hidden, local_weight, local_bias, t, weights, shard, opts, reduction
     rows, _ = _vp.linear_rows(hidden, local_weight, local_bias, t, weights, shard, opts, reduction != "none",
                               chunk_size)
     return _finish(rows, t, weights, opts, reduction, hidden.dtype, shape)
+
+
+# ---------------------------------------------------------------- token log-probabilities (RL policies)
+
+
+def vocab_parallel_token_logprobs(
+    local_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    group=None,
+    *,
+    vocab_sizes: Optional[Sequence[int]] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_stats: bool = False,
+):
+    """:func:`fastloss.token_logprobs` of logits whose vocabulary (last) dimension is sharded over ``group``.
+
+    local_logits: (..., V_r), this rank's contiguous vocabulary slice (rank order = vocabulary order); tokens:
+    (...,) global token indices, the same on every rank. Returns what :func:`fastloss.token_logprobs` returns on
+    the gathered logits, on every rank (float32, float64 for float64 logits); the gradient flows to each rank's
+    own slice with no communication in the backward.
+    """
+    fn = f"{_NAME}.vocab_parallel_token_logprobs"
+    for name, val in (("local_logits", local_logits), ("tokens", tokens)):
+        if not isinstance(val, torch.Tensor):
+            raise TypeError(f"{fn}: `{name}` must be a tensor")
+    if local_logits.dim() < 1 or tuple(tokens.shape) != tuple(local_logits.shape[:-1]) or \
+            tokens.dtype != torch.int64:
+        raise ValueError(f"{fn}: `tokens` must be int64 of shape local_logits.shape[:-1] = "
+                         f"{tuple(local_logits.shape[:-1])}, got {tokens.dtype} {tuple(tokens.shape)}")
+    temperature = _check_temperature(fn[len("fastloss."):], temperature)
+    start, V = _shard_layout(local_logits.shape[-1], group, vocab_sizes, local_logits.device)
+    shard = _vp.VocabShard(start, local_logits.shape[-1], V, group)
+    t = tokens.reshape(-1).contiguous()
+    _vp.check_targets(fn, t, V, None)
+    x = local_logits.reshape(-1, local_logits.shape[-1]).contiguous()
+    lp, ent, st, am = _vp.VocabParallelLogprobs.apply(x, t, shard, temperature, bool(return_entropy),
+                                                      bool(return_stats))
+    return _logprob_outputs(lp, ent, st, am, local_logits.dtype, tuple(tokens.shape), return_entropy, return_stats)
+
+
+def vocab_parallel_linear_token_logprobs(
+    hidden: torch.Tensor,
+    local_weight: torch.Tensor,
+    tokens: torch.Tensor,
+    group=None,
+    *,
+    local_bias: Optional[torch.Tensor] = None,
+    vocab_sizes: Optional[Sequence[int]] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_stats: bool = False,
+    softcap: Optional[float] = None,
+    chunk_size="auto",
+):
+    """:func:`fastloss.linear_token_logprobs` of ``hidden @ W.T (+ b)`` with ``W`` (V, D) sharded by vocabulary
+    rows over ``group``: hidden (..., D) the same on every rank, local_weight (V_r, D), local_bias (V_r,), tokens
+    (...,) global indices. Token chunks (``chunk_size``): no rank holds (N, V_r) logits. d local_weight and
+    d local_bias stay local; d hidden is summed over the ranks (one all-reduce)."""
+    fn = f"{_NAME}.vocab_parallel_linear_token_logprobs"
+    for name, val in (("hidden", hidden), ("local_weight", local_weight), ("tokens", tokens)):
+        if not isinstance(val, torch.Tensor):
+            raise TypeError(f"{fn}: `{name}` must be a tensor")
+    if local_weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != local_weight.shape[1] or \
+            hidden.dtype != local_weight.dtype:
+        raise ValueError(f"{fn}: `local_weight` must be (V_r, D) and `hidden` (..., D) of one dtype; got "
+                         f"{local_weight.dtype} {tuple(local_weight.shape)} and {hidden.dtype} {tuple(hidden.shape)}")
+    if local_bias is not None and tuple(local_bias.shape) != (local_weight.shape[0],):
+        raise ValueError(f"{fn}: `local_bias` must have shape ({local_weight.shape[0]},), got "
+                         f"{tuple(local_bias.shape)}")
+    if tokens.dtype != torch.int64 or tuple(tokens.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{fn}: `tokens` must be int64 of shape {tuple(hidden.shape[:-1])}, got "
+                         f"{tokens.dtype} {tuple(tokens.shape)}")
+    temperature = _check_temperature(fn[len("fastloss."):], temperature)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{fn}: `softcap` must be > 0 or None, got {softcap}")
+    start, V = _shard_layout(local_weight.shape[0], group, vocab_sizes, hidden.device)
+    shard = _vp.VocabShard(start, local_weight.shape[0], V, group)
+    t = tokens.reshape(-1).contiguous()
+    _vp.check_targets(fn, t, V, None)
+    lp, ent, st, am = _vp.linear_logprobs(hidden, local_weight, local_bias, t, shard, temperature,
+                                          bool(return_entropy), bool(return_stats),
+                                          None if softcap is None else float(softcap), chunk_size)
+    return _logprob_outputs(lp, ent, st, am, hidden.dtype, tuple(tokens.shape), return_entropy, return_stats)

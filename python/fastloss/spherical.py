@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._common import check_tensor, check_tokens, reduce_rows, spherical_options, unmasked_count
+from ._common import check_tensor, check_tokens, reduce_rows, refuse_dtensors, spherical_options, unmasked_count
 from ._linear_spherical import linear_spherical_loss_impl
 
 
@@ -69,6 +69,7 @@ def linear_spherical_loss(input: torch.Tensor, linear_weight: torch.Tensor, targ
     float32); target (...) int64. The other arguments and the result are those of :func:`spherical_loss`.
     """
     fn = "linear_spherical_loss"
+    refuse_dtensors(fn, input=input, linear_weight=linear_weight, bias=bias, target=target)
     check_tensor(fn, "input", input)
     check_tensor(fn, "linear_weight", linear_weight)
     a, b = spherical_options(fn, loss, a, b, reduction)
