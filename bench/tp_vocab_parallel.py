@@ -1,11 +1,18 @@
-"""Vocabulary-parallel cross-entropy on DTensor logits: fastloss vs ``loss_parallel()`` + ``F.cross_entropy``.
+"""Vocabulary-parallel losses on DTensor logits: fastloss vs PyTorch's own tensor-parallel path.
 
 Logits (N, V) sharded along the vocabulary (``Shard(1)``, what ColwiseParallel on the head gives) over gloo
-processes on this machine's CPU; forward + backward of the mean loss, median of the repeats (after one warm-up),
-every rank timing its own calls between barriers; bytes per token: what each rank hands to collectives (the
-payloads of all-reduce / all-gather calls seen by a dispatch mode, forward and backward), divided by N.
+processes on this machine's CPU; median of the repeats (after one warm-up), every rank timing its own calls
+between barriers; bytes per token: what each rank hands to collectives (the payloads of all-reduce / all-gather
+calls, torch.distributed's and the functional collectives DTensor uses, forward and backward), divided by N.
 
-    python bench/tp_vocab_parallel.py --tokens 4096 --vocab 32768 --world 2 [--dtype float32] [--out FILE]
+--op ce: forward + backward of the mean cross-entropy; fastloss.cross_entropy vs ``loss_parallel()`` +
+``F.cross_entropy``.
+--op logprobs: an RL policy's terms -- log p(token) and the entropy of softmax(logits / T), T = 0.7 -- forward
+and backward of sum(a * logp) + sum(b * entropy); fastloss.token_logprobs vs the same with DTensor ops under
+``loss_parallel()``: logp = -F.cross_entropy(z, tokens, reduction="none"), entropy = -(exp(l) * l).sum(-1) with
+l = F.log_softmax(z, -1) (both vocabulary-parallel there), z = logits / T.
+
+    python bench/tp_vocab_parallel.py --tokens 4096 --vocab 32768 --world 2 [--dtype float32] [--op ce] [--out F]
 """
 
 from __future__ import annotations
@@ -58,18 +65,54 @@ class _CollectiveBytes:
             setattr(mod, name, fn)
 
 
-def _run(impl, dx, t):
+TEMPERATURE = 0.7
+
+
+def _run(op, impl, dx, t, a=None, b=None):
     import fastloss
     from torch.distributed.tensor.parallel import loss_parallel
 
-    if impl == "fastloss":
-        loss = fastloss.cross_entropy(dx, t)
-        loss.backward()
-    else:
-        with loss_parallel():
-            loss = F.cross_entropy(dx, t)
+    if op == "ce":
+        if impl == "fastloss":
+            loss = fastloss.cross_entropy(dx, t)
             loss.backward()
+        else:
+            with loss_parallel():
+                loss = F.cross_entropy(dx, t)
+                loss.backward()
+        return loss
+    if impl == "fastloss":
+        lp, ent = fastloss.token_logprobs(dx, t, temperature=TEMPERATURE, return_entropy=True)
+        loss = (lp * a).sum() + (ent * b).sum()
+        loss.backward()
+        return loss
+    with loss_parallel():
+        z = dx / TEMPERATURE
+        lp = -F.cross_entropy(z, t, reduction="none").float()
+        logp = F.log_softmax(z, -1)
+        ent = -(logp.exp() * logp).sum(-1).float()
+        loss = (lp * a).sum() + (ent * b).sum()
+        loss.backward()
     return loss
+
+
+def _truth(op, logits, t, a, b, rows=256):
+    """The objective in float64 on the full logits (row chunks): what both implementations approximate."""
+    total = 0.0
+    n = 0
+    for s in range(0, logits.shape[0], rows):
+        x = logits[s:s + rows].double()
+        tc = t[s:s + rows]
+        if op == "ce":
+            keep = tc != -100
+            total += F.cross_entropy(x[keep], tc[keep], reduction="sum").item()
+            n += int(keep.sum())
+        else:
+            logp = torch.log_softmax(x / TEMPERATURE, -1)
+            lp = logp.gather(1, tc[:, None]).squeeze(1)
+            ent = -(logp.exp() * logp).sum(-1)
+            total += ((lp * a[s:s + rows].double()).sum() + (ent * b[s:s + rows].double()).sum()).item()
+    return total / n if op == "ce" else total
 
 
 def _worker(rank, world, init_file, args, q):
@@ -85,26 +128,32 @@ def _worker(rank, world, init_file, args, q):
         g = torch.Generator().manual_seed(0)
         logits = torch.randn(args.tokens, args.vocab, generator=g).mul_(3).to(dtype)
         t = torch.randint(0, args.vocab, (args.tokens,), generator=g)
-        t[::7] = -100
+        if args.op == "ce":
+            t[::7] = -100
+        from torch.distributed.tensor import Replicate
+
+        a = distribute_tensor(torch.rand(args.tokens, generator=g), mesh, [Replicate()])
+        b = distribute_tensor(torch.rand(args.tokens, generator=g) - 0.5, mesh, [Replicate()])
         res = {}
         losses = {}
         for impl in args.impls:
             dx = distribute_tensor(logits, mesh, [Shard(1)]).requires_grad_()
             mode = _CollectiveBytes()
             with mode:
-                loss = _run(impl, dx, t)
+                loss = _run(args.op, impl, dx, t, a, b)
             losses[impl] = loss.full_tensor().double().item()
             times = []
             for _ in range(args.repeats):
                 dx.grad = None
                 dist.barrier()
                 t0 = time.perf_counter()
-                _run(impl, dx, t)
+                _run(args.op, impl, dx, t, a, b)
                 times.append(time.perf_counter() - t0)
             res[impl] = dict(ms=1e3 * statistics.median(times), bytes_per_token=mode.bytes / args.tokens,
                              collectives=mode.calls)
             del dx
         if rank == 0:
+            losses["float64"] = _truth(args.op, logits, t, a.to_local(), b.to_local())
             q.put((res, losses))
     finally:
         dist.destroy_process_group()
@@ -119,6 +168,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--impls", default="fastloss,loss_parallel")
+    p.add_argument("--op", choices=["ce", "logprobs"], default="ce")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
     args.impls = args.impls.split(",")
@@ -127,8 +177,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(args.world, os.path.join(d, "init"), args, q), nprocs=args.world, join=True)
     res, losses = q.get()
-    lines = [f"N={args.tokens} V={args.vocab} {args.dtype}, logits Shard(1) over {args.world} gloo processes "
-             f"({args.threads} thread each), forward + backward of the mean loss, median of {args.repeats}",
+    what = "the mean loss" if args.op == "ce" else f"sum(a logp) + sum(b entropy), T = {TEMPERATURE}"
+    lines = [f"{args.op}: N={args.tokens} V={args.vocab} {args.dtype}, logits Shard(1) over {args.world} gloo "
+             f"processes ({args.threads} thread each), forward + backward of {what}, median of {args.repeats}",
              "", "| implementation | ms | bytes / token sent to collectives | collectives | loss |",
              "|---|---:|---:|---:|---:|"]
     for impl in args.impls:
@@ -138,6 +189,9 @@ def main(argv=None):
     if "fastloss" in res and "loss_parallel" in res:
         lines += ["", f"speed-up: {res['loss_parallel']['ms'] / res['fastloss']['ms']:.2f}x; loss difference "
                   f"{abs(losses['fastloss'] - losses['loss_parallel']):.2e}"]
+    truth = losses["float64"]
+    lines += ["", f"float64 objective on the full logits: {truth:.10f}; relative error "
+              + ", ".join(f"{impl} {abs(losses[impl] - truth) / abs(truth):.2e}" for impl in args.impls)]
     text = "\n".join(lines)
     print(text)
     if args.out:
