@@ -22,13 +22,12 @@ from .functional import (  # noqa: E402
     softmax_topk,
 )
 from .policy import (  # noqa: E402
-    TokenLogprobs,
     distillation_loss,
     linear_distillation_loss,
     linear_token_logprobs,
     token_logprobs,
 )
-from ._common import TokenStats  # noqa: E402
+from ._common import TokenLogprobs, TokenStats  # noqa: E402
 from .spherical import linear_spherical_loss, spherical_loss  # noqa: E402
 from . import nn  # noqa: E402,F401
 

@@ -60,6 +60,19 @@ class TokenStats(NamedTuple):
     argmax: torch.Tensor
 
 
+def logprob_outputs(lp, ent, stats, argmax, dtype, lead, return_entropy, return_stats):
+    """What token_logprobs and its linear / vocabulary-parallel versions return, from the float64 rows (the
+    log-probs and entropy in float32, float64 for float64 logits of ``dtype``)."""
+    out = out_dtype(dtype)
+    lp = lp.to(out).view(lead)
+    ent = ent.to(out).view(lead) if return_entropy else None
+    if return_stats:
+        return token_stats(lp, ent, stats, argmax, out, lead)
+    if return_entropy:
+        return TokenLogprobs(lp, ent)
+    return lp
+
+
 def token_stats(lp, ent, stats, argmax, out, lead) -> TokenStats:
     """TokenStats from token_logprobs_fwd's outputs: logprobs / entropy already in `out` with shape `lead`, the
     float64 [N, 2] statistics and int64 [N] argmax reshaped and cast here."""
@@ -70,15 +83,20 @@ def token_stats(lp, ent, stats, argmax, out, lead) -> TokenStats:
 # ---------------------------------------------------------------- argument checks
 
 
+def is_dtensor(x) -> bool:
+    """Whether x is a torch.distributed DTensor (False without torch.distributed)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(x, DTensor)
+
+
 def refuse_dtensors(fn: str, **tensors) -> None:
     """A clear error for DTensor arguments of a call with no tensor-parallel version (instead of DTensor's own
     about mixed tensors, or a silent gather)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # no torch.distributed: no DTensors either
-        return
     for name, x in tensors.items():
-        if isinstance(x, DTensor):
+        if is_dtensor(x):
             raise NotImplementedError(
                 f"fastloss.{fn}: `{name}` is a DTensor (placements {tuple(x.placements)}); this call has no "
                 "tensor-parallel version (linear_cross_entropy and linear_token_logprobs take a vocabulary-sharded "

@@ -251,3 +251,42 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                       want_b=want[2], filter_eps=ctx.filter_eps, loss_kind=ctx.loss_kind,
                                       lowrank=(U, B) if U is not None else None, want_lowrank=want[3:])
         return (*grads, *([None] * 14))
+
+
+# ---------------------------------------------------------------- one head in chunks (log-prob / distillation versions)
+
+
+class Head:
+    """One LM head in its chunk compute dtype: logits of rows [s, e)."""
+
+    def __init__(self, h, W, b):
+        self.cdt = _compute_dtype(h.dtype, h.device)
+        self.h, self.W = h, W.to(self.cdt)
+        self.b = b.to(self.cdt) if b is not None else None
+
+    def rows(self, s, e):
+        return self.h[s:e].to(self.cdt)
+
+    def logits(self, hc):
+        return torch.nn.functional.linear(hc, self.W, self.b)
+
+
+class HeadGrads:
+    """d h (rows), d W and d b (float32 / float64 accumulators) of one head, as wanted."""
+
+    def __init__(self, head: Head, W, want):
+        dev, acc = head.h.device, _acc_dtype(head.h.dtype)
+        self.acc = acc
+        self.gh = torch.empty(head.h.shape, dtype=head.cdt, device=dev) if want[0] else None
+        self.gW = torch.zeros(W.shape, dtype=acc, device=dev) if want[1] else None
+        self.gb = torch.zeros(W.shape[0], dtype=acc, device=dev) if want[2] else None
+
+    def add_chunk(self, g, hc, head: Head, s, e):
+        _chunk_backward(g, hc, head.W, self.gh[s:e] if self.gh is not None else None, self.gW, self.gb, self.acc,
+                        None)
+
+    def result(self, h, W, b, keep_acc: bool = False):
+        """d h, d W, d b in the dtypes of h, W, b (keep_acc: as accumulated, float32 / the compute dtype)."""
+        out = lambda x, like: (None if x is None or like is None  # noqa: E731
+                               else x if keep_acc else x.to(like.dtype))
+        return out(self.gh, h), out(self.gW, W), out(self.gb, b)

@@ -17,9 +17,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _vocab_parallel
-from ._linear_ce import _acc_dtype, _chunk_backward, _compute_dtype, no_autocast, resolve_chunk_rows
-from ._common import (TokenLogprobs, check_temperature, check_tensor, check_tokens, distill_options, out_dtype,
-                      reduce_rows, refuse_dtensors, token_stats, unmasked_count)
+from ._linear_ce import Head, HeadGrads, _acc_dtype, no_autocast, resolve_chunk_rows
+from ._common import (check_temperature, check_tensor, check_tokens, distill_options, is_dtensor, logprob_outputs,
+                      out_dtype, reduce_rows, refuse_dtensors, unmasked_count)
 
 
 def _check_head(fn: str, hname: str, wname: str, bname: str, h, W, b) -> None:
@@ -64,46 +64,10 @@ def _check_softcap(fn: str, name: str, softcap):
     return float(softcap)
 
 
-class _Head:
-    """One LM head in its chunk compute dtype: logits of rows [s, e)."""
-
-    def __init__(self, h, W, b):
-        self.cdt = _compute_dtype(h.dtype, h.device)
-        self.h, self.W = h, W.to(self.cdt)
-        self.b = b.to(self.cdt) if b is not None else None
-
-    def rows(self, s, e):
-        return self.h[s:e].to(self.cdt)
-
-    def logits(self, hc):
-        return torch.nn.functional.linear(hc, self.W, self.b)
-
-
-class _Grads:
-    """d h (rows), d W and d b (float32 / float64 accumulators) of one head, as wanted."""
-
-    def __init__(self, head: _Head, W, want):
-        dev, acc = head.h.device, _acc_dtype(head.h.dtype)
-        self.acc = acc
-        self.gh = torch.empty(head.h.shape, dtype=head.cdt, device=dev) if want[0] else None
-        self.gW = torch.zeros(W.shape, dtype=acc, device=dev) if want[1] else None
-        self.gb = torch.zeros(W.shape[0], dtype=acc, device=dev) if want[2] else None
-
-    def add_chunk(self, g, hc, head: _Head, s, e):
-        _chunk_backward(g, hc, head.W, self.gh[s:e] if self.gh is not None else None, self.gW, self.gb, self.acc,
-                        None)
-
-    def result(self, h, W, b, keep_acc: bool = False):
-        """d h, d W, d b in the dtypes of h, W, b (keep_acc: as accumulated, float32 / the compute dtype)."""
-        out = lambda x, like: (None if x is None or like is None  # noqa: E731
-                               else x if keep_acc else x.to(like.dtype))
-        return out(self.gh, h), out(self.gW, W), out(self.gb, b)
-
-
 # ---------------------------------------------------------------- distillation
 
 
-def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, want, W, N, ent_rows=None,
+def _distill_chunks(student: Head, teacher: Head, t, opts, chunk_rows, scale, want, W, N, ent_rows=None,
                     caps=(None, None)):
     """One pass over token chunks: per-row losses, and (scale given) the student's gradients; with ent_rows (float64
     [N]) the student's entropy per row from the same kernels (distill_fwd*'s student_entropy). caps: the student's
@@ -111,7 +75,7 @@ def _distill_chunks(student: _Head, teacher: _Head, t, opts, chunk_rows, scale, 
     ops = torch.ops.fastloss
     ent = ent_rows is not None
     loss_rows = torch.empty(N, dtype=torch.float64, device=student.h.device)
-    grads = _Grads(student, W, want) if scale is not None else None
+    grads = HeadGrads(student, W, want) if scale is not None else None
     per_row = scale is not None and scale.numel() == N and N != 1
     for s in range(0, N, chunk_rows):
         e = min(N, s + chunk_rows)
@@ -159,7 +123,7 @@ class _LinearDistillation(torch.autograd.Function):
             scale = ((1.0 / denom).to(acc).reshape(1) if reduction == "mean"
                      else torch.ones(1, dtype=acc, device=hs.device))
         with no_autocast(hs.device):
-            rows, grads = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, opts, chunk_rows, scale, want,
+            rows, grads = _distill_chunks(Head(hs, Ws, bs), Head(ht, Wt, bt), t, opts, chunk_rows, scale, want,
                                           Ws, N, ent_rows if student_entropy else None, caps)
         ctx.precompute, ctx.want, ctx.opts, ctx.chunk_rows, ctx.scale = precompute, want, opts, chunk_rows, scale
         ctx.caps = caps
@@ -188,7 +152,7 @@ class _LinearDistillation(torch.autograd.Function):
             if ctx.precompute:
                 scale = scale * ctx.scale
             with no_autocast(hs.device):
-                _, g = _distill_chunks(_Head(hs, Ws, bs), _Head(ht, Wt, bt), t, ctx.opts, ctx.chunk_rows, scale,
+                _, g = _distill_chunks(Head(hs, Ws, bs), Head(ht, Wt, bt), t, ctx.opts, ctx.chunk_rows, scale,
                                        ctx.want, Ws, hs.shape[0], caps=ctx.caps)
             grads = list(g.result(hs, Ws, bs))
         return (*grads, None, None, None, None, None, None, None, None, None, None, None, None)
@@ -251,7 +215,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, h, W, b, tokens, temperature, entropy, chunk_rows, want, stats, softcap):
         ops = torch.ops.fastloss
-        head = _Head(h, W, b)
+        head = Head(h, W, b)
         N = h.shape[0]
         dev = h.device
         lp = torch.empty(N, dtype=torch.float64, device=dev)
@@ -290,8 +254,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         ops = torch.ops.fastloss
         temperature, chunk_rows, want, entropy, softcap, _ = ctx.args
         h, W, b, tokens, lse, ent = ctx.saved_tensors
-        head = _Head(h, W, b)
-        grads = _Grads(head, W, want)
+        head = Head(h, W, b)
+        grads = HeadGrads(head, W, want)
         N = h.shape[0]
         for s in range(0, N, chunk_rows):
             e = min(N, s + chunk_rows)
@@ -318,9 +282,9 @@ def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return
     check_tokens(fn, "tokens", tokens, lead)
     temperature = check_temperature(fn, temperature)
     softcap = _check_softcap(fn, "softcap", softcap)
-    from .functional import _dtensor, _is_dtensor
+    if is_dtensor(weight) or is_dtensor(hidden):  # a DTensor head (tensor parallelism)
+        from . import _dtensor
 
-    if _is_dtensor(weight) or _is_dtensor(hidden):  # a DTensor head (tensor parallelism)
         ops = _dtensor.LinearOperands(fn, hidden, weight, bias, tokens, None, None,
                                       ("hidden", "weight", "bias", "tokens"))
         if ops.shard is None:  # replicated: the ordinary path on the local tensors
@@ -329,7 +293,7 @@ def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return
         lp, ent, st, am = _vocab_parallel.linear_logprobs(ops.h, ops.W, ops.b, ops.t.reshape(-1), ops.shard,
                                                           temperature, bool(return_entropy), bool(return_stats),
                                                           softcap, chunk_size)
-        return ops.wrap(_logprob_outputs(lp, ent, st, am, hidden.dtype, tuple(ops.h.shape[:-1]), return_entropy,
+        return ops.wrap(logprob_outputs(lp, ent, st, am, hidden.dtype, tuple(ops.h.shape[:-1]), return_entropy,
                                          return_stats))
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     N, V = h.shape[0], weight.shape[0]
@@ -340,15 +304,4 @@ def linear_token_logprobs_impl(hidden, weight, tokens, bias, temperature, return
     lp, ent, _, st, am = _LinearTokenLogprobs.apply(h, weight.contiguous(), bias, tokens.reshape(-1), temperature,
                                                     bool(return_entropy), chunk_rows, want, bool(return_stats),
                                                     softcap)
-    return _logprob_outputs(lp, ent, st, am, hidden.dtype, lead, return_entropy, return_stats)
-
-
-def _logprob_outputs(lp, ent, st, am, dtype, lead, return_entropy, return_stats):
-    out = out_dtype(dtype)
-    lp = lp.to(out).view(lead)
-    ent = ent.to(out).view(lead) if return_entropy else None
-    if return_stats:
-        return token_stats(lp, ent, st, am, out, lead)
-    if return_entropy:
-        return TokenLogprobs(lp, ent)
-    return lp
+    return logprob_outputs(lp, ent, st, am, hidden.dtype, lead, return_entropy, return_stats)

@@ -400,15 +400,15 @@ def _capped(x: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
 
 class VocabParallelLinearLogprobs(torch.autograd.Function):
     """linear_token_logprobs with the head's rows (and bias) sharded over the vocabulary: token chunks as in
-    :mod:`fastloss._linear_policy` (its head and gradient helpers: the same compute dtype and accumulation). Per
+    :mod:`fastloss._linear_policy` (the same head and gradient helpers of :mod:`fastloss._linear_ce`: the same
+    compute dtype and accumulation). Per
     chunk the local logits (one GEMM; softcapped by torch when asked) and :func:`logprobs_forward` (one log-prob
     pass, one all-gather). The backward recomputes each chunk's local logits, runs :func:`logprobs_backward` and
     the two GEMMs; d hidden is all-reduced once at the end."""
 
     @staticmethod
     def forward(ctx, h, W, b, t, shard, temperature, entropy, stats, softcap, chunk_rows, want):
-        from ._linear_ce import no_autocast
-        from ._linear_policy import _Head
+        from ._linear_ce import Head, no_autocast
 
         N = h.shape[0]
         f64 = dict(dtype=torch.float64, device=h.device)
@@ -416,7 +416,7 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
         ent = torch.empty(N if entropy else 0, **f64)
         st = torch.empty((N if stats else 0, 2), **f64)
         am = torch.empty(N if stats else 0, dtype=torch.int64, device=h.device)
-        head = _Head(h, W, b)
+        head = Head(h, W, b)
         for s in range(0, N, chunk_rows):  # (the same chunks on every rank: the hidden states are replicated)
             e = min(N, s + chunk_rows)
             with no_autocast(h.device):
@@ -435,8 +435,7 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent, _g_st, _g_am):
-        from ._linear_ce import no_autocast
-        from ._linear_policy import _Grads, _Head
+        from ._linear_ce import Head, HeadGrads, no_autocast
 
         h, W, b, t, lse, ent = ctx.saved_tensors
         shard, temperature, softcap, chunk_rows, want = ctx.meta
@@ -446,8 +445,8 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
             return (None,) * 11
         glp = None if g_lp is None else g_lp.to(torch.float64).contiguous()
         gh = None if g_ent is None else g_ent.to(torch.float64).contiguous()
-        head = _Head(h, W, b)
-        grads = _Grads(head, W, want)
+        head = Head(h, W, b)
+        grads = HeadGrads(head, W, want)
         for s in range(0, h.shape[0], chunk_rows):
             e = min(h.shape[0], s + chunk_rows)
             with no_autocast(h.device):

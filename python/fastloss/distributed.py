@@ -30,7 +30,7 @@ import torch.distributed as dist
 from . import _vocab_parallel as _vp
 from ._common import REDUCTIONS as _REDUCTIONS
 from ._common import check_temperature as _check_temperature
-from ._linear_policy import _logprob_outputs
+from ._common import logprob_outputs as _logprob_outputs
 from ._common import loss_kind as _loss_kind
 from ._common import mean_denominator as _mean_denominator
 from ._common import reduce_rows as _reduce_rows
@@ -172,9 +172,22 @@ def vocab_parallel_linear_cross_entropy(
     """
     fn = f"{_NAME}.vocab_parallel_linear_cross_entropy"
     opts = _options(fn, reduction, label_smoothing, softcap, ignore_index, z_loss, loss, gamma, epsilon)
-    for name, val in (("hidden", hidden), ("local_weight", local_weight), ("target", target)):
+    _check_linear(fn, hidden, local_weight, local_bias, "target", target)
+    start, V = _shard_layout(local_weight.shape[0], group, vocab_sizes, hidden.device)
+    shard = _vp.VocabShard(start, local_weight.shape[0], V, group)
+    weights = _class_weights(fn, weight, shard, hidden)
+    t = target.reshape(-1).contiguous()
+    _vp.check_targets(fn, t, V, opts.ignore_index)
+    return _linear(hidden, local_weight, local_bias, t, weights, shard, opts, reduction, chunk_size,
+                   tuple(target.shape))
+
+
+def _check_linear(fn, hidden, local_weight, local_bias, name, indices):
+    """The linear versions' arguments: hidden (..., D), local_weight (V_r, D) of one dtype, local_bias (V_r,),
+    indices (targets / tokens) int64 of hidden's leading shape."""
+    for arg, val in (("hidden", hidden), ("local_weight", local_weight), (name, indices)):
         if not isinstance(val, torch.Tensor):
-            raise TypeError(f"{fn}: `{name}` must be a tensor")
+            raise TypeError(f"{fn}: `{arg}` must be a tensor")
     if local_weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != local_weight.shape[1]:
         raise ValueError(f"{fn}: `local_weight` must be (V_r, D) and `hidden` (..., D); got "
                          f"{tuple(local_weight.shape)} and {tuple(hidden.shape)}")
@@ -184,16 +197,9 @@ def vocab_parallel_linear_cross_entropy(
     if local_bias is not None and tuple(local_bias.shape) != (local_weight.shape[0],):
         raise ValueError(f"{fn}: `local_bias` must have shape ({local_weight.shape[0]},), got "
                          f"{tuple(local_bias.shape)}")
-    if target.is_floating_point() or tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{fn}: `target` must be class indices of shape {tuple(hidden.shape[:-1])}, got "
-                         f"{target.dtype} {tuple(target.shape)}")
-    start, V = _shard_layout(local_weight.shape[0], group, vocab_sizes, hidden.device)
-    shard = _vp.VocabShard(start, local_weight.shape[0], V, group)
-    weights = _class_weights(fn, weight, shard, hidden)
-    t = target.reshape(-1).contiguous()
-    _vp.check_targets(fn, t, V, opts.ignore_index)
-    return _linear(hidden, local_weight, local_bias, t, weights, shard, opts, reduction, chunk_size,
-                   tuple(target.shape))
+    if indices.dtype != torch.int64 or tuple(indices.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{fn}: `{name}` must be int64 indices of shape {tuple(hidden.shape[:-1])}, got "
+                         f"{indices.dtype} {tuple(indices.shape)}")
 
 
 def _linear(hidden, local_weight, local_bias, t, weights, shard, opts, reduction, chunk_size, shape):
@@ -260,19 +266,7 @@ def vocab_parallel_linear_token_logprobs(
     (...,) global indices. Token chunks (``chunk_size``): no rank holds (N, V_r) logits. d local_weight and
     d local_bias stay local; d hidden is summed over the ranks (one all-reduce)."""
     fn = f"{_NAME}.vocab_parallel_linear_token_logprobs"
-    for name, val in (("hidden", hidden), ("local_weight", local_weight), ("tokens", tokens)):
-        if not isinstance(val, torch.Tensor):
-            raise TypeError(f"{fn}: `{name}` must be a tensor")
-    if local_weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != local_weight.shape[1] or \
-            hidden.dtype != local_weight.dtype:
-        raise ValueError(f"{fn}: `local_weight` must be (V_r, D) and `hidden` (..., D) of one dtype; got "
-                         f"{local_weight.dtype} {tuple(local_weight.shape)} and {hidden.dtype} {tuple(hidden.shape)}")
-    if local_bias is not None and tuple(local_bias.shape) != (local_weight.shape[0],):
-        raise ValueError(f"{fn}: `local_bias` must have shape ({local_weight.shape[0]},), got "
-                         f"{tuple(local_bias.shape)}")
-    if tokens.dtype != torch.int64 or tuple(tokens.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{fn}: `tokens` must be int64 of shape {tuple(hidden.shape[:-1])}, got "
-                         f"{tokens.dtype} {tuple(tokens.shape)}")
+    _check_linear(fn, hidden, local_weight, local_bias, "tokens", tokens)
     temperature = _check_temperature(fn[len("fastloss."):], temperature)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{fn}: `softcap` must be > 0 or None, got {softcap}")

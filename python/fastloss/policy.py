@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import (TokenLogprobs, check_temperature, check_tensor, check_tokens, distill_options, out_dtype,
-                      reduce_rows, token_stats, unmasked_count)
+from ._common import (check_temperature, check_tensor, check_tokens, distill_options, logprob_outputs, out_dtype,
+                      reduce_rows, unmasked_count)
 from ._linear_policy import linear_distillation_loss_impl, linear_token_logprobs_impl
 
 
@@ -41,14 +41,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
     V = logits.shape[-1]
     lp, ent, _, st, am = torch.ops.fastloss.token_logprobs_fwd(logits.reshape(-1, V), tokens.reshape(-1),
                                                                temperature, bool(return_entropy), bool(return_stats))
-    out = out_dtype(logits.dtype)
-    lp = lp.to(out).view(lead)
-    ent = ent.to(out).view(lead) if return_entropy else None
-    if return_stats:
-        return token_stats(lp, ent, st, am, out, lead)
-    if return_entropy:
-        return TokenLogprobs(lp, ent)
-    return lp
+    return logprob_outputs(lp, ent, st, am, logits.dtype, lead, return_entropy, return_stats)
 
 
 class _DistillFused(torch.autograd.Function):
