@@ -99,7 +99,15 @@ void logprob_backward(const at::Tensor& logits, const std::optional<at::Tensor>&
   TORCH_CHECK(!vocab_start || *vocab_start >= 0, kLogprobOp, ": `vocab_start` must be >= 0, got ",
               vocab_start.value_or(0));
   // A slice's tokens index the whole vocabulary, whose size only the caller knows: here only >= 0 (int64 max as
-  // the bound) -- what falls outside the slice is another rank's.
+  // the bound; CPU tensors) -- what falls outside the slice is another rank's.
+  if (vocab_start && tokens.is_cpu() && tokens.scalar_type() == at::kLong && tokens.numel() > 0) {
+    const at::Tensor c = tokens.contiguous();
+    const int64_t* p = c.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      TORCH_CHECK_INDEX(p[i] >= 0, kLogprobOp, ": `tokens` value ", p[i], " at position ", i,
+                        " is negative (with vocab_start, tokens index the whole vocabulary: >= 0)");
+    }
+  }
   const at::Tensor tok = check_indices(tokens, logits.size(0),
                                        vocab_start ? std::numeric_limits<int64_t>::max() : logits.size(1),
                                        logits.device(), kLogprobOp, "tokens", std::nullopt);

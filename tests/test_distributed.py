@@ -116,12 +116,50 @@ def _check_logprobs(rank, sizes, dtype, tol):
             for x, y, leaf in zip(torch.autograd.grad(lo, leaves), torch.autograd.grad(lr, refs), leaves):
                 y = y[:, sl] if leaf is local else (y[sl] if leaf is Wl or leaf is bl else y)
                 assert _rel(x.double(), y.double()) <= tol * 10, (kw, _rel(x.double(), y.double()))
+    # a rank holding no classes (vocab_sizes with a 0), and an empty batch: the same results, no hang
+    sizes0 = [sizes[0] + sizes[-1]] + sizes[1:-1] + [0]
+    start0 = sum(sizes0[:rank])
+    local0 = logits[:, start0:start0 + sizes0[rank]].clone().requires_grad_()
+    out = vocab_parallel_token_logprobs(local0, t, vocab_sizes=sizes0, return_entropy=True, return_stats=True)
+    full = logits.clone().requires_grad_()
+    ref = fastloss.token_logprobs(full, t, return_entropy=True, return_stats=True)
+    for x, y in zip(out, ref):
+        assert torch.equal(x, y) if y.dtype == torch.int64 else _rel(x.double(), y.double()) <= tol, (x, y)
+    (g,) = torch.autograd.grad((out.logprobs * a.to(out.logprobs.dtype)).sum(), local0)
+    (g_ref,) = torch.autograd.grad((ref.logprobs * a.to(ref.logprobs.dtype)).sum(), full)
+    assert g.shape == local0.shape and _rel(g.double(), g_ref[:, start0:start0 + sizes0[rank]].double()) <= tol * 10
+    empty = vocab_parallel_token_logprobs(logits[:0, sl], t[:0], return_entropy=True)
+    assert empty.logprobs.shape == (0,) and empty.entropy.shape == (0,)
     try:
         vocab_parallel_token_logprobs(logits[:, sl], torch.full((N,), 37))
     except IndexError as e:
         assert "token 37" in str(e)
     else:
         raise AssertionError("out-of-range token not caught")
+
+
+def _check_auto_chunks(rank, sizes):
+    """chunk_size="auto" with uneven slices: every rank must run the same token chunks (the collectives are per
+    chunk), so the chunks are sized by the largest slice, not this rank's. A budget small enough that sizing by the
+    rank's own slice would give different chunks on different ranks (a hang or garbage before the fix)."""
+    import fastloss._linear_ce as lce
+
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
+    _, t, h0, W0, b0 = _data(torch.float64, masked=False)
+    saved = dict(lce.CHUNK_BUDGET_BYTES)
+    lce.CHUNK_BUDGET_BYTES["cpu"] = 1920  # float64: 12 rows per chunk by the largest slice of 20, 14 by 17
+    try:
+        ref = fastloss.linear_cross_entropy(h0, W0, t, linear_bias=b0)
+        out = vocab_parallel_linear_cross_entropy(h0, W0[sl], t, local_bias=b0[sl], vocab_sizes=sizes)
+        assert _rel(out, ref) <= 1e-12, (out, ref)
+        ref = fastloss.linear_token_logprobs(h0, W0, t.clamp_min(0), bias=b0, return_entropy=True)
+        out = vocab_parallel_linear_token_logprobs(h0, W0[sl], t.clamp_min(0), local_bias=b0[sl],
+                                                   vocab_sizes=sizes, return_entropy=True)
+        assert all(_rel(x, y) <= 1e-12 for x, y in zip(out, ref)), (out, ref)
+    finally:
+        lce.CHUNK_BUDGET_BYTES.clear()
+        lce.CHUNK_BUDGET_BYTES.update(saved)
 
 
 def _check_bytes_per_token(rank, sizes):
@@ -165,10 +203,11 @@ def _check_bytes_per_token(rank, sizes):
         xb = x.detach().bfloat16().requires_grad_()
         vocab_parallel_cross_entropy(xb, t, vocab_sizes=sizes).backward()
         assert calls == ([(gather, 8 * N)] if two else [("all_reduce", 2 * N), ("all_reduce", 8 * N)]), calls
-        # token log-probs: one all-gather of (lse_r, x_t) per token, float32: 8 bytes (12 with the entropy, 32 with
-        # the statistics too: log sum p^2, the logit sum, the argmax's value and its int64 index); backward: nothing
-        for kw, nbytes in ((dict(), 8), (dict(return_entropy=True), 12),
-                           (dict(return_entropy=True, return_stats=True), 32)):
+        # token log-probs: one all-gather of (lse_r as float64, x_t) per token: 12 bytes (16 with the entropy, 36
+        # with the statistics too: log sum p^2, the logit sum, the argmax's value and its int64 index); backward:
+        # nothing
+        for kw, nbytes in ((dict(), 12), (dict(return_entropy=True), 16),
+                           (dict(return_entropy=True, return_stats=True), 36)):
             calls.clear()
             out = vocab_parallel_token_logprobs(x, t.clamp_min(0), vocab_sizes=sizes, **kw)
             (out if isinstance(out, torch.Tensor) else out[0]).sum().backward()
@@ -187,6 +226,7 @@ def _worker(rank, world):
     _check_ce(rank, sizes, torch.float32, 1e-5)
     _check_logprobs(rank, sizes, torch.float64, 1e-12)
     _check_logprobs(rank, sizes, torch.bfloat16, 2 ** -6)
+    _check_auto_chunks(rank, sizes)
     _check_bytes_per_token(rank, sizes)
     # bad input: every rank raises the same clear error (after the layout all-gather, before any other
     # collective, so no rank hangs)

@@ -733,7 +733,7 @@ def test_linear_gradient_with_unused_outputs(device):
 def test_backward_on_vocabulary_slices(dtype, which, device):
     # token_logprobs_bwd with vocab_start (the vocabulary-parallel backward): a slice of the logits with the whole
     # vocabulary's lse and entropy gives that slice of the full gradient; a token outside the slice adds nothing.
-    v = 203  # odd: slices of every alignment, a 1-class slice, an empty one
+    v = 203  # odd: slices of every alignment, a 1-class slice (an empty slice never reaches the op)
     x = _logits((9,), v=v, dtype=dtype, device=device, seed=31, scale=3.0)
     tok = _tokens((9,), v=v, device=device)
     tok[0], tok[1] = 0, v - 1
@@ -756,8 +756,9 @@ def test_backward_on_vocabulary_slices(dtype, which, device):
     # bad input: a negative start or token, named
     with pytest.raises(RuntimeError, match="vocab_start"):
         torch.ops.fastloss.token_logprobs_bwd(a, b, x, tok, lse, ent, 0.7, -1)
-    with pytest.raises(IndexError, match="tokens"):
-        torch.ops.fastloss.token_logprobs_bwd(a, b, x, tok - 1, lse, ent, 0.7, 0)
+    if device == "cpu":  # (on CUDA the range of global tokens is the caller's check: fastloss's does it)
+        with pytest.raises(IndexError, match="tokens.*negative"):
+            torch.ops.fastloss.token_logprobs_bwd(a, b, x, tok - 1, lse, ent, 0.7, 0)
     empty = torch.ops.fastloss.token_logprobs_bwd(a[:0] if a is not None else None, b[:0] if b is not None else None,
                                                   x[:0], tok[:0], lse[:0], ent[:0], 0.7, 5)
     assert empty.shape == (0, v)

@@ -61,6 +61,9 @@ class _Plan:
     dimension (if any) that shards the classes."""
 
     def __init__(self, op, name: str, x: DTensor):
+        if not isinstance(x, DTensor):
+            raise TypeError(f"{_op_name(op)}: `{name}` is a plain tensor beside DTensor arguments; pass it as a "
+                            "DTensor too (or every argument as a plain tensor)")
         self.op, self.x, self.mesh = op, x, x.device_mesh
         self.vocab_dim = None
         rows = []
@@ -80,8 +83,8 @@ class _Plan:
 
     def shard(self) -> _vp.VocabShard:
         shape, offset = compute_local_shape_and_global_offset(self.x.shape, self.mesh, self.x.placements)
-        return _vp.VocabShard(int(offset[1]), int(shape[1]), int(self.x.shape[1]),
-                              self.mesh.get_group(self.vocab_dim))
+        V, n = int(self.x.shape[1]), self.mesh.size(self.vocab_dim)
+        return _vp.VocabShard(int(offset[1]), int(shape[1]), V, self.mesh.get_group(self.vocab_dim), -(-V // n))
 
     def local_rows(self, t, name):
         """This rank's rows of a per-row tensor: a DTensor of any placements, a plain tensor of all rows (taken as
@@ -532,7 +535,8 @@ class LinearOperands:
         V = W.shape[0]
         if vocab:
             shape, offset = compute_local_shape_and_global_offset(W.shape, self.mesh, W.placements)
-            self.shard = _vp.VocabShard(int(offset[0]), int(shape[0]), V, self.mesh.get_group(vocab[0]))
+            self.shard = _vp.VocabShard(int(offset[0]), int(shape[0]), V, self.mesh.get_group(vocab[0]),
+                                        -(-V // self.mesh.size(vocab[0])))  # torch.chunk's largest piece
         else:
             self.shard = None
         rep = [Replicate()] * self.mesh.ndim

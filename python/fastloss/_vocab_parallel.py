@@ -19,6 +19,7 @@ What crosses the network per token: 3 numbers (m, d, x_t), 4 with label smoothin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,12 +31,15 @@ _ops = torch.ops.fastloss
 
 @dataclass(frozen=True)
 class VocabShard:
-    """This rank's slice of the vocabulary: classes [start, start + size) of V, over ``group``."""
+    """This rank's slice of the vocabulary: classes [start, start + size) of V, over ``group``; ``largest``: the
+    largest slice of the group, the same on every rank (what token chunks are sized by, so that every rank runs
+    the same chunks and so the same collectives)."""
 
     start: int
     size: int
     V: int
     group: object
+    largest: int
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,8 @@ def check_targets(fn: str, t: torch.Tensor, V: int, ignore_index: Optional[int])
             raise IndexError(f"{fn}: {what} {int(t[pos])} at position {pos} is out of range for a global "
                              f"vocabulary of {V}{tail}")
     else:  # no host sync on the device: an asynchronous assert
-        torch._assert_async(~bad.any(), f"{fn}: target out of range for the global vocabulary")
+        what = "token" if ignore_index is None else "target"
+        torch._assert_async(~bad.any(), f"{fn}: {what} out of range for the global vocabulary")
 
 
 class VocabParallelCE(torch.autograd.Function):
@@ -262,7 +267,7 @@ def linear_rows(hidden, local_weight, local_bias, t, weights, shard, opts, unifo
     want = (hidden.requires_grad, local_weight.requires_grad, local_bias is not None and local_bias.requires_grad)
     if not torch.is_grad_enabled():
         want = (False, False, False)
-    chunk_rows = resolve_chunk_rows(chunk_size, h.shape[0], max(shard.size, 1), hidden.dtype, hidden.device)
+    chunk_rows = resolve_chunk_rows(chunk_size, h.shape[0], max(shard.largest, 1), hidden.dtype, hidden.device)
     return VocabParallelLinearCE.apply(h, local_weight.contiguous(), local_bias, t.contiguous(), weights, shard,
                                        opts, uniform, chunk_rows, want)
 
@@ -298,22 +303,38 @@ class _GradAcc:
 # ---------------------------------------------------------------- token log-probabilities (RL policies)
 
 
+def _pack8(v: torch.Tensor, wd: torch.dtype) -> torch.Tensor:
+    """An 8-byte column (float64 or int64 [n]) as columns of the wire dtype, bit-exact: [n, 8 // itemsize]."""
+    n = v.shape[0]
+    return v.contiguous().view(wd).reshape(n, 8 // torch.empty((), dtype=wd).element_size())
+
+
+def _unpack8(cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[world, n, k] wire columns back to an 8-byte dtype [world, n]."""
+    world, n = cols.shape[0], cols.shape[1]
+    return cols.contiguous().view(dtype).reshape(world, n)
+
+
 def logprobs_forward(x, t, shard: VocabShard, temperature: float, entropy: bool, stats: bool):
     """token_logprobs_fwd over a sharded vocabulary. Local logits x [N, C] (classes [start, start + C) of V),
     tokens t [N] indexing the whole vocabulary -> the whole vocabulary's float64 rows, bitwise the same on every
     rank: (logprobs, entropy ([0] unless entropy), lse, stats ([N, 2] / [0, 2]), argmax (int64 [N] / [0])).
 
-    One pass of fastloss's log-prob kernel over the local logits gives the slice's lse_r and, as asked, its entropy
-    H_r (-> mu_r = lse_r - H_r, the slice's mean tempered logit under its own softmax), log sum p_r^2, the mean
-    tempered logit and the argmax; one all-gather of (lse_r, x_t if owned, mu_r, ..., the argmax's value and
-    global index) per token; then, merged in rank order: lse = log sum_r exp(lse_r), log p_t = x_t / T - lse,
-    H = lse - sum_r exp(lse_r - lse) mu_r, log sum p^2 = log sum_r exp(lsq_r + 2 (lse_r - lse)), the mean over
-    all V, and the first index of the largest value (NaN first, as torch.argmax)."""
+    One pass of fastloss's log-prob kernel over the local logits gives the slice's lse_r and, as asked, the
+    entropy H_r of its own softmax, log sum p_r^2, the tempered logit sum and the argmax; one all-gather per token
+    of lse_r (float64, bit-packed: the combination subtracts numbers of its size), the token's raw logit if the
+    slice holds it, H_r, ... and the argmax's value and global index; then, merged in rank order, with
+    q_r = exp(lse_r - lse): lse = log sum_r exp(lse_r), log p_t = x_t / T - lse, H = sum_r q_r (H_r - log q_r)
+    (the entropy of a mixture of the slices' softmaxes), log sum p^2 = log sum_r q_r^2 sum p_r^2, the mean over all
+    V, and the first index of the largest value (NaN first, as torch.argmax)."""
     n, C = t.shape[0], shard.size
+    if x.shape[0] != n:  # (checked before the collective, on every rank alike)
+        raise ValueError(f"fastloss.token_logprobs: `tokens` has {n} rows, the logits {x.shape[0]}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"fastloss.token_logprobs: `temperature` must be a finite float > 0, got {temperature!r}")
     wd = wire_dtype(x.dtype)
     tl = t - shard.start
     owned = (tl >= 0) & (tl < C)
-    cols = []
     if C:
         tc = tl.clamp(0, C - 1)
         _, ent_r, lse_r, st_r, am_r = _ops.token_logprobs_fwd(x, tc, temperature, entropy, stats)
@@ -324,36 +345,44 @@ def logprobs_forward(x, t, shard: VocabShard, temperature: float, entropy: bool,
         st_r = torch.stack([lse_r, torch.zeros_like(lse_r)], 1)
         am_r = torch.zeros((n,), dtype=torch.int64, device=x.device)
     empty = lse_r == float("-inf")  # a slice whose row is all -inf (or no slice): weight 0, nothing else read
-    cols += [lse_r.to(wd), xt]
+    cols = [xt]
     if entropy:
-        cols.append(torch.where(empty, 0.0, lse_r - ent_r).to(wd))
+        cols.append(torch.where(empty, 0.0, ent_r).to(wd))
     if stats:
         amax = x.gather(1, am_r[:, None]).squeeze(1).to(wd) if C else torch.full((n,), float("-inf"), dtype=wd,
                                                                                device=x.device)
-        idx = (am_r + shard.start).contiguous().view(wd).reshape(n, -1)  # the global index, bit-exact
         cols += [torch.where(empty, float("-inf"), st_r[:, 0]).to(wd), (st_r[:, 1] * C).to(wd), amax]
-    wire = torch.cat([c.reshape(n, 1) for c in cols] + ([idx] if stats else []), 1).contiguous()
+    k = len(cols)
+    packed = [_pack8(lse_r.to(torch.float64), wd)] + ([_pack8(am_r + shard.start, wd)] if stats else [])
+    wire = torch.cat([c.reshape(n, 1) for c in cols] + packed, 1).contiguous()
     world = dist.get_world_size(shard.group)
     got = wire.new_empty((world * n, wire.shape[1]))
     _all_gather(got, wire, shard.group)
-    got = got.view(world, n, -1)
-    k = len(cols)
+    got = got.view(world, n, wire.shape[1])
     g = got[..., :k].to(torch.float64)
-    L = g[..., 0]
+    w8 = packed[0].shape[1]
+    L = _unpack8(got[..., k:k + w8], torch.float64)
     M = L.amax(0) if n else L.new_empty((0,))
     Ms = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    w = torch.exp(L - Ms)
-    S = w.sum(0)
+    S = torch.exp(L - Ms).sum(0)
     lse = torch.where(torch.isfinite(M), torch.log(S) + Ms, M)
-    lp = g[..., 1].sum(0) * (1.0 / temperature) - lse
-    H = lse - (w * g[..., 2]).sum(0) / S if entropy else lse.new_empty((0,))
+    lp = g[..., 0].sum(0) * (1.0 / temperature) - lse
+    none = L == float("-inf")
+    log_q = L - lse
+    if entropy:
+        q = torch.exp(log_q)
+        H = torch.where(none, 0.0, q * (g[..., 1] - log_q)).sum(0)
+        # NaN rows stay NaN; a row of -inf only has no distribution: NaN, as the single-device kernel
+        H = torch.where(torch.isnan(lse) | (lse == float("-inf")), float("nan"), H)
+    else:
+        H = lse.new_empty((0,))
     if not stats:
         return lp, H, lse, lse.new_empty((0, 2)), torch.empty((0,), dtype=torch.int64, device=x.device)
-    c = 3 if entropy else 2
-    lsq = torch.logsumexp(g[..., c] + 2 * (L - lse), 0)
+    c = 2 if entropy else 1
+    lsq = torch.logsumexp(g[..., c] + 2 * log_q, 0)
     mean = g[..., c + 1].sum(0) / shard.V
     val = g[..., c + 2]
-    gidx = got[..., k:].contiguous().view(torch.int64).reshape(world, n)
+    gidx = _unpack8(got[..., k + w8:], torch.int64)
     best_v, best_i = val[0], gidx[0]
     for r in range(1, world):  # ranks hold increasing classes: a tie keeps the earlier (smaller) index
         better = (val[r] > best_v) | (torch.isnan(val[r]) & ~torch.isnan(best_v))
@@ -375,6 +404,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, t, shard, temperature, entropy, stats):
+        ctx.set_materialize_grads(False)  # an output nobody differentiates adds nothing to the backward
         lp, ent, lse, st, am = logprobs_forward(x, t, shard, temperature, entropy, stats)
         ctx.save_for_backward(x, t, lse, ent)
         ctx.meta = (shard, temperature)
@@ -410,6 +440,7 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
     def forward(ctx, h, W, b, t, shard, temperature, entropy, stats, softcap, chunk_rows, want):
         from ._linear_ce import Head, no_autocast
 
+        ctx.set_materialize_grads(False)
         N = h.shape[0]
         f64 = dict(dtype=torch.float64, device=h.device)
         lp, lse = torch.empty(N, **f64), torch.empty(N, **f64)
@@ -457,8 +488,11 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
                 if softcap is not None:  # d cap(z) / dz = 1 - (cap(z) / softcap)^2
                     g = g * (1 - (x / softcap) ** 2)
                 grads.add_chunk(g, hc, head, s, e)
-        if grads.gh is not None:
-            dist.all_reduce(grads.gh, op=dist.ReduceOp.SUM, group=shard.group)  # d hidden: the one collective
+        if grads.gh is not None:  # d hidden: the one collective, summed in float32 (float64) whatever h's dtype
+            acc = grads.gh.to(wire_dtype(grads.gh.dtype))
+            dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=shard.group)
+            if acc is not grads.gh:
+                grads.gh.copy_(acc)
         return (*grads.result(h, W, b),) + (None,) * 8
 
 
@@ -471,7 +505,8 @@ def linear_logprobs(hidden, local_weight, local_bias, t, shard, temperature, ent
     want = (hidden.requires_grad, local_weight.requires_grad, local_bias is not None and local_bias.requires_grad)
     if not torch.is_grad_enabled():
         want = (False, False, False)
-    chunk_rows = resolve_chunk_rows(chunk_size, h.shape[0], max(shard.size, 1), hidden.dtype, hidden.device,
-                                    fn="linear_token_logprobs", buffers=1 if softcap is None else 2)
+    # the backward holds the chunk's logits and their gradient (and the softcap's factor): 2 or 3 buffers
+    chunk_rows = resolve_chunk_rows(chunk_size, h.shape[0], max(shard.largest, 1), hidden.dtype, hidden.device,
+                                    fn="linear_token_logprobs", buffers=2 if softcap is None else 3)
     return VocabParallelLinearLogprobs.apply(h, local_weight.contiguous(), local_bias, t.contiguous(), shard,
                                              temperature, entropy, stats, softcap, chunk_rows, want)

@@ -41,8 +41,8 @@ _NAME = "fastloss.distributed"
 # ---------------------------------------------------------------- shard layout
 
 
-def _shard_layout(local_vocab: int, group, vocab_sizes: Optional[Sequence[int]], device) -> tuple[int, int]:
-    """(start of this rank's slice, global vocabulary size)."""
+def _shard(local_vocab: int, group, vocab_sizes: Optional[Sequence[int]], device) -> _vp.VocabShard:
+    """This rank's slice: its start, size, the global vocabulary size and the largest slice."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if vocab_sizes is None:
@@ -57,7 +57,7 @@ def _shard_layout(local_vocab: int, group, vocab_sizes: Optional[Sequence[int]],
                          f"{vocab_sizes[rank]}")
     if any(v < 0 for v in vocab_sizes) or sum(vocab_sizes) == 0:
         raise ValueError(f"{_NAME}: `vocab_sizes` must be >= 0 with a positive total, got {vocab_sizes}")
-    return sum(vocab_sizes[:rank]), sum(vocab_sizes)
+    return _vp.VocabShard(sum(vocab_sizes[:rank]), local_vocab, sum(vocab_sizes), group, max(vocab_sizes))
 
 
 def _check_args(reduction, label_smoothing, softcap):
@@ -119,12 +119,12 @@ def vocab_parallel_cross_entropy(
                          f" = {tuple(local_logits.shape[:-1])}, got {tuple(target.shape)}")
     if target.is_floating_point():
         raise TypeError(f"{fn}: `target` must hold class indices (int64)")
-    start, V = _shard_layout(local_logits.shape[-1], group, vocab_sizes, local_logits.device)
-    shard = _vp.VocabShard(start, local_logits.shape[-1], V, group)
+    shard = _shard(local_logits.shape[-1], group, vocab_sizes, local_logits.device)
+    V = shard.V
     weights = _class_weights(fn, weight, shard, local_logits)
     t = target.reshape(-1)
     _vp.check_targets(fn, t, V, opts.ignore_index)
-    x = local_logits.reshape(-1, local_logits.shape[-1])
+    x = local_logits.reshape(t.shape[0], local_logits.shape[-1])  # (not -1: a rank's slice may be empty)
     rows, _ = _vp.VocabParallelCE.apply(x.contiguous(), t.contiguous(), weights, shard, opts)
     return _finish(rows, t, weights, opts, reduction, local_logits.dtype, tuple(target.shape))
 
@@ -173,8 +173,8 @@ def vocab_parallel_linear_cross_entropy(
     fn = f"{_NAME}.vocab_parallel_linear_cross_entropy"
     opts = _options(fn, reduction, label_smoothing, softcap, ignore_index, z_loss, loss, gamma, epsilon)
     _check_linear(fn, hidden, local_weight, local_bias, "target", target)
-    start, V = _shard_layout(local_weight.shape[0], group, vocab_sizes, hidden.device)
-    shard = _vp.VocabShard(start, local_weight.shape[0], V, group)
+    shard = _shard(local_weight.shape[0], group, vocab_sizes, hidden.device)
+    V = shard.V
     weights = _class_weights(fn, weight, shard, hidden)
     t = target.reshape(-1).contiguous()
     _vp.check_targets(fn, t, V, opts.ignore_index)
@@ -237,11 +237,11 @@ def vocab_parallel_token_logprobs(
         raise ValueError(f"{fn}: `tokens` must be int64 of shape local_logits.shape[:-1] = "
                          f"{tuple(local_logits.shape[:-1])}, got {tokens.dtype} {tuple(tokens.shape)}")
     temperature = _check_temperature(fn[len("fastloss."):], temperature)
-    start, V = _shard_layout(local_logits.shape[-1], group, vocab_sizes, local_logits.device)
-    shard = _vp.VocabShard(start, local_logits.shape[-1], V, group)
+    shard = _shard(local_logits.shape[-1], group, vocab_sizes, local_logits.device)
+    V = shard.V
     t = tokens.reshape(-1).contiguous()
     _vp.check_targets(fn, t, V, None)
-    x = local_logits.reshape(-1, local_logits.shape[-1]).contiguous()
+    x = local_logits.reshape(t.shape[0], local_logits.shape[-1]).contiguous()  # (a slice may be empty)
     lp, ent, st, am = _vp.VocabParallelLogprobs.apply(x, t, shard, temperature, bool(return_entropy),
                                                       bool(return_stats))
     return _logprob_outputs(lp, ent, st, am, local_logits.dtype, tuple(tokens.shape), return_entropy, return_stats)
@@ -270,8 +270,8 @@ def vocab_parallel_linear_token_logprobs(
     temperature = _check_temperature(fn[len("fastloss."):], temperature)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{fn}: `softcap` must be > 0 or None, got {softcap}")
-    start, V = _shard_layout(local_weight.shape[0], group, vocab_sizes, hidden.device)
-    shard = _vp.VocabShard(start, local_weight.shape[0], V, group)
+    shard = _shard(local_weight.shape[0], group, vocab_sizes, hidden.device)
+    V = shard.V
     t = tokens.reshape(-1).contiguous()
     _vp.check_targets(fn, t, V, None)
     lp, ent, st, am = _vp.linear_logprobs(hidden, local_weight, local_bias, t, shard, temperature,

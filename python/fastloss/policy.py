@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from ._common import (check_temperature, check_tensor, check_tokens, distill_options, logprob_outputs, out_dtype,
                       reduce_rows, unmasked_count)
+from ._common import TokenLogprobs  # noqa: F401  (fastloss.policy.TokenLogprobs, as before)
 from ._linear_policy import linear_distillation_loss_impl, linear_token_logprobs_impl
 
 
