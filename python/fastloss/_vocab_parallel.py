@@ -1,5 +1,6 @@
-"""Vocabulary-parallel cross-entropy on fastloss's shard kernels: the one implementation of the shard math behind
-:mod:`fastloss.distributed` (plain tensors and a process group) and the DTensor rules (:mod:`fastloss._dtensor`).
+"""Vocabulary-parallel cross-entropy and token log-probabilities on fastloss's kernels: the one implementation of
+the shard math behind :mod:`fastloss.distributed` (plain tensors and a process group) and the DTensor rules
+(:mod:`fastloss._dtensor`).
 
 Each rank holds a contiguous slice [start, start + C) of a vocabulary of V classes. Per row:
 
@@ -15,6 +16,11 @@ Each rank holds a contiguous slice [start, start + C) of a vocabulary of V class
 What crosses the network per token: 3 numbers (m, d, x_t), 4 with label smoothing or squentropy, in float32
 (float64 for float64 logits; m and x_t in bf16 / fp16 for such logits without a softcap, where they are exact):
 12 bytes per token in float32 (8 in bf16), as many as loss_parallel's three all-reduces. Never the logits.
+
+The token log-probabilities (:func:`logprobs_forward` / :func:`logprobs_backward`, the last section) reuse the
+log-prob kernel on the local slice and ``token_logprobs_bwd(..., vocab_start)``: one all-gather per token, a
+backward with no communication. Chunked linear versions size their token chunks by the group's largest slice,
+so every rank runs the same chunks and the same collectives.
 """
 
 from __future__ import annotations
