@@ -82,9 +82,7 @@ class _Plan:
         self.rows = tuple(rows)
 
     def shard(self) -> _vp.VocabShard:
-        shape, offset = compute_local_shape_and_global_offset(self.x.shape, self.mesh, self.x.placements)
-        V, n = int(self.x.shape[1]), self.mesh.size(self.vocab_dim)
-        return _vp.VocabShard(int(offset[1]), int(shape[1]), V, self.mesh.get_group(self.vocab_dim), -(-V // n))
+        return _vocab_shard(self.x, 1, self.vocab_dim)
 
     def local_rows(self, t, name):
         """This rank's rows of a per-row tensor: a DTensor of any placements, a plain tensor of all rows (taken as
@@ -113,6 +111,14 @@ class _Plan:
         if not rows:
             return self.wrap(local, tuple(local.shape), [Replicate()] * self.mesh.ndim)
         return self.wrap(local, (self.x.shape[0],) + tuple(local.shape[1:]))
+
+
+def _vocab_shard(x: DTensor, dim: int, mesh_dim: int) -> _vp.VocabShard:
+    """This rank's slice of x's classes (dimension ``dim``, sharded on mesh dimension ``mesh_dim``); the largest
+    slice is torch.chunk's first piece, the same on every rank."""
+    shape, offset = compute_local_shape_and_global_offset(x.shape, x.device_mesh, x.placements)
+    V, n = int(x.shape[dim]), x.device_mesh.size(mesh_dim)
+    return _vp.VocabShard(int(offset[dim]), int(shape[dim]), V, x.device_mesh.get_group(mesh_dim), -(-V // n))
 
 
 def _full(t):
@@ -483,10 +489,6 @@ def covered_ops() -> set:
     return set(_HANDLERS) | set(_ROW_OPS) | {"softmax_topk"}
 
 
-def is_dtensor(x) -> bool:
-    return isinstance(x, DTensor)
-
-
 def rows_like(input: DTensor, target: torch.Tensor, class_dim: int) -> torch.Tensor:
     """A plain class-index target (this rank's rows) as a DTensor matching ``input``'s placements with the class
     dimension removed (Shard(class_dim) -> Replicate, Shard(d > class_dim) -> Shard(d - 1)), as loss_parallel."""
@@ -532,13 +534,7 @@ class LinearOperands:
             raise NotImplementedError(f"fastloss.{fn}: `{n_w}` with placements {tuple(W.placements)}: only "
                                       "Shard(0) (the vocabulary, ColwiseParallel) on at most one mesh dimension and "
                                       "Replicate elsewhere are supported")
-        V = W.shape[0]
-        if vocab:
-            shape, offset = compute_local_shape_and_global_offset(W.shape, self.mesh, W.placements)
-            self.shard = _vp.VocabShard(int(offset[0]), int(shape[0]), V, self.mesh.get_group(vocab[0]),
-                                        -(-V // self.mesh.size(vocab[0])))  # torch.chunk's largest piece
-        else:
-            self.shard = None
+        self.shard = _vocab_shard(W, 0, vocab[0]) if vocab else None
         rep = [Replicate()] * self.mesh.ndim
         self.wrap_out = isinstance(input, DTensor)
         self.h = self._replicated(fn, n_in, n_w, input, rep)
@@ -552,7 +548,7 @@ class LinearOperands:
         self.b = bias
         if self.shard is not None:
             self.weights = _vp.ClassWeights(_full(weight), self.shard, self.h.dtype)
-            _vp.check_targets(f"fastloss.{fn}", self.t.reshape(-1), V, ignore_index)
+            _vp.check_targets(f"fastloss.{fn}", self.t.reshape(-1), self.shard.V, ignore_index)
         else:
             self.weights = None
             self.weight = _full(weight)

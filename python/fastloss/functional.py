@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ._common import (ALGORITHMS, REDUCTIONS, CrossEntropyOutput, SoftmaxTopK, check_choice, check_input,
-                      check_tensor, loss_kind, mean_denominator, reduce_rows)
+                      check_tensor, is_dtensor, loss_kind, mean_denominator, reduce_rows)
 from . import _vocab_parallel
 from ._linear_ce import LinearCrossEntropyFunction, resolve_chunk_rows
 
@@ -19,7 +19,7 @@ except ImportError:  # a torch without torch.distributed (or one whose DTensor i
 
 
 def _is_dtensor(x) -> bool:
-    return _dtensor is not None and _dtensor.is_dtensor(x)
+    return _dtensor is not None and is_dtensor(x)  # (a DTensor without the rules: the plain path's own error)
 
 
 def softmax(
